@@ -1,0 +1,51 @@
+"""Causal multi-head / grouped-query attention with a KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from zoo.model.context import BuildContext
+from zoo.recipe.schema import param
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """causal self-attention; grouped-query when model.n_kv_heads < model.n_heads"""
+
+    qkv_bias: bool = param(False, "bias on the q/k/v projections (Qwen2)")
+    o_bias: bool = param(False, "bias on the output projection")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: AttentionConfig, ctx: BuildContext):
+        super().__init__()
+        m = ctx.model
+        self.n_heads, self.n_kv, self.hd = m.n_heads, m.kv_heads, m.head_size
+        self.qkv = ctx.projection("qkv", m.d_model, (m.n_heads + 2 * m.kv_heads) * m.head_size, cfg.qkv_bias)
+        self.o = ctx.projection("o", m.n_heads * m.head_size, m.d_model, cfg.o_bias)
+        self.rope = ctx.build(ctx.block("position"))
+
+    def forward(self, x: torch.Tensor, start: int = 0, cache=None) -> torch.Tensor:
+        t = x.shape[1]
+        q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        q = rearrange(q, "b t (h d) -> b h t d", d=self.hd)
+        k = rearrange(k, "b t (h d) -> b h t d", d=self.hd)
+        v = rearrange(v, "b t (h d) -> b h t d", d=self.hd)
+        q, k = self.rope(q, k, start)
+        if cache is not None:
+            k, v = cache.update(k, v, start)
+        if k.shape[2] == t:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        else:  # queries at start..start+t-1 see keys 0..start+t-1
+            mask = torch.arange(k.shape[2], device=x.device) <= torch.arange(start, start + t, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o(rearrange(y, "b h t d -> b t (h d)"))
+
+
+def register(registry) -> None:
+    registry.register("attention", "mha", AttentionConfig, Attention)

@@ -1,0 +1,50 @@
+"""Norms: RMSNorm (LLaMA), LayerNorm, and `none` (for blocks that normalise inside)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zoo.recipe.schema import param
+
+
+@dataclass(frozen=True)
+class RMSNormConfig:
+    """x / rms(x) * g"""
+
+    eps: float = param(1e-6, "added to the mean square", gt=0, le=1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+@dataclass(frozen=True)
+class LayerNormConfig:
+    """(x - mean) / std * g + b"""
+
+    eps: float = param(1e-5, "added to the variance", gt=0, le=1)
+    bias: bool = param(True, "learn an additive bias")
+
+
+@dataclass(frozen=True)
+class NoNormConfig:
+    """identity: no separate norm (e.g. BitNet projections normalise their own input)"""
+
+
+def register(registry) -> None:
+    registry.register("norm", "rmsnorm", RMSNormConfig, lambda cfg, ctx, dim: RMSNorm(dim, cfg.eps))
+    registry.register("norm", "layernorm", LayerNormConfig,
+                      lambda cfg, ctx, dim: nn.LayerNorm(dim, eps=cfg.eps, bias=cfg.bias))
+    registry.register("norm", "none", NoNormConfig, lambda cfg, ctx, dim: nn.Identity())
+
+

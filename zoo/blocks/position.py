@@ -1,0 +1,63 @@
+"""Rotary position embedding (RoPE) applied to queries and keys; `none` for no position signal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zoo.recipe.schema import param
+
+
+@dataclass(frozen=True)
+class RoPEConfig:
+    """rotate pairs of query/key channels by position-dependent angles"""
+
+    theta: float = param(10000.0, "base of the rotation frequencies", gt=1)
+
+
+class RoPE(nn.Module):
+    """Half-split layout (as LLaMA in transformers): channel i pairs with i + head_dim/2."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    def _table(self, device) -> None:
+        even = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
+        inv = 1.0 / self.theta ** (even / self.head_dim)
+        ang = torch.outer(torch.arange(self.max_len, device=device, dtype=torch.float64), inv)
+        ang = torch.cat([ang, ang], dim=-1)
+        self.cos, self.sin = ang.cos().float(), ang.sin().float()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: [B, heads, T, head_dim]."""
+        if self.cos.numel() == 0 or self.cos.device != q.device:
+            self._table(q.device)
+        t = q.shape[2]
+        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class NoPositionConfig:
+    """no positional encoding (NoPE)"""
+
+
+class NoPosition(nn.Module):
+    def forward(self, q, k, start):
+        return q, k
+
+
+def register(registry) -> None:
+    registry.register("position", "rope", RoPEConfig,
+                      lambda cfg, ctx: RoPE(ctx.model.head_size, ctx.model.max_seq_len, cfg.theta))
+    registry.register("position", "none", NoPositionConfig, lambda cfg, ctx: NoPosition())

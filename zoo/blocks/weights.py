@@ -1,0 +1,53 @@
+"""Full-precision projection weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.recipe.schema import param
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FullPrecisionConfig:
+    """a dense floating-point weight matrix: y = x·Wᵀ (+ b)"""
+
+    dtype: Literal["model", "float32", "bfloat16", "float16"] = param(
+        "model", "storage and compute dtype of this projection ('model' = model.dtype)")
+
+
+class Linear(nn.Linear):
+    """nn.Linear that computes in its own dtype when it differs from the input's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        b = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, b).to(x.dtype)
+
+
+class PinnedDtypeLinear(Linear):
+    """A Linear whose dtype is pinned by the recipe: `model.to(dtype)` leaves it alone."""
+
+    def _apply(self, fn, recurse=True):
+        dtype = self.weight.dtype
+        out = super()._apply(fn, recurse)
+        for p in self.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+        return out
+
+
+def build_linear(cfg: FullPrecisionConfig, ctx, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    if cfg.dtype == "model":
+        return Linear(in_features, out_features, bias=bias)
+    return PinnedDtypeLinear(in_features, out_features, bias=bias, dtype=DTYPES[cfg.dtype])
+
+
+def register(registry) -> None:
+    registry.register("weights", "fp", FullPrecisionConfig, build_linear)

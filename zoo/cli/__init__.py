@@ -1,0 +1,76 @@
+"""`zoo` command line. Each module in this package is one subcommand, found automatically:
+it defines `add_parser(subparsers)` returning its parser, and `run(args) -> int`.
+
+Exit codes: 0 success, 2 user error (one line on stderr; ZOO_DEBUG=1 shows the traceback),
+1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+import traceback
+import warnings
+
+from zoo.errors import ZooError
+
+
+class UsageError(ZooError):
+    """Bad command-line arguments."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from zoo import __version__
+
+    parser = _Parser(prog="zoo", description="Language models declared in TOML from registered blocks.")
+    parser.add_argument("--version", action="version", version=f"zoo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        p = module.add_parser(sub)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"zoo: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("ZOO_DEBUG", "") not in ("", "0")
+    if not debug:
+        warnings.showwarning = _warning_line
+    try:
+        parser = make_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        return int(args._run(args) or 0)
+    except ZooError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"zoo: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zoo: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """RECIPE and repeated --set key.path=value, shared by commands that take a recipe."""
+    p.add_argument("recipe", metavar="RECIPE", help="a .toml recipe file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set model.n_layers=8 (value parsed as TOML)")

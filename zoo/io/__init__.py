@@ -1,0 +1,1 @@
+"""Checkpoints and interchange formats."""

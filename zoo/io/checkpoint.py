@@ -1,0 +1,174 @@
+"""Checkpoints: a folder with model.safetensors, recipe.toml and meta.json. Never pickle.
+
+`save` writes into a temporary sibling folder, fsyncs, then renames it into place, so a
+reader sees either the old checkpoint or the new one, never half of one. `load` rebuilds the
+model from recipe.toml and checks every tensor name, shape, dtype and the file hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from zoo.errors import CheckpointError, RecipeError, ZooError
+
+WEIGHTS, RECIPE, META = "model.safetensors", "recipe.toml", "meta.json"
+FORMAT = 1
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """state_dict without tied duplicates, plus {alias: stored name} for the ties."""
+    tensors, aliases, by_storage = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in by_storage:
+            aliases[name] = by_storage[key]
+            continue
+        by_storage[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = None,
+         files: dict[str, str | bytes] | None = None) -> Path:
+    """Write `model` (built by zoo.build) to folder `path`, atomically replacing what was there."""
+    path = Path(path)
+    recipe = getattr(model, "recipe", None)
+    if recipe is None:
+        raise CheckpointError("zoo.save needs a model built by zoo.build (it has no .recipe)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    try:
+        tensors, aliases = _unique_tensors(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / RECIPE).write_text(recipe.to_toml(), encoding="utf-8")
+        for name, content in (files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as f:
+                f.write(content)
+        from zoo import __version__
+
+        info = {
+            "format": FORMAT,
+            "zoo_version": __version__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "sha256": sha256(tmp / WEIGHTS),
+            "aliases": aliases,
+            "transforms": list(getattr(model, "zoo_transforms", [])),
+            **(meta or {}),
+        }
+        (tmp / META).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    for name in (META, RECIPE, WEIGHTS):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: missing {name} (not a zoo checkpoint, or an incomplete one)")
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path / META}: corrupt JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+        raise CheckpointError(f"{path / META}: missing the 'sha256' of {WEIGHTS}")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / META}: checkpoint format {meta.get('format')!r}, this zoo reads {FORMAT}")
+    return meta
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", registry=None) -> nn.Module:
+    """Rebuild the model saved in folder `path`; any mismatch raises CheckpointError."""
+    from zoo.model.build import build
+    from zoo.recipe.recipe import load_recipe
+
+    path = Path(path)
+    meta = read_meta(path)
+    digest = sha256(path / WEIGHTS)
+    if digest != meta["sha256"]:
+        raise CheckpointError(f"{path / WEIGHTS}: sha256 {digest[:12]}… does not match meta.json "
+                              f"({meta['sha256'][:12]}…): the file is corrupt or was changed")
+    try:
+        recipe = load_recipe(path / RECIPE)
+        model = build(recipe, device=device, registry=registry)
+        for transform in meta.get("transforms", []):
+            getattr(model, transform)()
+    except (RecipeError, ZooError) as err:
+        raise CheckpointError(f"{path}: its recipe cannot be built here: {err}") from None
+    expected = model.state_dict()
+    aliases = meta.get("aliases", {})
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt", device=str(device)) as f:
+            stored = set(f.keys())
+            missing = sorted(set(expected) - stored - set(aliases))
+            unexpected = sorted(stored - set(expected))
+            if missing or unexpected:
+                what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}"
+                more = len(missing) + len(unexpected) - 1
+                raise CheckpointError(f"{path / WEIGHTS}: {what}" + (f" (and {more} more)" if more else "")
+                                      + " for its recipe")
+            state = {}
+            for name in sorted(stored):
+                t = f.get_tensor(name)
+                want = expected[name]
+                if tuple(t.shape) != tuple(want.shape) or t.dtype != want.dtype:
+                    raise CheckpointError(
+                        f"{path / WEIGHTS}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, "
+                        f"its recipe needs {want.dtype} {tuple(want.shape)}")
+                state[name] = t
+    except SafetensorError as err:
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({err})") from None
+    for alias, name in aliases.items():
+        state.setdefault(alias, state[name])
+    model.load_state_dict(state, strict=True)
+    model.recipe = recipe
+    return model

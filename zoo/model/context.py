@@ -1,0 +1,63 @@
+"""What a block factory receives: the model config, its layer, and the projection factory."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from zoo.errors import PluginError, RecipeError, ZooError
+from zoo.model.config import ModelConfig
+from zoo.recipe.schema import BlockSpec
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Passed to every factory as `ctx`. `blocks` are this layer's blocks by slot."""
+
+    model: ModelConfig
+    registry: Any
+    layer: int | None = None
+    blocks: dict[str, BlockSpec] = dataclasses.field(default_factory=dict)
+    role_prefix: str = ""
+    source: str = ""
+
+    def block(self, slot: str) -> BlockSpec:
+        return self.blocks.get(slot) or getattr(self.model, slot)
+
+    def with_roles(self, prefix: str) -> BuildContext:
+        """A context whose projections take roles `prefix + role` (e.g. experts: 'expert_')."""
+        return dataclasses.replace(self, role_prefix=prefix)
+
+    def error(self, spec: BlockSpec | None, message: str, key: str = "") -> RecipeError:
+        """A recipe error at `spec`'s key path (for checks that need build-time shapes)."""
+        path = ".".join(p for p in ((spec.path if spec else ""), key) if p)
+        return RecipeError(message, file=self.source or None, path=path or None)
+
+    def build(self, spec: BlockSpec, *args: Any, **kwargs: Any) -> Any:
+        """Call the factory registered for spec's slot and kind."""
+        entry = self.registry.get(spec.slot, spec.kind)
+        try:
+            return entry.factory(spec.config, self, *args, **kwargs)
+        except ZooError:
+            raise
+        except Exception as err:
+            if entry.plugin.name == "builtins":
+                raise
+            raise PluginError(
+                f"plugin {entry.plugin.name!r} ({entry.plugin.dist}): building {spec.slot}.{spec.kind} "
+                f"at {spec.path or '?'} failed: {type(err).__name__}: {err}"
+            ) from err
+
+    def projection(self, role: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        """THE projection factory: every linear map of every block is made here."""
+        from zoo.model.projection import Projection
+
+        role = self.role_prefix + role
+        weights = self.block("weights").for_role(role)
+        sparsity = self.block("sparsity").for_role(role)
+        linear = self.build(weights, in_features, out_features, bias)
+        sparsify = self.build(sparsity, in_features)
+        return Projection(role, sparsify, linear, in_features, out_features)

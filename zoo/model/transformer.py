@@ -1,0 +1,145 @@
+"""The decoder: embedding -> blocks (attention, FFN; pre-norm residuals) -> norm -> LM head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.model.config import LAYER_SLOTS, ModelConfig
+from zoo.model.context import BuildContext
+
+
+@dataclass
+class ModelOutput:
+    """logits; `loss` (cross-entropy) when targets were given; MoE and other auxiliary losses."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def total_loss(self) -> torch.Tensor:
+        """Cross-entropy plus every auxiliary loss: what a training step minimises."""
+        assert self.loss is not None, "total_loss needs targets"
+        return self.loss + sum(self.aux_losses.values(), torch.zeros((), device=self.loss.device))
+
+
+class KVCache:
+    """Preallocated keys and values of one layer: [batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, ctx: BuildContext):
+        super().__init__()
+        d = ctx.model.d_model
+        self.attn_norm = ctx.build(ctx.block("norm"), d)
+        self.attn = ctx.build(ctx.block("attention"))
+        self.ffn_norm = ctx.build(ctx.block("norm"), d)
+        self.ffn = ctx.build(ctx.block("ffn"), d)
+
+    def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), start=start, cache=cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model assembled from the recipe's registered blocks."""
+
+    def __init__(self, cfg: ModelConfig, registry, source: str = ""):
+        super().__init__()
+        self.config = cfg
+        ctx = BuildContext(cfg, registry, source=source)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(BuildContext(cfg, registry, i, cfg.layer(i), source=source)) for i in range(cfg.n_layers)
+        )
+        self.norm = ctx.build(cfg.norm, cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self._aux_modules = [m for m in self.modules() if hasattr(m, "aux_losses")]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; output projections scaled by 1/sqrt(2·n_layers)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.is_meta or p.dim() < 2:
+                continue
+            deep = name.endswith(("o.linear.weight", "down.linear.weight"))
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers) if deep else std)
+
+    def new_cache(self, batch: int, device=None, dtype=None) -> list[KVCache]:
+        c = self.config
+        p = self.embed.weight
+        return [KVCache(batch, c.kv_heads, c.max_seq_len, c.head_size, device or p.device, dtype or p.dtype)
+                for _ in self.blocks]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None, start: int = 0) -> ModelOutput:
+        """idx [B, T] token ids; with `cache`, they sit at positions start..start+T-1."""
+        if start + idx.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + idx.shape[1]} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, start=start, cache=None if cache is None else cache[i])
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        aux: dict[str, torch.Tensor] = {}
+        for m in self._aux_modules:
+            for k, v in m.aux_losses.items():
+                aux[k] = aux[k] + v if k in aux else v
+        return ModelOutput(logits, loss, aux)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, generator=None):
+        """Sample continuations with the KV cache; yields one [B, 1] tensor of ids per step."""
+        cache = self.new_cache(idx.shape[0])
+        logits = self(idx, cache=cache).logits[:, -1]
+        pos = idx.shape[1]
+        for _ in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            yield nxt
+            if pos >= self.config.max_seq_len:
+                return
+            logits = self(nxt, cache=cache, start=pos).logits[:, -1]
+            pos += 1
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator=None) -> torch.Tensor:
+    """Next ids [B, 1] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+__all__ = ["LAYER_SLOTS", "Block", "KVCache", "ModelOutput", "Transformer", "sample"]

@@ -1,0 +1,89 @@
+"""TOML -> plain data: `extends` inheritance (deep merge, cycles caught) and `a.b=c` overrides."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from zoo.errors import RecipeError
+
+OVERRIDES = "<overrides>"
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """Tables merge key by key (top wins); every other value, arrays included, is replaced."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError("file not found", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"cannot read: {err}", file=str(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"malformed TOML: {err}", file=str(path)) from None
+
+
+def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict:
+    """The file's data merged over what it `extends` (a path relative to the file)."""
+    path = Path(path)
+    real = path.resolve()
+    if real in _stack:
+        chain = " -> ".join(p.name for p in (*_stack, real))
+        raise RecipeError(f"cyclic extends: {chain}", file=str(path), path="extends")
+    data = read_toml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError("expected a path string (relative to this file)", file=str(path), path="extends")
+    target = path.parent / parent
+    if not target.is_file():
+        raise RecipeError(f"extends {parent!r}, which does not exist ({target})", file=str(path), path="extends")
+    return deep_merge(read_with_extends(target, (*_stack, real)), data)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], value); value is TOML, else taken as a bare string."""
+    key, sep, raw = item.partition("=")
+    keys = [k.strip() for k in key.strip().split(".")]
+    if not sep or not all(keys):
+        raise RecipeError(f"override {item!r} is not of the form key.path=value", file=OVERRIDES)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return keys, value
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) -> dict:
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    out = copy.deepcopy(data)
+    for keys, value in items:
+        keys = keys.split(".") if isinstance(keys, str) else keys
+        node = out
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"cannot set inside a {type(nxt).__name__}", file=OVERRIDES,
+                                  path=".".join(keys[: i + 1]))
+            node = nxt
+        node[keys[-1]] = value
+    return out

@@ -1,0 +1,92 @@
+"""`load_recipe`: TOML file(s) + overrides -> a frozen, validated `Recipe` that round-trips."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from zoo.errors import RecipeError
+from zoo.model.config import LAYER_SLOTS, ModelConfig
+from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, read_with_extends, tomllib
+from zoo.recipe.schema import BlockSpec, Validator, param, slot_field, to_plain
+from zoo.train.config import DataConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe. `source` (not part of equality) names the file for error messages."""
+
+    name: str = param("", "a short name for tables and plots")
+    model: ModelConfig = param(None, "the architecture")
+    train: TrainConfig = param(None, "the training run")
+    optim: BlockSpec = slot_field("optimizer", {"kind": "adamw"}, "the optimizer and its settings")
+    data: DataConfig = param(None, "training and validation data")
+    source: str = dataclasses.field(default="", compare=False, metadata={"internal": True})
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, **overrides: Any) -> Recipe:
+        """A new recipe with dotted-key overrides applied (validated again)."""
+        return recipe_from_dict(apply_overrides(self.to_dict(), overrides), source=self.source or OVERRIDES)
+
+
+def _merge_layer_patterns(data: dict) -> dict:
+    """A layer pattern's block table is merged over the model-wide one when it keeps its kind."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("layers"), list):
+        return data
+    defaults = {f.name: f.default.data for f in dataclasses.fields(ModelConfig)
+                if hasattr(f.default, "data")}
+    patterns = []
+    for pattern in model["layers"]:
+        if isinstance(pattern, dict):
+            pattern = dict(pattern)
+            for slot in LAYER_SLOTS:
+                over, base = pattern.get(slot), model.get(slot, defaults.get(slot))
+                if isinstance(base, str):
+                    base = {"kind": base}
+                if isinstance(over, str):
+                    over = {"kind": over}
+                same_kind = isinstance(base, dict) and over.get("kind", base.get("kind")) == base.get("kind") \
+                    if isinstance(over, dict) else False
+                if same_kind:
+                    pattern[slot] = deep_merge(base, over)
+        patterns.append(pattern)
+    return {**data, "model": {**model, "layers": patterns}}
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>", registry: Any = None) -> Recipe:
+    """Validate plain data (as read from TOML) into a Recipe."""
+    from zoo.registry import get_registry
+
+    validator = Validator(source, registry or get_registry())
+    recipe = validator.dataclass(Recipe, _merge_layer_patterns(data), "")
+    return dataclasses.replace(recipe, source=source)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file, resolve `extends`, apply `a.b.c=value` overrides, validate."""
+    path = Path(path)
+    if path.is_dir():
+        raise RecipeError("is a folder, expected a .toml recipe file", file=str(path))
+    data = apply_overrides(read_with_extends(path), overrides)
+    return recipe_from_dict(data, source=str(path))
+
+
+def loads_recipe(text: str, source: str = "<string>") -> Recipe:
+    """Validate a recipe given as TOML text (no `extends`)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"malformed TOML: {err}", file=source) from None
+    if "extends" in data:
+        raise RecipeError("extends needs a file on disk; use load_recipe", file=source, path="extends")
+    return recipe_from_dict(data, source=source)

@@ -1,0 +1,274 @@
+"""Validate plain TOML data against config dataclasses, naming the dotted key path on error.
+
+A config dataclass declares each field with `param(default, doc, ge=..., ...)`; a field
+declared with `slot_field("ffn", default, doc)` holds a registered block: a table with
+`kind` plus that kind's own fields, validated against the schema that kind registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Union
+
+from zoo.errors import RecipeError, UnknownNameError, did_you_mean, one_of
+from zoo.recipe.loader import deep_merge
+
+# Roles of projections; `weights` and `sparsity` specs may override any of them.
+# A role falls back along ROLE_PARENTS (expert_down -> down -> the section itself).
+ROLE_PARENTS: dict[str, str | None] = {
+    "qkv": None, "o": None, "up_gate": None, "down": None,
+    "expert_up_gate": "up_gate", "expert_down": "down",
+    "shared_up_gate": "up_gate", "shared_down": "down",
+}
+ROLE_SLOTS = ("weights", "sparsity")
+
+
+def add_role(role: str, parent: str | None = None) -> None:
+    """Declare a projection role (for plugins whose blocks have projections of a new kind)."""
+    ROLE_PARENTS.setdefault(role, parent)
+
+
+class Invalid(ValueError):
+    """Raised by a config's `check()` for a cross-field problem: `Invalid(key, message)`."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
+def param(default: Any = dataclasses.MISSING, doc: str = "", *, ge=None, gt=None, le=None, lt=None) -> Any:
+    """A documented config field with optional numeric bounds."""
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: typing.cast(Any, type(d))(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A chosen block: slot, kind, its validated config, and per-role overrides."""
+
+    slot: str
+    kind: str
+    config: Any
+    roles: dict[str, BlockSpec] = field(default_factory=dict)
+    path: str = field(default="", compare=False)
+
+    def for_role(self, role: str) -> BlockSpec:
+        """The spec that applies to a projection of `role` (falling back to parents)."""
+        r: str | None = role
+        while r is not None:
+            if r in self.roles:
+                return self.roles[r]
+            r = ROLE_PARENTS.get(r)
+        return self
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, **to_plain(self.config)}
+        if self.roles:
+            out["roles"] = {r: s.to_dict() for r, s in self.roles.items()}
+        return out
+
+
+def slot_field(slot: str, default: dict | None, doc: str) -> Any:
+    """A field holding a block of `slot`; `default` is its TOML table (validated on use)."""
+    return field(default=None if default is None else _Raw(default), metadata={"doc": doc, "slot": slot})
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """A default given as TOML data, validated like user input when the config is built."""
+
+    data: dict
+
+
+def to_plain(obj: Any) -> Any:
+    """Config objects -> TOML-ready builtins (None values are left out)."""
+    if isinstance(obj, BlockSpec):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            if not f.init or f.metadata.get("internal"):
+                continue
+            v = to_plain(getattr(obj, f.name))
+            if v is not None:
+                out[f.name] = v
+        return out
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+@dataclass
+class Validator:
+    """Carries the file name and the registry through one validation."""
+
+    file: str | None
+    registry: Any
+
+    def error(self, path: str, message: str) -> RecipeError:
+        return RecipeError(message, file=self.file, path=path)
+
+    # -- dataclasses -----------------------------------------------------------------------
+    def dataclass(self, cls: type, data: Any, path: str, *, ignore: tuple[str, ...] = ()) -> Any:
+        if not isinstance(data, dict):
+            raise self.error(path, f"expected a table, got {_describe(data)}")
+        hints = typing.get_type_hints(cls, include_extras=True)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")}
+        for key in data:
+            if key not in fields and key not in ignore:
+                raise self.error(
+                    _join(path, key),
+                    f"unknown key{did_you_mean(key, fields)}; valid keys: {', '.join(fields) or 'none'}",
+                )
+        values = {}
+        for name, f in fields.items():
+            sub = _join(path, name)
+            slot = f.metadata.get("slot")
+            if name in data:
+                raw = data[name]
+            elif isinstance(f.default, _Raw):
+                raw = f.default.data
+            elif dataclasses.is_dataclass(hints[name]):
+                raw = {}  # a whole section left out: its defaults, validated like any input
+            elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            else:
+                raise self.error(sub, "required key is missing")
+            if slot is not None:
+                default = f.default.data if isinstance(f.default, _Raw) else None
+                if isinstance(raw, dict) and "kind" not in raw and default is not None:
+                    raw = deep_merge(default, raw)  # `[model.ffn] hidden = 512` keeps the default kind
+                values[name] = None if raw is None else self.block(slot, raw, sub)
+            else:
+                values[name] = self.value(hints[name], raw, sub)
+            self._bounds(f, values[name], sub)
+        obj = cls(**values)
+        check = getattr(obj, "check", None)
+        if check is not None:
+            try:
+                check()
+            except Invalid as err:
+                raise self.error(_join(path, err.key), err.message) from None
+        return obj
+
+    def _bounds(self, f: dataclasses.Field, v: Any, path: str) -> None:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return
+        m = f.metadata
+        for key, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                              ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+            bound = m.get(key)
+            if bound is not None and not ok(v, bound):
+                raise self.error(path, f"must be {word} {bound}, got {v}")
+
+    # -- blocks ----------------------------------------------------------------------------
+    def block(self, slot: str, data: Any, path: str, *, allow_roles: bool = True) -> BlockSpec:
+        if isinstance(data, str):
+            data = {"kind": data}
+        if not isinstance(data, dict):
+            raise self.error(path, f"expected a table with 'kind' (or a kind name), got {_describe(data)}")
+        if "kind" not in data:
+            raise self.error(_join(path, "kind"), f"missing; {slot} kinds: {', '.join(self.registry.kinds(slot))}")
+        kind = data["kind"]
+        if not isinstance(kind, str):
+            raise self.error(_join(path, "kind"), f"expected a string, got {_describe(kind)}")
+        try:
+            entry = self.registry.get(slot, kind)
+        except UnknownNameError as err:
+            raise self.error(_join(path, "kind"), str(err)) from None
+        roles_ok = allow_roles and slot in ROLE_SLOTS
+        config = self.dataclass(entry.config, {k: v for k, v in data.items() if k != "kind"}, path,
+                                ignore=("roles",) if roles_ok else ())
+        roles = {}
+        if roles_ok and "roles" in data:
+            table = data["roles"]
+            if not isinstance(table, dict):
+                raise self.error(_join(path, "roles"), f"expected a table of roles, got {_describe(table)}")
+            for role, over in table.items():
+                rpath = _join(_join(path, "roles"), role)
+                if role not in ROLE_PARENTS:
+                    raise self.error(rpath, f"unknown role{did_you_mean(role, ROLE_PARENTS)}; {one_of(ROLE_PARENTS)}")
+                if not isinstance(over, dict):
+                    raise self.error(rpath, f"expected a table, got {_describe(over)}")
+                base = {k: v for k, v in data.items() if k != "roles"}
+                merged = dict(over) if over.get("kind", kind) != kind else {**base, **over}
+                roles[role] = self.block(slot, merged, rpath, allow_roles=False)
+        return BlockSpec(slot, kind, config, roles, path)
+
+    # -- plain values ----------------------------------------------------------------------
+    def value(self, tp: Any, v: Any, path: str) -> Any:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            return self.value(typing.get_args(tp)[0], v, path)
+        if tp is Any:
+            return v
+        if origin in (Union, types.UnionType):
+            args = typing.get_args(tp)
+            if v is None and type(None) in args:
+                return None
+            errors = []
+            for a in (a for a in args if a is not type(None)):
+                try:
+                    return self.value(a, v, path)
+                except RecipeError as err:
+                    errors.append(err.reason)
+            raise self.error(path, " or ".join(errors))
+        if origin is Literal:
+            choices = typing.get_args(tp)
+            if v not in choices:
+                raise self.error(path, f"invalid value {v!r}{did_you_mean(v, choices)}; {one_of(map(str, choices))}")
+            return v
+        if origin in (tuple, list):
+            if not isinstance(v, list | tuple):
+                raise self.error(path, f"expected an array, got {_describe(v)}")
+            args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
+            return tuple(self.value(args[0], x, f"{path}[{i}]") for i, x in enumerate(v))
+        if origin is dict:
+            if not isinstance(v, dict):
+                raise self.error(path, f"expected a table, got {_describe(v)}")
+            _, vt = typing.get_args(tp) or (str, Any)
+            return {str(k): self.value(vt, x, _join(path, k)) for k, x in v.items()}
+        if dataclasses.is_dataclass(tp):
+            return self.dataclass(tp, v, path)
+        if tp is bool:
+            if not isinstance(v, bool):
+                raise self.error(path, f"expected true or false, got {_describe(v)}")
+            return v
+        if tp is int:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise self.error(path, f"expected an integer, got {_describe(v)}")
+            return v
+        if tp is float:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise self.error(path, f"expected a number, got {_describe(v)}")
+            if not math.isfinite(v):
+                raise self.error(path, f"expected a finite number, got {v}")
+            return float(v)
+        if tp is str:
+            if not isinstance(v, str):
+                raise self.error(path, f"expected a string, got {_describe(v)}")
+            return v
+        raise TypeError(f"schema type {tp!r} at {path} is not supported")
+
+
+def _join(path: str, key: Any) -> str:
+    key = str(key)
+    if not re.fullmatch(r"[A-Za-z0-9_\-\[\].]+", key):
+        key = json.dumps(key, ensure_ascii=False)
+    return f"{path}.{key}" if path else key
+
+
+def _describe(v: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    return f"{names.get(type(v), type(v).__name__)} ({v!r})" if not isinstance(v, dict | list) else names[type(v)]

@@ -1,0 +1,151 @@
+"""The block catalogue: for each slot, the registered kinds with their config schema and factory."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from zoo.errors import PluginError, UnknownNameError, did_you_mean, one_of
+
+# The slots every zoo knows; plugins may add more with `registry.add_slot`.
+CORE_SLOTS = {
+    "attention": "self-attention block: forward(x, rope, cache) -> x",
+    "norm": "normalisation layer over the last dimension",
+    "ffn": "feed-forward block (dense or mixture of experts)",
+    "activation": "elementwise activation used inside FFNs",
+    "weights": "how a projection stores and applies its weight (precision, quantisation)",
+    "sparsity": "what a projection does to its input before the matmul",
+    "position": "positional encoding applied to queries and keys",
+    "router": "chooses experts for each token in a mixture-of-experts FFN",
+    "kernel-backend": "implementation of the hot operations (torch, triton, ...)",
+    "dataset": "where training text comes from",
+    "tokenizer": "text <-> token ids",
+    "optimizer": "parameter update rule",
+    "schedule": "learning-rate schedule",
+}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Who registered an entry: plugin (entry-point) name and its distribution."""
+
+    name: str
+    dist: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    slot: str
+    kind: str
+    config: type
+    factory: Callable[..., Any]
+    doc: str
+    plugin: PluginInfo
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    name: str
+    type: str
+    default: Any
+    doc: str
+    required: bool
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, str):
+        return tp
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def describe_config(config: type) -> list[FieldInfo]:
+    """One FieldInfo per dataclass field: name, type, default and one-line doc."""
+    out = []
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default, required = f.default, False
+        elif f.default_factory is not dataclasses.MISSING:
+            default, required = f.default_factory(), False
+        else:
+            default, required = None, True
+        out.append(FieldInfo(f.name, _type_name(f.type), default, f.metadata.get("doc", ""), required))
+    return out
+
+
+@dataclass
+class Registry:
+    """Slots -> kinds -> Entry. Filled by plugins through the `zoo_register` hook."""
+
+    slots: dict[str, str] = field(default_factory=lambda: dict(CORE_SLOTS))
+    entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
+    plugins: dict[str, PluginInfo] = field(default_factory=dict)
+    _current: PluginInfo = PluginInfo("<direct>", "<direct>", "")
+
+    # -- registration (called from plugins' zoo_register hooks) --------------------------
+    def add_slot(self, slot: str, doc: str) -> None:
+        """Declare a new slot (a new kind of block) that recipes and plugins can use."""
+        self.slots.setdefault(slot, doc)
+
+    def register(
+        self, slot: str, kind: str, config: type, factory: Callable[..., Any], doc: str = ""
+    ) -> None:
+        """Register `kind` in `slot`: `config` is a frozen dataclass, `factory(cfg, ctx, ...)`."""
+        who = self._current
+        if slot not in self.slots:
+            raise PluginError(
+                f"plugin {who.name!r} registers into unknown slot {slot!r}{did_you_mean(slot, self.slots)};"
+                f" slots are {one_of(self.slots)} (or declare one with registry.add_slot)"
+            )
+        if not (isinstance(config, type) and dataclasses.is_dataclass(config)):
+            raise PluginError(f"plugin {who.name!r}: {slot}.{kind} config must be a dataclass, got {config!r}")
+        if not config.__dataclass_params__.frozen:
+            raise PluginError(f"plugin {who.name!r}: {slot}.{kind} config {config.__name__} must be frozen")
+        if "kind" in {f.name for f in dataclasses.fields(config)}:
+            raise PluginError(f"plugin {who.name!r}: {slot}.{kind} config may not have a field named 'kind'")
+        if not callable(factory):
+            raise PluginError(f"plugin {who.name!r}: {slot}.{kind} factory is not callable")
+        old = self.entries.get((slot, kind))
+        if old is not None:
+            raise PluginError(
+                f"{slot}.{kind} is registered twice: by plugin {old.plugin.name!r} "
+                f"(distribution {old.plugin.dist}) and by plugin {who.name!r} (distribution {who.dist});"
+                " uninstall one, or restrict loading with ZOO_PLUGINS=name,..."
+            )
+        if not doc:
+            lines = (config.__doc__ or "").strip().splitlines()
+            doc = lines[0] if lines else ""
+        self.entries[(slot, kind)] = Entry(slot, kind, config, factory, doc, who)
+
+    # -- look-up ---------------------------------------------------------------------------
+    def kinds(self, slot: str) -> list[str]:
+        self._check_slot(slot)
+        return sorted(k for s, k in self.entries if s == slot)
+
+    def get(self, slot: str, kind: str) -> Entry:
+        self._check_slot(slot)
+        entry = self.entries.get((slot, kind))
+        if entry is None:
+            choices = self.kinds(slot)
+            raise UnknownNameError(
+                f"unknown {slot} kind {kind!r}{did_you_mean(kind, choices)}; registered: "
+                + (", ".join(choices) or "none")
+            )
+        return entry
+
+    def list(self, pattern: str = "*") -> list[Entry]:
+        """Entries whose 'slot.kind' matches a shell-style pattern, sorted."""
+        return [e for key, e in sorted(self.entries.items()) if fnmatch.fnmatch(".".join(key), pattern)
+                or fnmatch.fnmatch(key[0], pattern)]
+
+    def by_plugin(self, plugin: str) -> list[Entry]:
+        return [e for _, e in sorted(self.entries.items()) if e.plugin.name == plugin]
+
+    def _check_slot(self, slot: str) -> None:
+        if slot not in self.slots:
+            raise UnknownNameError(f"unknown slot {slot!r}{did_you_mean(slot, self.slots)}; {one_of(self.slots)}")

@@ -1,0 +1,37 @@
+"""The `[train]`, `[optim]` and `[data]` sections of a recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from zoo.recipe.schema import BlockSpec, param, slot_field
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long and how to train."""
+
+    steps: int = param(500, "optimizer steps", ge=1, le=1 << 40)
+    batch_size: int = param(16, "sequences per optimizer step (before accumulation split)", ge=1, le=1 << 20)
+    seq_len: int = param(128, "tokens per sequence", ge=2, le=1 << 20)
+    grad_accum: int = param(1, "micro-batches per optimizer step", ge=1, le=1 << 16)
+    grad_clip: float = param(1.0, "max global gradient norm (0 disables)", ge=0)
+    seed: int = param(0, "random seed for init, data order and dropout", ge=0)
+    precision: Literal["fp32", "bf16"] = param("fp32", "autocast precision of the forward pass")
+    eval_every: int = param(100, "validate every N steps (0 = only at the end)", ge=0)
+    eval_batches: int = param(8, "validation batches per evaluation", ge=1)
+    log_every: int = param(10, "write a metrics line every N steps", ge=1)
+    ckpt_every: int = param(0, "checkpoint every N steps (0 = only at the end)", ge=0)
+    keep_last: int = param(2, "checkpoints kept on disk", ge=1)
+    compile: bool = param(False, "wrap the model in torch.compile")
+    init_from: str | None = param(None, "start from the weights of this zoo checkpoint folder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from."""
+
+    dataset: BlockSpec = slot_field("dataset", {"kind": "kjv"}, "text source")
+    tokenizer: BlockSpec = slot_field("tokenizer", {"kind": "bytes"}, "text <-> token ids")
+    val_fraction: float = param(0.05, "fraction of the text held out for validation", gt=0, lt=1)

@@ -1,0 +1,31 @@
+"""Optimizers (slot `optimizer`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zoo.recipe.schema import param
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    """AdamW with decoupled weight decay (no decay on norms, biases and embeddings)"""
+
+    lr: float = param(2e-3, "peak learning rate", gt=0, le=10)
+    betas: tuple[float, float] = param((0.9, 0.95), "Adam's beta1, beta2")
+    eps: float = param(1e-8, "Adam's epsilon", gt=0)
+    weight_decay: float = param(0.1, "decoupled weight decay on matrices", ge=0)
+
+
+def build_adamw(cfg: AdamWConfig, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def register(registry) -> None:
+    registry.register("optimizer", "adamw", AdamWConfig, build_adamw)
