@@ -1,0 +1,1 @@
+"""Benchmarks run by `zoo bench NAME`: one module per benchmark (`add_arguments`, `run`)."""
