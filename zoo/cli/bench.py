@@ -12,7 +12,7 @@ import zoo.bench
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="run a benchmark and print ratios against its baseline")
-    names = sub.add_subparsers(dest="bench", metavar="NAME", parser_class=type(p))
+    names = p.add_subparsers(dest="bench", metavar="NAME", parser_class=type(p))
     for info in sorted(pkgutil.iter_modules(zoo.bench.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
