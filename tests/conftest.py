@@ -6,6 +6,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
 
+# One intra-op thread per test process: pytest-xdist already runs one process per core, and on a
+# shared machine OpenMP threads that wait on each other make tiny ops ~50x slower (measured).
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

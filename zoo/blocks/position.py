@@ -57,7 +57,13 @@ class NoPosition(nn.Module):
         return q, k
 
 
+def build_rope(cfg: RoPEConfig, ctx) -> RoPE:
+    if ctx.model.head_size % 2:
+        raise ctx.error(ctx.block("position"), f"rope rotates channel pairs: the head size "
+                        f"{ctx.model.head_size} must be even (set model.head_dim or model.n_heads)")
+    return RoPE(ctx.model.head_size, ctx.model.max_seq_len, cfg.theta)
+
+
 def register(registry) -> None:
-    registry.register("position", "rope", RoPEConfig,
-                      lambda cfg, ctx: RoPE(ctx.model.head_size, ctx.model.max_seq_len, cfg.theta))
+    registry.register("position", "rope", RoPEConfig, build_rope)
     registry.register("position", "none", NoPositionConfig, lambda cfg, ctx: NoPosition())

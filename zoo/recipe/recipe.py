@@ -11,7 +11,7 @@ import tomli_w
 
 from zoo.errors import RecipeError
 from zoo.model.config import LAYER_SLOTS, ModelConfig
-from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, read_with_extends, tomllib
+from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, parse_toml, read_with_extends
 from zoo.recipe.schema import BlockSpec, Validator, param, slot_field, to_plain
 from zoo.train.config import DataConfig, TrainConfig
 
@@ -74,19 +74,13 @@ def recipe_from_dict(data: dict, source: str = "<dict>", registry: Any = None) -
 
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Read a recipe file, resolve `extends`, apply `a.b.c=value` overrides, validate."""
-    path = Path(path)
-    if path.is_dir():
-        raise RecipeError("is a folder, expected a .toml recipe file", file=str(path))
     data = apply_overrides(read_with_extends(path), overrides)
     return recipe_from_dict(data, source=str(path))
 
 
 def loads_recipe(text: str, source: str = "<string>") -> Recipe:
     """Validate a recipe given as TOML text (no `extends`)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise RecipeError(f"malformed TOML: {err}", file=source) from None
+    data = parse_toml(text, source)
     if "extends" in data:
         raise RecipeError("extends needs a file on disk; use load_recipe", file=source, path="extends")
     return recipe_from_dict(data, source=source)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -231,8 +232,13 @@ class Validator:
         if origin in (tuple, list):
             if not isinstance(v, list | tuple):
                 raise self.error(path, f"expected an array, got {_describe(v)}")
-            args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
-            return tuple(self.value(args[0], x, f"{path}[{i}]") for i, x in enumerate(v))
+            args = typing.get_args(tp)
+            if origin is tuple and args and Ellipsis not in args:  # fixed length, a type per position
+                if len(v) != len(args):
+                    raise self.error(path, f"expected an array of {len(args)} values, got {len(v)}")
+            else:
+                args = (args or (Any,))[:1] * len(v)
+            return tuple(self.value(a, x, f"{path}[{i}]") for i, (a, x) in enumerate(zip(args, v)))
         if origin is dict:
             if not isinstance(v, dict):
                 raise self.error(path, f"expected a table, got {_describe(v)}")
@@ -251,7 +257,7 @@ class Validator:
         if tp is float:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise self.error(path, f"expected a number, got {_describe(v)}")
-            if not math.isfinite(v):
+            if isinstance(v, int) and abs(v) > sys.float_info.max or not math.isfinite(v):
                 raise self.error(path, f"expected a finite number, got {v}")
             return float(v)
         if tp is str:
