@@ -78,12 +78,16 @@ def test_sort_by_expert():
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tokens,d_in,d_out,experts,top_k", [(37, 45, 51, 6, 2), (70, 24, 19, 9, 1)])
-def test_grouped_matmul_forward_backward(poison, impl, dtype, tokens, d_in, d_out, experts, top_k):
+@pytest.mark.parametrize("tokens,d_in,d_out,experts,top_k,gather",
+                         [(37, 45, 51, 6, 2, True), (70, 24, 19, 9, 1, False)])
+def test_grouped_matmul_forward_backward(poison, impl, dtype, tokens, d_in, d_out, experts, top_k, gather):
+    """gather: x holds tokens, the kernel gathers rows; else x holds the rows already sorted (rows=None)."""
     _, rows, offsets = sort_by_expert(routed(tokens, experts, top_k), experts)
+    if not gather:
+        tokens, rows = rows.numel(), None
     x = torch.randn(tokens, d_in, device=DEVICE, dtype=dtype, requires_grad=True)
     w = torch.randn(experts, d_out, d_in, device=DEVICE, dtype=dtype).transpose(1, 2).requires_grad_()  # strided view
-    g = torch.randn(rows.numel(), d_out, device=DEVICE, dtype=dtype)
+    g = torch.randn(int(offsets[-1]), d_out, device=DEVICE, dtype=dtype)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = grouped_matmul_reference(x64, w64, rows, offsets)
     ref.backward(g.double())

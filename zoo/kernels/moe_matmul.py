@@ -5,6 +5,8 @@ Assignments are sorted by expert: `rows[r]` is the token row of x of the r-th as
 
     y[r] = x[rows[r]] · w[e(r)]        w: [E, in, out] (any strides, e.g. a transposed view)
 
+(`rows=None`: x is already sorted, y[r] = x[r] · w[e(r)].)
+
 No token is dropped and nothing is padded to a capacity: the Triton kernel walks blocks of
 rows that each belong to one expert (per-block expert ids) and gathers the token rows itself.
 Forward and backward (dx by the same kernel on wᵀ, then a scatter-add; dw per expert).
@@ -31,15 +33,16 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
     return order, order // expert_ids.shape[-1], offsets
 
 
-def grouped_matmul_reference(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
+def grouped_matmul_reference(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None,
                              offsets: torch.Tensor) -> torch.Tensor:
     """The definition, in plain torch (differentiable): one gathered matmul per expert."""
     bounds = offsets.tolist()
+    rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
     parts = [x[rows[bounds[e]:bounds[e + 1]]] @ w[e] for e in range(w.shape[0])]
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[2])
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None, offsets: torch.Tensor,
                    impl: str = "auto") -> torch.Tensor:
     """y [R, out] for sorted assignments (see the module doc); differentiable in x and w.
 

@@ -21,15 +21,20 @@ def topk_matmul_reference(values: torch.Tensor, indices: torch.Tensor, wt: torch
     return y if bias is None else y + bias.to(y.dtype)
 
 
+PARALLEL_MIN_WORK = 1 << 20  # multiply-adds below which splitting a row over threads costs more than it saves
+
+
 def topk_matmul_torch(values: torch.Tensor, indices: torch.Tensor, wt: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """CPU path: a fused gather-GEMV, `F.embedding_bag` with per-sample weights (no [K, out] temporary).
 
-    Each row is split into a few bags so that every thread has work even at batch 1; the bags
-    of a row are then summed (a [rows, bags, out] temporary, small).
+    Each row is split into a few bags so that every thread has work even at batch 1 (when the
+    work is large enough to pay for the threads); the bags of a row are then summed (a small
+    [rows, bags, out] temporary).
     """
     n, k = values.shape
-    bags = max(1, min(k, -(-2 * torch.get_num_threads() // n)))
+    parallel = n * k * wt.shape[1] >= PARALLEL_MIN_WORK
+    bags = max(1, min(k, -(-2 * torch.get_num_threads() // n))) if parallel else 1
     step = -(-k // bags)
     starts = torch.arange(0, k, step, device=values.device)
     offsets = (torch.arange(n, device=values.device)[:, None] * k + starts).flatten()

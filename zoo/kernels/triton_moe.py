@@ -41,8 +41,9 @@ def _grouped_mm_kernel(x_ptr, rows_ptr, w_ptr, y_ptr, blk_expert_ptr, blk_start_
 @triton.jit
 def _grouped_dw_kernel(x_ptr, rows_ptr, g_ptr, dw_ptr, offsets_ptr, N_IN, N_OUT,
                        stride_xm, stride_xk, stride_gm, stride_gn, stride_de, stride_dk, stride_dn,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (expert, input block, output block): dw[e] = x[rows of e]ᵀ · g[rows of e] (zeros for an empty expert)."""
+                       GATHER: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (expert, input block, output block): dw[e] = x[rows of e]ᵀ · g[rows of e] (0 for an empty expert)."""
     e, pid_k, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(offsets_ptr + e)
     end = tl.load(offsets_ptr + e + 1)
@@ -53,7 +54,7 @@ def _grouped_dw_kernel(x_ptr, rows_ptr, g_ptr, dw_ptr, offsets_ptr, N_IN, N_OUT,
     for m0 in range(start, end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < end
-        src = tl.load(rows_ptr + rm, mask=m_ok, other=0).to(tl.int64)
+        src = (tl.load(rows_ptr + rm, mask=m_ok, other=0) if GATHER else rm).to(tl.int64)
         xt = tl.load(x_ptr + rk[:, None] * stride_xk + src[None, :] * stride_xm,
                      mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         g = tl.load(g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :] * stride_gn,
@@ -112,32 +113,40 @@ def _forward(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None, offset
     return y
 
 
-def _weight_grad(x: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor,
+def _weight_grad(x: torch.Tensor, rows: torch.Tensor | None, g: torch.Tensor, offsets: torch.Tensor,
                  w: torch.Tensor) -> torch.Tensor:
-    """dw[e] = x[rows of e]ᵀ · g[rows of e], in w's shape and dtype."""
+    """dw[e] = x[rows of e]ᵀ · g[rows of e] (x of e when rows is None), in w's shape and dtype."""
     dw = torch.empty(w.shape, device=w.device, dtype=w.dtype)
     _dw[lambda meta: (w.shape[0], triton.cdiv(w.shape[1], meta["BLOCK_K"]), triton.cdiv(w.shape[2], meta["BLOCK_N"]))](
-        x, rows, g, dw, offsets, w.shape[1], w.shape[2], x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        dw.stride(0), dw.stride(1), dw.stride(2), PRECISION=_precision(x.dtype), BLOCK_M=BLOCK_M)
+        x, x if rows is None else rows, g, dw, offsets, w.shape[1], w.shape[2], x.stride(0), x.stride(1),
+        g.stride(0), g.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        GATHER=rows is not None, PRECISION=_precision(x.dtype), BLOCK_M=BLOCK_M)
     return dw
 
 
 class GroupedMatmul(torch.autograd.Function):
-    """y[r] = x[rows[r]] · w[e(r)]; backward: dx by scatter-adding g·w[e]ᵀ, dw per expert."""
+    """y[r] = x[rows[r]] · w[e(r)]; backward: dx by scatter-adding g·w[e]ᵀ (no atomics), dw per expert."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        rows, offsets = rows.contiguous(), offsets.contiguous()
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None,
+                offsets: torch.Tensor) -> torch.Tensor:
+        rows = None if rows is None else rows.contiguous()
+        offsets = offsets.contiguous()
         ctx.save_for_backward(x, w, rows, offsets)
-        return _forward(x, w.to(x.dtype), rows, offsets, rows.numel(), x.dtype)
+        n_rows = x.shape[0] if rows is None else rows.numel()
+        return _forward(x, w.to(x.dtype), rows, offsets, n_rows, x.dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, w, rows, offsets = ctx.saved_tensors
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            g_x = _forward(g, w.to(g.dtype).transpose(1, 2), None, offsets, rows.numel(), torch.float32)
-            dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32).index_add_(0, rows, g_x).to(x.dtype)
+            wt = w.to(g.dtype).transpose(1, 2)
+            if rows is None:
+                dx = _forward(g, wt, None, offsets, g.shape[0], x.dtype)
+            else:
+                g_x = _forward(g, wt, None, offsets, rows.numel(), torch.float32)
+                dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32).index_add_(0, rows, g_x).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dw = _weight_grad(x, rows, g.to(x.dtype), offsets, w)
         return dx, dw, None, None
