@@ -14,3 +14,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _zoo_cache(tmp_path_factory):
+    """Tokenized corpora and trained tokenizers go to a temporary cache, not ~/.cache/zoo."""
+    import os
+
+    old = os.environ.get("ZOO_CACHE")
+    os.environ["ZOO_CACHE"] = str(tmp_path_factory.mktemp("zoo-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ZOO_CACHE", None)
+    else:
+        os.environ["ZOO_CACHE"] = old
