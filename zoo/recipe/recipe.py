@@ -38,26 +38,33 @@ class Recipe:
         return recipe_from_dict(apply_overrides(self.to_dict(), overrides), source=self.source or OVERRIDES)
 
 
+def _as_table(block: Any) -> Any:
+    return {"kind": block} if isinstance(block, str) else block
+
+
 def _merge_layer_patterns(data: dict) -> dict:
-    """A layer pattern's block table is merged over the model-wide one when it keeps its kind."""
+    """A layer pattern's block table is merged over the model-wide one when it keeps its kind.
+
+    `[[model.layers]] ffn = { hidden = 1024 }` changes one field of the model-wide FFN for those
+    layers; naming another kind (`ffn = { kind = "mlp" }`) starts from that kind's defaults.
+    """
     model = data.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("layers"), list):
         return data
-    defaults = {f.name: f.default.data for f in dataclasses.fields(ModelConfig)
-                if hasattr(f.default, "data")}
+    defaults = {f.name: f.default.data for f in dataclasses.fields(ModelConfig) if hasattr(f.default, "data")}
     patterns = []
     for pattern in model["layers"]:
         if isinstance(pattern, dict):
             pattern = dict(pattern)
             for slot in LAYER_SLOTS:
-                over, base = pattern.get(slot), model.get(slot, defaults.get(slot))
-                if isinstance(base, str):
-                    base = {"kind": base}
-                if isinstance(over, str):
-                    over = {"kind": over}
-                same_kind = isinstance(base, dict) and over.get("kind", base.get("kind")) == base.get("kind") \
-                    if isinstance(over, dict) else False
-                if same_kind:
+                over, base = _as_table(pattern.get(slot)), _as_table(model.get(slot))
+                if not isinstance(over, dict):
+                    continue
+                if isinstance(base, dict) and "kind" not in base and slot in defaults:
+                    base = deep_merge(defaults[slot], base)
+                elif base is None:
+                    base = defaults.get(slot)
+                if isinstance(base, dict) and over.get("kind", base.get("kind")) == base.get("kind"):
                     pattern[slot] = deep_merge(base, over)
         patterns.append(pattern)
     return {**data, "model": {**model, "layers": patterns}}

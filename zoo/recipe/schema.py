@@ -201,7 +201,7 @@ class Validator:
                 if not isinstance(over, dict):
                     raise self.error(rpath, f"expected a table, got {_describe(over)}")
                 base = {k: v for k, v in data.items() if k != "roles"}
-                merged = dict(over) if over.get("kind", kind) != kind else {**base, **over}
+                merged = dict(over) if over.get("kind", kind) != kind else deep_merge(base, over)
                 roles[role] = self.block(slot, merged, rpath, allow_roles=False)
         return BlockSpec(slot, kind, config, roles, path)
 
