@@ -47,7 +47,7 @@ def test_show_block_fields_from_dataclass(cli):
         assert text in r.out
     info = json.loads(cli("show", "norm.rmsnorm", "--json").out)
     assert info["fields"] == [{"name": "eps", "type": "float", "default": 1e-6, "required": False,
-                               "bounds": "> 0, <= 1", "doc": "added to the mean square"}]
+                               "bounds": ">= 1e-12, <= 1", "doc": "added to the mean square"}]
 
 
 def test_show_unknown_block(cli):
