@@ -10,7 +10,7 @@ import zoo
 from tests.conftest import RECIPES
 from zoo.blocks.bitnet import BitLinear
 from zoo.blocks.sparsity import TopK
-from zoo.kernels.ternary_pack import pack_ternary, packed_nbytes, unpack_ternary
+from zoo.kernels.ternary import pack_ternary, unpack_ternary
 from zoo.model.projection import Projection
 
 
@@ -85,20 +85,24 @@ def test_packing_round_trip_every_ternary_pattern():
     for out in range(1, 10):
         w = patterns.repeat(3, 1)[:out]
         packed = pack_ternary(w)
-        assert packed.dtype == torch.uint8 and packed.shape == (-(-out // 4), 81)
+        assert packed.dtype == torch.uint8 and packed.shape == (81, -(-out // 4))
         assert torch.equal(unpack_ternary(packed, out), w)
     torch.manual_seed(3)
     for out, inn in [(1, 1), (7, 13), (33, 5), (130, 67)]:
         w = torch.randint(-1, 2, (out, inn), dtype=torch.int8)
-        assert torch.equal(unpack_ternary(pack_ternary(w), out, torch.float32), w.float())
-        assert pack_ternary(w).numel() == packed_nbytes(out, inn)
+        assert torch.equal(unpack_ternary(pack_ternary(w), out), w)
 
 
-def test_packed_layout_is_row_blocks_of_r_in_two_bit_fields():
-    w = torch.tensor([[1], [0], [-1], [1], [-1], [0]], dtype=torch.int8)  # out 6 -> R = 2
-    packed = pack_ternary(w)
-    # byte row r holds rows r, r+R, r+2R (codes w+1) in bits 0-1, 2-3, 4-5; row 7 is missing: bits 0
-    assert packed[:, 0].tolist() == [(1 + 1) | (-1 + 1) << 2 | (-1 + 1) << 4, (0 + 1) | (1 + 1) << 2 | (0 + 1) << 4]
+def test_frozen_projection_stores_the_packed_ternary_weight_and_beta():
+    torch.manual_seed(5)
+    lin = BitLinear(13, 7, True, input_norm=False)
+    beta = lin.weight.detach().abs().mean() + 1e-5
+    w = torch.clamp(torch.round(lin.weight.detach() / beta), -1, 1).to(torch.int8)
+    lin.freeze()
+    assert lin.packed.shape == (13, 2) and lin.packed.dtype == torch.uint8
+    assert torch.equal(unpack_ternary(lin.packed, 7), w)
+    torch.testing.assert_close(lin.scale, beta.reshape(1))
+    assert lin.packed_nbytes() == 13 * 2 + 4 + 7 * 4
 
 
 def tiny(name, *overrides):
@@ -121,7 +125,7 @@ def test_frozen_model_matches_training_forward_and_round_trips(name, tmp_path):
     zoo.save(model, tmp_path / "ck")
     loaded = zoo.load(tmp_path / "ck")
     packed = loaded.blocks[0].attn.qkv.linear.packed
-    assert packed.dtype == torch.uint8 and packed.shape == (-(-3 * 64 // 4), 64)
+    assert packed.dtype == torch.uint8 and packed.shape == (64, -(-3 * 64 // 4))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx).logits, after, rtol=0, atol=0)
 

@@ -6,7 +6,8 @@ W̃ = RoundClip(W/β, -1, 1), on activations quantized per token to int8 with ab
 An RMSNorm sits right before activation quantization (`input_norm`). With a sparsity block
 the mask is computed on the normalised real-valued input and applied before quantization:
 Y = (Q(X) ⊙ M)·(W̃β)ᵀ, M = TopK(|X|) (quantized top-K; top-K keeps the max, so Q(X ⊙ M) = Q(X) ⊙ M).
-`freeze()` replaces W by packed 2-bit storage (zoo.kernels.ternary_pack) plus β.
+`freeze()` replaces W by packed 2-bit storage plus β: `packed` uint8 [in, ceil(out/4)] in the layout
+of zoo.kernels.ternary (the one the ternary matmul kernels read), `scale` float32 [1] = β.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.blocks.norm import RMSNorm
-from zoo.kernels.ternary_pack import pack_ternary, packed_nbytes, unpack_ternary
+from zoo.kernels.ternary import pack_ternary, unpack_ternary
 from zoo.recipe.schema import param
 
 ACT_MAX = 127.0
@@ -82,7 +83,7 @@ class BitLinear(nn.Module):
     def quantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W̃·β in `dtype`: from the latent weight (straight-through) or from the packed storage."""
         if self.frozen:
-            return unpack_ternary(self.packed, self.out_features, dtype) * self.scale.to(dtype)
+            return unpack_ternary(self.packed, self.out_features).to(dtype) * self.scale.to(dtype)
         beta = weight_scale(self.weight, self.eps)
         return straight_through(self.weight, (ternary(self.weight, beta) * beta).to(self.weight.dtype)).to(dtype)
 
@@ -108,7 +109,7 @@ class BitLinear(nn.Module):
     def packed_nbytes(self) -> int:
         """Bytes of the inference storage: packed matrix, float32 β, bias."""
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return packed_nbytes(self.out_features, self.in_features) + 4 + bias
+        return self.in_features * -(-self.out_features // 4) + 4 + bias
 
     def extra_repr(self) -> str:
         state = "frozen, packed 2-bit" if self.frozen else "latent weight"
