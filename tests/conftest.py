@@ -17,8 +17,8 @@ from zoo.registry import load_registry, set_registry
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
 
-# One intra-op thread per test process: pytest-xdist already runs one process per core, and on a
-# shared machine OpenMP threads that wait on each other make tiny ops ~50x slower (measured).
+# Tests use tiny tensors: intra-op threads only spin against each other (and against the
+# xdist workers) on a shared 2-core machine — one thread per test process is ~10x faster here.
 torch.set_num_threads(1)
 
 # The tiny CPU recipe shrunk further so a forward/backward takes milliseconds.
