@@ -56,7 +56,7 @@ def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
         mult *= float(getattr(module, "token_fraction", 1.0))
         if isinstance(module, Projection):
             params_of(module)  # mark as seen; counted by shape (packed storage differs)
-            n = module.in_features * module.out_features
+            n = module.weight_count
             bias = getattr(module.linear, "bias", None)
             nb = bias.numel() if isinstance(bias, nn.Parameter) else 0
             act = (n * module.keep + nb) * mult
