@@ -282,6 +282,10 @@ def test_layer_patterns_and_moe_shared_recipe():
     kinds = [type(b.ffn).__name__ for b in model.blocks]
     assert kinds[0] == "GLU" and all(k == "MoE" for k in kinds[1:])
     assert model.blocks[1].ffn.shared is not None
+    every_other = recipe_from_dict({"model": {"n_layers": 5, "d_model": 32, "n_heads": 2, "layers": [
+        {"range": "1-", "every": 2, "ffn": {"kind": "moe", "num_experts": 4, "top_k": 1}}]}})
+    model = zoo.build(every_other, device="meta")
+    assert [type(b.ffn).__name__ for b in model.blocks] == ["GLU", "MoE", "GLU", "MoE", "GLU"]
 
 
 @pytest.mark.parametrize("name", ["moe", "moe-shared"])
@@ -312,3 +316,11 @@ def test_recipe_errors_name_the_key():
         recipe_from_dict({"model": {"ffn": {"kind": "moe", "router": "softmax"}}})
     with pytest.raises(zoo.RecipeError, match=r"model\.ffn\.backend\.kind: unknown kernel-backend kind"):
         recipe_from_dict({"model": {"ffn": {"kind": "moe", "backend": "cuda"}}})
+
+
+@pytest.mark.parametrize("name, total, activated", [
+    ("mixtral-8x7b", 46.70e9, 12.88e9), ("olmoe-1b-7b", 6.92e9, 1.28e9), ("qwen1.5-moe-a2.7b", 14.32e9, 2.69e9)])
+def test_public_moe_shapes_match_published_sizes(name, total, activated):
+    acc = zoo.account(zoo.build(zoo.load_recipe(RECIPES / f"public/{name}.toml"), device="meta"))
+    assert acc.total_params == pytest.approx(total, rel=0.005)
+    assert acc.activated_params + acc.embedding_params == pytest.approx(activated, rel=0.005)

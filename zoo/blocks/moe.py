@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from zoo.blocks.router import Routing
+from zoo.kernels.moe_permute import combine, sort_tokens
 from zoo.model.context import BuildContext
 from zoo.model.projection import ExpertGroups
 from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
@@ -103,7 +104,7 @@ class MoE(nn.Module):
     def dispatch(self, x: torch.Tensor, route: Routing) -> torch.Tensor:
         """Sort (token, expert) pairs by expert, run the experts grouped, scatter back weighted."""
         T, k, E = x.shape[0], self.top_k, self.num_experts
-        expert = route.experts.flatten()  # [T·k], pair p = token p // k, slot p % k
+        expert = route.experts.flatten()  # [T·k], pair p = (token p // k, choice p % k)
         order = torch.argsort(expert, stable=True)  # pairs grouped by expert, token order inside
         counts = torch.bincount(expert, minlength=E)
         cap = self.capacity(T)
@@ -112,11 +113,11 @@ class MoE(nn.Module):
             rank = torch.arange(order.numel(), device=x.device) - start[expert[order]]
             order = order[rank < cap]
             counts = counts.clamp(max=cap)
-        token = order // k
+        slot = torch.full_like(expert, order.numel())
+        slot[order] = torch.arange(order.numel(), device=x.device)
         with self.groups.sorted_rows(torch.cumsum(counts, 0).to(torch.int32), expert[order]):
-            rows = self.experts(x[token])  # [N, D], N = Σ counts
-        gates = route.weights.flatten()[order].to(rows.dtype)
-        y = torch.zeros_like(x).index_add_(0, token, rows * gates[:, None])
+            rows = self.experts(sort_tokens(x, order, slot, k))  # [N, D], N = Σ counts
+        y = combine(rows, route.weights, order, slot)
         self.last_stats = self.statistics(route, counts, T * k - order.numel())
         return y
 

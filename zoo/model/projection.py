@@ -92,6 +92,8 @@ class ExpertProjection(Projection):
         g = self.groups
         if g.offsets is None:
             raise RuntimeError(f"expert projection {self.role} called outside ExpertGroups.sorted_rows")
+        if getattr(self.linear, "sparsify_inside", False):  # e.g. BitNet: mask after its own input norm
+            return self._per_expert(x, self.sparsify)
         x = self.sparsify(x)
         operands = getattr(self.linear, "operands", None)
         if operands is None:
@@ -102,11 +104,12 @@ class ExpertProjection(Projection):
             y = y + b[g.row_expert]
         return y.to(x.dtype)
 
-    def _per_expert(self, x: torch.Tensor) -> torch.Tensor:
+    def _per_expert(self, x: torch.Tensor, *extra: nn.Module) -> torch.Tensor:
+        """Each expert's rows through the weights block with that expert's slice of the parameters."""
         params = dict(self.linear.named_parameters())
         ends = self.groups.offsets.tolist()
         starts = [0, *ends[:-1]]
-        return torch.cat([functional_call(self.linear, {n: p[e] for n, p in params.items()}, (x[s:t],))
+        return torch.cat([functional_call(self.linear, {n: p[e] for n, p in params.items()}, (x[s:t], *extra))
                           for e, (s, t) in enumerate(zip(starts, ends))])
 
     def extra_repr(self) -> str:
