@@ -1,10 +1,24 @@
+"""Shared fixtures: tiny recipes and models, recipe files, the CLI in-process, plugin registries."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
+import zoo
+from zoo.recipe.schema import ROLE_PARENTS
+from zoo.registry import load_registry, set_registry
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
+
+# The tiny CPU recipe shrunk further so a forward/backward takes milliseconds.
+TINY = ["model.d_model=48", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64", "model.ffn.hidden=96"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,3 +28,89 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def tiny(*overrides: str) -> zoo.Recipe:
+    """recipes/tiny/dense.toml shrunk (d_model 48, 2 layers, 4 heads, 64 positions), then `overrides`."""
+    return zoo.load_recipe(RECIPES / "tiny/dense.toml", [*TINY, *overrides])
+
+
+@pytest.fixture
+def tiny_recipe() -> Callable[..., zoo.Recipe]:
+    """`tiny_recipe("model.ffn.kind=mlp", ...)`: the shrunk tiny recipe with extra overrides."""
+    return tiny
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    """A freshly built tiny dense model (seeded)."""
+    torch.manual_seed(0)
+    return zoo.build(tiny())
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path) -> Callable[..., Path]:
+    """`recipe_file(text, name="r.toml")`: write TOML text into the test's tmp folder, return its path."""
+
+    def write(text: str, name: str = "r.toml") -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys) -> Callable[..., CliResult]:
+    """`cli("build", path, "--json")`: run `zoo` in-process, return exit code, stdout and stderr."""
+    from zoo.cli import main
+
+    def run(*argv: object) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def plugin_registry() -> Iterator[Callable[..., zoo.registry.Registry]]:
+    """`plugin_registry(("name", module), ...)`: make built-ins + these plugin modules the process registry.
+
+    Installed entry points are left out so the test sees exactly what it registers; the previous
+    registry and projection roles come back at teardown.
+    """
+    roles = dict(ROLE_PARENTS)
+
+    def use(*plugins: tuple[str, ModuleType]) -> zoo.registry.Registry:
+        registry = load_registry(list(plugins), include_entry_points=False)
+        set_registry(registry)
+        return registry
+
+    yield use
+    set_registry(None)
+    ROLE_PARENTS.clear()
+    ROLE_PARENTS.update(roles)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _zoo_cache(tmp_path_factory):
+    """Tokenized corpora and trained tokenizers go to a temporary cache, not ~/.cache/zoo."""
+    import os
+
+    old = os.environ.get("ZOO_CACHE")
+    os.environ["ZOO_CACHE"] = str(tmp_path_factory.mktemp("zoo-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ZOO_CACHE", None)
+    else:
+        os.environ["ZOO_CACHE"] = old

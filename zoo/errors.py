@@ -30,6 +30,10 @@ class PluginError(ZooError):
     """A plugin that cannot be loaded or registers something invalid."""
 
 
+class PluginCollisionError(PluginError):
+    """Two plugins registered the same slot.kind: never resolved silently, the message names both."""
+
+
 class UnknownNameError(ZooError):
     """A registry look-up of a slot or kind that does not exist."""
 

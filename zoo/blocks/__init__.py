@@ -20,6 +20,7 @@ MODULES = [
     "zoo.blocks.sparsity",
     "zoo.data",
     "zoo.train.optim",
+    "zoo.train.schedule",
 ]
 
 

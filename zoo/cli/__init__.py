@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import pkgutil
 import sys
@@ -47,6 +48,12 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `zoo` command line; returns the exit code."""
+    with warnings.catch_warnings():  # restores the warning printer when main returns (tests call it in-process)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     debug = os.environ.get("ZOO_DEBUG", "") not in ("", "0")
     if not debug:
         warnings.showwarning = _warning_line
@@ -67,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception:  # a bug in zoo or a plugin, not the user's mistake: show everything
+        traceback.print_exc()
+        print("zoo: internal error (the traceback above is a bug; please report it)", file=sys.stderr)
+        return 1
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -74,3 +85,18 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", metavar="RECIPE", help="a .toml recipe file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set model.n_layers=8 (value parsed as TOML)")
+
+
+def print_json(obj: object) -> None:
+    """One JSON document on stdout (tuples as arrays; anything else non-JSON as its str)."""
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def print_table(rows: list[list[object]], headers: list[str] | None = None) -> None:
+    """Left-aligned columns, two spaces apart; the last column is not padded."""
+    table = [[str(c) for c in r] for r in ([headers] if headers else []) + rows]
+    if not table:
+        return
+    widths = [max(len(r[i]) for r in table if i < len(r)) for i in range(max(map(len, table)))]
+    for r in table:
+        print("  ".join(c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)).rstrip())

@@ -20,13 +20,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from zoo.errors import CheckpointError, RecipeError, ZooError
+from zoo.errors import CheckpointError, ZooError
 
 WEIGHTS, RECIPE, META = "model.safetensors", "recipe.toml", "meta.json"
 FORMAT = 1
 
 
 def sha256(path: Path) -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -62,6 +63,8 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
     recipe = getattr(model, "recipe", None)
     if recipe is None:
         raise CheckpointError("zoo.save needs a model built by zoo.build (it has no .recipe)")
+    if path.exists() and not (path.is_dir() and ((path / META).is_file() or not any(path.iterdir()))):
+        raise CheckpointError(f"{path} exists and is not a zoo checkpoint folder; refusing to replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -109,6 +112,7 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's meta.json, after checking the folder has all three files."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
@@ -140,10 +144,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", registry=None) ->
     try:
         recipe = load_recipe(path / RECIPE)
         model = build(recipe, device=device, registry=registry)
-        for transform in meta.get("transforms", []):
-            getattr(model, transform)()
-    except (RecipeError, ZooError) as err:
+    except ZooError as err:
         raise CheckpointError(f"{path}: its recipe cannot be built here: {err}") from None
+    for transform in meta.get("transforms", []):
+        if not callable(getattr(model, str(transform), None)):
+            raise CheckpointError(f"{path / META}: transform {transform!r} is not a method of this zoo's model")
+        getattr(model, transform)()
     expected = model.state_dict()
     aliases = meta.get("aliases", {})
     try:

@@ -15,7 +15,8 @@ from types import ModuleType
 
 import pluggy
 
-from zoo.errors import PluginError
+from zoo.errors import PluginCollisionError, PluginError, did_you_mean
+from zoo.recipe.schema import ROLE_PARENTS
 from zoo.registry import hookspecs
 from zoo.registry.registry import PluginInfo, Registry
 
@@ -36,15 +37,27 @@ def _zoo_version() -> str:
     return __version__
 
 
-def _candidates() -> list[tuple[PluginInfo, object]]:
-    """(info, entry point or module) for every plugin that should load, built-ins first."""
-    allowed = {n.strip() for n in os.environ.get("ZOO_PLUGINS", "").split(",") if n.strip()}
+def _entry_points() -> list:
+    """The installed `zoo` entry points, sorted by name, without our own built-ins."""
+    eps = entry_points(group="zoo")
+    return sorted((ep for ep in eps if not (ep.name == BUILTINS and ep.value == "zoo.blocks")),
+                  key=lambda e: e.name)
+
+
+def _candidates(include_entry_points: bool) -> list[tuple[PluginInfo, object]]:
+    """(info, entry point or module name) for every plugin that should load, built-ins first."""
     found: list[tuple[PluginInfo, object]] = [
         (PluginInfo(BUILTINS, "qsparse-zoo", _zoo_version()), "zoo.blocks")
     ]
-    for ep in sorted(entry_points(group="zoo"), key=lambda e: e.name):
-        if ep.name == BUILTINS and ep.value == "zoo.blocks":
-            continue  # the installed copy of ourselves
+    if not include_entry_points:
+        return found
+    allowed = {n.strip() for n in os.environ.get("ZOO_PLUGINS", "").split(",") if n.strip()}
+    installed = _entry_points()
+    names = {ep.name for ep in installed}
+    for name in sorted(allowed - names - {BUILTINS}):
+        warnings.warn(f"ZOO_PLUGINS names {name!r}, which is not installed{did_you_mean(name, names)}; "
+                      f"installed plugins: {', '.join(sorted(names)) or 'none'}", PluginWarning, stacklevel=3)
+    for ep in installed:
         if allowed and ep.name not in allowed:
             continue
         dist = getattr(ep, "dist", None)
@@ -53,50 +66,54 @@ def _candidates() -> list[tuple[PluginInfo, object]]:
     return found
 
 
-def _fail(info: PluginInfo, what: str, err: BaseException) -> None:
+def _fail(registry: Registry, info: PluginInfo, what: str, err: BaseException) -> None:
+    """Skip a broken plugin with one warning (or raise under ZOO_STRICT_PLUGINS=1)."""
     msg = f"zoo plugin {info.name!r} ({info.dist} {info.version}) {what}: {type(err).__name__}: {err}"
     if _strict():
         raise PluginError(msg) from err
+    registry.failures[info.name] = (info, f"{what}: {type(err).__name__}: {err}")
     warnings.warn(msg + " -- skipped (set ZOO_STRICT_PLUGINS=1 to raise)", PluginWarning, stacklevel=3)
 
 
-def load_registry(extra: list[tuple[str, ModuleType]] | None = None) -> Registry:
-    """Build a fresh registry from built-ins, entry points, and `extra` (name, module) pairs."""
+def _load_module(source: object) -> ModuleType:
+    if isinstance(source, str):
+        return importlib.import_module(source)
+    if isinstance(source, ModuleType):
+        return source
+    return source.load()
+
+
+def load_registry(extra: list[tuple[str, ModuleType]] | None = None, *,
+                  include_entry_points: bool = True) -> Registry:
+    """A fresh registry from built-ins, the `zoo` entry points (unless excluded) and `extra` (name, module)."""
     registry = Registry()
     pm = pluggy.PluginManager("zoo")
     pm.add_hookspecs(hookspecs)
-    todo = _candidates() + [(PluginInfo(n, "<local>", ""), m) for n, m in (extra or [])]
+    todo = _candidates(include_entry_points) + [(PluginInfo(n, "<local>", ""), m) for n, m in (extra or [])]
     for info, source in todo:
+        builtin = info.name == BUILTINS
         try:
-            if isinstance(source, str):
-                module = importlib.import_module(source)
-            elif isinstance(source, ModuleType):
-                module = source
-            else:
-                module = source.load()
-            pm.register(module, name=info.name)
+            pm.register(_load_module(source), name=info.name)
         except Exception as err:  # a broken plugin must not take the others down
-            if info.name == BUILTINS:
+            if builtin:
                 raise
-            _fail(info, "failed to load", err)
+            _fail(registry, info, "failed to load", err)
             continue
         impls = [i for i in pm.hook.zoo_register.get_hookimpls() if i.plugin_name == info.name]
-        before = dict(registry.entries), dict(registry.slots)
+        before = dict(registry.entries), dict(registry.slots), dict(ROLE_PARENTS)
         registry._current = info
         try:
             for impl in impls:
                 impl.function(registry=registry)
-        except PluginError as err:
-            if "registered twice" in str(err):
-                raise
-            registry.entries, registry.slots = before
-            _fail(info, "failed to register", err)
-            continue
+        except PluginCollisionError:
+            raise
         except Exception as err:
-            registry.entries, registry.slots = before
-            if info.name == BUILTINS:
+            registry.entries, registry.slots = before[0], before[1]
+            ROLE_PARENTS.clear()
+            ROLE_PARENTS.update(before[2])
+            if builtin:
                 raise
-            _fail(info, "failed to register", err)
+            _fail(registry, info, "failed to register", err)
             continue
         finally:
             registry._current = PluginInfo("<direct>", "<direct>", "")

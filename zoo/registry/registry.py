@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from zoo.errors import PluginError, UnknownNameError, did_you_mean, one_of
+from zoo.errors import PluginCollisionError, PluginError, UnknownNameError, did_you_mean, one_of
 
 # The slots every zoo knows; plugins may add more with `registry.add_slot`.
 CORE_SLOTS = {
@@ -39,6 +39,8 @@ class PluginInfo:
 
 @dataclass(frozen=True)
 class Entry:
+    """One registered block: where it plugs in, its config schema, factory and who registered it."""
+
     slot: str
     kind: str
     config: type
@@ -49,11 +51,15 @@ class Entry:
 
 @dataclass(frozen=True)
 class FieldInfo:
+    """One config field as users see it: `slot` is set for a nested block, `bounds` e.g. ">= 1, <= 64"."""
+
     name: str
     type: str
     default: Any
     doc: str
     required: bool
+    slot: str | None = None
+    bounds: str = ""
 
 
 def _type_name(tp: Any) -> str:
@@ -62,11 +68,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
 def describe_config(config: type) -> list[FieldInfo]:
-    """One FieldInfo per dataclass field: name, type, default and one-line doc."""
+    """One FieldInfo per dataclass field: name, type, default (as TOML data), bounds and one-line doc."""
     out = []
     for f in dataclasses.fields(config):
-        if not f.init:
+        if not f.init or f.metadata.get("internal"):
             continue
         if f.default is not dataclasses.MISSING:
             default, required = f.default, False
@@ -74,7 +83,11 @@ def describe_config(config: type) -> list[FieldInfo]:
             default, required = f.default_factory(), False
         else:
             default, required = None, True
-        out.append(FieldInfo(f.name, _type_name(f.type), default, f.metadata.get("doc", ""), required))
+        default = getattr(default, "data", default)  # a slot field's default block table
+        slot = f.metadata.get("slot")
+        tp = f"{slot} block" if slot else _type_name(f.type)
+        bounds = ", ".join(f"{word} {f.metadata[key]}" for key, word in _BOUNDS if f.metadata.get(key) is not None)
+        out.append(FieldInfo(f.name, tp, default, f.metadata.get("doc", ""), required, slot, bounds))
     return out
 
 
@@ -85,6 +98,7 @@ class Registry:
     slots: dict[str, str] = field(default_factory=lambda: dict(CORE_SLOTS))
     entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
+    failures: dict[str, tuple[PluginInfo, str]] = field(default_factory=dict)  # skipped plugins and why
     _current: PluginInfo = PluginInfo("<direct>", "<direct>", "")
 
     # -- registration (called from plugins' zoo_register hooks) --------------------------
@@ -112,7 +126,7 @@ class Registry:
             raise PluginError(f"plugin {who.name!r}: {slot}.{kind} factory is not callable")
         old = self.entries.get((slot, kind))
         if old is not None:
-            raise PluginError(
+            raise PluginCollisionError(
                 f"{slot}.{kind} is registered twice: by plugin {old.plugin.name!r} "
                 f"(distribution {old.plugin.dist}) and by plugin {who.name!r} (distribution {who.dist});"
                 " uninstall one, or restrict loading with ZOO_PLUGINS=name,..."
@@ -124,10 +138,12 @@ class Registry:
 
     # -- look-up ---------------------------------------------------------------------------
     def kinds(self, slot: str) -> list[str]:
+        """The kinds registered in `slot`, sorted (UnknownNameError for an unknown slot)."""
         self._check_slot(slot)
         return sorted(k for s, k in self.entries if s == slot)
 
     def get(self, slot: str, kind: str) -> Entry:
+        """The entry of `slot`.`kind`; UnknownNameError with "did you mean" when there is none."""
         self._check_slot(slot)
         entry = self.entries.get((slot, kind))
         if entry is None:
@@ -144,6 +160,7 @@ class Registry:
                 or fnmatch.fnmatch(key[0], pattern)]
 
     def by_plugin(self, plugin: str) -> list[Entry]:
+        """What the plugin (entry-point name) registered."""
         return [e for _, e in sorted(self.entries.items()) if e.plugin.name == plugin]
 
     def _check_slot(self, slot: str) -> None:

@@ -1,0 +1,164 @@
+"""Hugging Face import/export: same logits as transformers, clear errors on bad folders."""
+
+import json
+
+import pytest
+import torch
+
+import zoo
+from tests.conftest import RECIPES
+from tests.hf_util import TINY, assert_same_function, tiny_hf, transformers
+from zoo.cli import main
+
+T = transformers
+
+DENSE = {
+    "llama": (T.LlamaConfig, {}),
+    "llama-biases-tied": (T.LlamaConfig, {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True,
+                                          "head_dim": 24, "rope_theta": 5000.0, "rms_norm_eps": 1e-5}),
+    "mistral": (T.MistralConfig, {"sliding_window": 32}),
+    "qwen2": (T.Qwen2Config, {"num_key_value_heads": 1}),
+    "llama-gelu": (T.LlamaConfig, {"hidden_act": "gelu_pytorch_tanh"}),
+}
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_dense_import_matches_transformers(tmp_path, name):
+    cls, over = DENSE[name]
+    ref = tiny_hf(cls, tmp_path / "hf", **over)
+    model, recipe = zoo.from_hf(tmp_path / "hf")
+    assert_same_function(model, ref, TINY["vocab_size"])
+    assert recipe.model.tie_embeddings == bool(over.get("tie_word_embeddings", False))
+    if name == "mistral":  # capped at the window, so the window never takes effect
+        assert recipe.model.max_seq_len == 32
+
+
+def test_convert_cli_writes_a_loadable_checkpoint_with_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    ref = tiny_hf(T.Qwen2Config, tmp_path / "hf")
+    Tokenizer(models.BPE()).save(str(tmp_path / "hf" / "tokenizer.json"))
+    assert main(["convert", "hf", str(tmp_path / "hf"), str(tmp_path / "zoo"), "--max-seq-len", "20"]) == 0
+    model = zoo.load(tmp_path / "zoo")
+    assert model.config.max_seq_len == 20
+    assert (tmp_path / "zoo" / "tokenizer.json").is_file()
+    assert_same_function(model, ref, TINY["vocab_size"], seq=9, new=3)
+
+
+def test_sharded_index_is_read(tmp_path):
+    ref = tiny_hf(T.LlamaConfig, tmp_path / "src")
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    model, _ = zoo.from_hf(tmp_path / "hf")
+    assert_same_function(model, ref, TINY["vocab_size"])
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"model.attention.qkv_bias": True, "model.tie_embeddings": False},
+    {"model.attention.qkv_bias": True, "model.attention.o_bias": True, "model.ffn.bias": True,
+     "model.ffn.activation": "gelu"},
+])
+def test_export_round_trip_through_transformers(tmp_path, overrides):
+    recipe = zoo.load_recipe(RECIPES / "tiny/dense.toml", {
+        "model.n_layers": 2, "model.d_model": 48, "model.n_heads": 4, "model.n_kv_heads": 2, "model.ffn.hidden": 80,
+        "model.vocab_size": 61, "model.max_seq_len": 32, "model.position.theta": 777.0, **overrides})
+    model = zoo.build(recipe)
+    from tests.hf_util import randomize
+
+    randomize(model, seed=3)
+    zoo.save(model, tmp_path / "zoo")
+    assert main(["export", "hf", str(tmp_path / "zoo"), str(tmp_path / "hf")]) == 0
+    ref = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    assert_same_function(model, ref, 61)
+    again, _ = zoo.from_hf(tmp_path / "hf")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_export_mistral_layout(tmp_path):
+    recipe = zoo.load_recipe(RECIPES / "tiny/dense.toml", {"model.n_layers": 1, "model.d_model": 32,
+                                                           "model.n_heads": 2, "model.ffn.hidden": 40})
+    model = zoo.build(recipe)
+    zoo.save(model, tmp_path / "zoo")
+    zoo.io.hf.export_hf(tmp_path / "zoo", tmp_path / "hf", arch="mistral")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mistral"
+    ref = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    assert_same_function(model, ref, 256, seq=5, new=2)
+
+
+# -- bad inputs ------------------------------------------------------------------------------
+
+
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    tiny_hf(T.LlamaConfig, folder)
+    return folder
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "lama"}, 'model_type: \'lama\' is not supported (did you mean "llama"?)'),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
+     "rope_parameters.rope_type: 'llama3' is not supported"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}},
+     "rope_scaling.rope_type: 'linear' is not supported"),
+    ({"hidden_act": "tanh"}, "hidden_act: 'tanh' is not supported"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config: quantized checkpoints ('gptq')"),
+    ({"intermediate_size": 100}, "'model.layers.0.mlp.gate_proj.weight' has shape (96, 64), config.json implies "
+                                 "(100, 64)"),
+    ({"num_hidden_layers": 3}, "missing tensor 'model.layers.2."),
+])
+def test_bad_config_is_a_clear_error(tmp_path, llama_dir, change, message):
+    folder = _copy(llama_dir, tmp_path / "m")
+    _edit_config(folder, **change)
+    with pytest.raises(zoo.CheckpointError) as err:
+        zoo.from_hf(folder)
+    assert message in str(err.value)
+
+
+def test_missing_and_truncated_files(tmp_path, llama_dir, capsys):
+    with pytest.raises(zoo.CheckpointError, match="no such folder"):
+        zoo.from_hf(tmp_path / "nowhere")
+    folder = _copy(llama_dir, tmp_path / "a")
+    (folder / "config.json").unlink()
+    with pytest.raises(zoo.CheckpointError, match="missing config.json"):
+        zoo.from_hf(folder)
+    folder = _copy(llama_dir, tmp_path / "b")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(zoo.CheckpointError, match="pickle files are not read"):
+        zoo.from_hf(folder)
+    folder = _copy(llama_dir, tmp_path / "c")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(zoo.CheckpointError, match="model.safetensors"):
+        zoo.from_hf(folder)
+    assert main(["convert", "hf", str(folder), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo: error:") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_what_transformers_cannot_express(tmp_path):
+    recipe = zoo.load_recipe(RECIPES / "tiny/dense.toml", {"model.n_layers": 1, "model.d_model": 32,
+                                                           "model.n_heads": 2, "model.norm.kind": "layernorm"})
+    zoo.save(zoo.build(recipe), tmp_path / "zoo")
+    with pytest.raises(zoo.CheckpointError, match="model.norm.kind: 'layernorm' cannot be exported"):
+        zoo.io.hf.export_hf(tmp_path / "zoo", tmp_path / "hf")
+    with pytest.raises(zoo.CheckpointError, match="already exists"):
+        zoo.io.hf.export_hf(tmp_path / "zoo", tmp_path / "zoo")
+    assert not (tmp_path / "hf").exists()

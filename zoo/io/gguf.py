@@ -1,0 +1,253 @@
+"""GGUF (llama.cpp) files -> zoo checkpoints, dequantized to full precision.
+
+A GGUF file is read as if it were a Hugging Face folder: its metadata becomes a config.json
+dictionary and its tensors are served under transformers' names, so the architecture rules of
+`zoo.io.hf` apply unchanged. llama.cpp's converter permutes the rows of q and k so that its
+interleaved RoPE (pairs 2i, 2i+1) reproduces transformers' half-split RoPE (pairs i, i + d/2);
+`unpermute` undoes it. The tokenizer is rebuilt from the GGUF vocabulary with `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zoo.errors import CheckpointError, ZooError, one_of
+from zoo.io.hf import HFConfig, arch_of, gather, hf_recipe
+
+# GGUF tensor name (per layer) for each transformers name suffix.
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+# GGUF architectures read, with the transformers model_type they become; `permute`: q/k rows were permuted.
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
+
+
+def gguf_name(hf: str) -> str:
+    if hf in GLOBAL_NAMES:
+        return GLOBAL_NAMES[hf]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"blk.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
+    raise CheckpointError(f"no GGUF name for tensor {hf!r}")
+
+
+def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of one projection from llama.cpp's interleaved-pair order back to the half-split order."""
+    hd = w.shape[0] // heads
+    return w.reshape(heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class GGUFFile:
+    """Metadata and dequantized tensors of one GGUF file."""
+
+    def __init__(self, path: Path):
+        try:
+            from gguf import GGUFReader
+        except ModuleNotFoundError:
+            raise ZooError("reading GGUF files needs the 'gguf' package: pip install 'qsparse-zoo[interop]'") from None
+        self.path = path
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such GGUF file")
+        try:
+            self.reader = GGUFReader(str(path))
+        except (ValueError, OSError, KeyError, IndexError) as err:
+            raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+        self.fields = {f.name: f for f in self.reader.fields.values()}
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def value(self, key: str, default: Any = None) -> Any:
+        f = self.fields.get(key)
+        if f is None:
+            return default
+        return f.contents()
+
+    def need(self, key: str) -> Any:
+        v = self.value(key)
+        if v is None:
+            raise CheckpointError(f"{self.path}: metadata key {key!r} is missing")
+        return v
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor dequantized to float32, in numpy (row-major, [out, in]) order."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t = self.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: missing tensor {name!r}")
+        try:
+            values = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has type {GGMLQuantizationType(t.tensor_type).name}, "
+                                  "which this gguf package cannot dequantize") from None
+        shape = tuple(int(n) for n in reversed(t.shape))
+        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+
+
+def hf_config(g: GGUFFile) -> dict[str, Any]:
+    """A transformers config.json dictionary equivalent to the GGUF metadata."""
+    arch = g.need("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{g.path}: general.architecture {arch!r} is not supported; {one_of(ARCHITECTURES)}")
+    p = f"{arch}."
+    if g.value(p + "expert_count", 0):
+        raise CheckpointError(f"{g.path}: {p}expert_count={g.value(p + 'expert_count')}: mixture-of-experts GGUF "
+                              "files are not supported; convert the Hugging Face folder instead")
+    scaling = g.value(p + "rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise CheckpointError(f"{g.path}: {p}rope.scaling.type {scaling!r} is not supported (plain RoPE only)")
+    d, heads = int(g.need(p + "embedding_length")), int(g.need(p + "attention.head_count"))
+    head_dim = int(g.value(p + "attention.key_length", d // heads))
+    rot = int(g.value(p + "rope.dimension_count", head_dim))
+    if rot != head_dim:
+        raise CheckpointError(f"{g.path}: {p}rope.dimension_count={rot} differs from the head size {head_dim}: "
+                              "partial rotary embeddings are not supported")
+    embed = g.tensors.get("token_embd.weight")
+    if embed is None:
+        raise CheckpointError(f"{g.path}: missing tensor 'token_embd.weight'")
+    model_type, _ = ARCHITECTURES[arch]
+    return {
+        "model_type": model_type,
+        "vocab_size": int(embed.shape[1]),
+        "hidden_size": d,
+        "intermediate_size": int(g.need(p + "feed_forward_length")),
+        "num_hidden_layers": int(g.need(p + "block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(g.value(p + "attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(g.need(p + "context_length")),
+        "rms_norm_eps": float(g.value(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(g.value(p + "rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "attention_bias": "blk.0.attn_output.bias" in g.tensors,
+        "hidden_act": "silu",
+    }
+
+
+def source(g: GGUFFile, config: dict[str, Any]):
+    """get(transformers name) -> float32 tensor, with llama.cpp's q/k row permutation undone."""
+    _, permuted = ARCHITECTURES[g.need("general.architecture")]
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+
+    def get(name: str) -> torch.Tensor:
+        t = g.tensor(gguf_name(name))
+        proj = name.split(".")[-2]
+        if permuted and proj in heads:
+            t = unpermute(t, heads[proj])
+        return t
+
+    return get
+
+
+def from_gguf(path: str | Path, dtype: str | None = None, max_seq_len: int | None = None):
+    """(model, recipe) from a llama-family GGUF file, its weights dequantized."""
+    return load_gguf(GGUFFile(Path(path)), dtype, max_seq_len)
+
+
+def load_gguf(g: GGUFFile, dtype: str | None, max_seq_len: int | None):
+    from zoo.model.build import build
+
+    path = g.path
+    config = hf_config(g)
+    cfg = HFConfig(config, str(path))
+    recipe = hf_recipe(cfg, dtype or "float32", max_seq_len, name=path.stem)
+    model = build(recipe)
+    state = gather(arch_of(cfg).rules(cfg), source(g, config), model.state_dict(), str(path))
+    if recipe.model.tie_embeddings:
+        state["head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True)
+    return model, recipe
+
+
+# -- tokenizer -------------------------------------------------------------------------------
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def gguf_tokenizer(g: GGUFFile):
+    """A `tokenizers.Tokenizer` from the GGUF vocabulary, or None (with a warning) if unsupported."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    kind = g.value("tokenizer.ggml.model")
+    tokens = g.value("tokenizer.ggml.tokens")
+    if kind is None or tokens is None:
+        warnings.warn(f"{g.path}: no tokenizer in the file; the checkpoint has none", stacklevel=3)
+        return None
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    types = g.value("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in g.value("tokenizer.ggml.merges") or []]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        pre = g.value("tokenizer.ggml.pre", "default")
+        if pre in ("llama-bpe", "llama3", "qwen2"):
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            if pre not in ("default", "gpt2"):
+                warnings.warn(f"{g.path}: tokenizer.ggml.pre {pre!r} is approximated by GPT-2's pre-tokenizer",
+                              stacklevel=3)
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    elif kind == "llama":
+        scores = g.value("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=spm_merges(tokens, scores, types), fuse_unk=True,
+                                   byte_fallback=True, unk_token=tokens[int(g.value("tokenizer.ggml.unknown_token_id",
+                                                                                      0))]))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        warnings.warn(f"{g.path}: tokenizer.ggml.model {kind!r} is not supported (gpt2, llama); "
+                      "the checkpoint has no tokenizer", stacklevel=3)
+        return None
+    special = [tokens[i] for i, t in enumerate(types) if t == 3]
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    bos = g.value("tokenizer.ggml.bos_token_id")
+    if bos is not None and g.value("tokenizer.ggml.add_bos_token", kind == "llama"):
+        b = tokens[int(bos)]
+        tok.post_processor = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B",
+                                                           special_tokens=[(b, int(bos))])
+    return tok
+
+
+def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to a SentencePiece vocabulary: a merge ranks by its result's score."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    found = []
+    for tok, score, kind in zip(tokens, scores, types):
+        if kind != 1 or len(tok) < 2:
+            continue
+        for k in range(1, len(tok)):
+            left, right = tok[:k], tok[k:]
+            if left in vocab and right in vocab:
+                found.append((-score, vocab[left], vocab[right], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
+
+
+def convert_gguf(src: str | Path, out: str | Path, dtype: str | None = None, max_seq_len: int | None = None) -> Path:
+    """Write the zoo checkpoint of a GGUF file (recipe, dequantized weights, tokenizer.json)."""
+    from zoo.io.checkpoint import save
+
+    g = GGUFFile(Path(src))
+    model, _ = load_gguf(g, dtype, max_seq_len)
+    tok = gguf_tokenizer(g)
+    files = {} if tok is None else {"tokenizer.json": tok.to_str()}
+    return save(model, out, meta={"source": {"format": "gguf", "path": str(g.path)}}, files=files)
