@@ -18,6 +18,7 @@ MODULES = [
     "zoo.blocks.backends",
     "zoo.blocks.weights",
     "zoo.blocks.sparsity",
+    "zoo.blocks.bitnet",
     "zoo.data",
     "zoo.train.optim",
     "zoo.train.schedule",
