@@ -15,6 +15,7 @@ MODULES = [
     "zoo.blocks.ffn",
     "zoo.blocks.weights",
     "zoo.blocks.sparsity",
+    "zoo.blocks.bitnet",
     "zoo.data",
     "zoo.train.optim",
     "zoo.train.schedule",

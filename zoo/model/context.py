@@ -10,7 +10,7 @@ from torch import nn
 
 from zoo.errors import PluginError, RecipeError, ZooError
 from zoo.model.config import ModelConfig
-from zoo.recipe.schema import BlockSpec
+from zoo.recipe.schema import BlockSpec, Invalid
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,12 @@ class BuildContext:
         return RecipeError(message, file=self.source or None, path=path or None)
 
     def build(self, spec: BlockSpec, *args: Any, **kwargs: Any) -> Any:
-        """Call the factory registered for spec's slot and kind."""
+        """Call the factory registered for spec's slot and kind (its `Invalid(key, msg)` -> RecipeError)."""
         entry = self.registry.get(spec.slot, spec.kind)
         try:
             return entry.factory(spec.config, self, *args, **kwargs)
+        except Invalid as err:  # a check that needed build-time shapes
+            raise self.error(spec, err.message, err.key) from None
         except ZooError:
             raise
         except Exception as err:
@@ -50,6 +52,10 @@ class BuildContext:
                 f"plugin {entry.plugin.name!r} ({entry.plugin.dist}): building {spec.slot}.{spec.kind} "
                 f"at {spec.path or '?'} failed: {type(err).__name__}: {err}"
             ) from err
+
+    def build_optional(self, spec: BlockSpec | None, *args: Any) -> nn.Module:
+        """The block of `spec`, or identity when the recipe left this optional block out."""
+        return nn.Identity() if spec is None else self.build(spec, *args)
 
     def projection(self, role: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         """THE projection factory: every linear map of every block is made here."""
