@@ -23,12 +23,13 @@ def run(args) -> int:
     from zoo.cli import UsageError
     from zoo.data import checkpoint_tokenizer
     from zoo.io.checkpoint import load
+    from zoo.kernels import prepare_inference
     from zoo.train.state import resolve_checkpoint
 
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
         raise UsageError("zoo generate: need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
     ckpt = resolve_checkpoint(args.run)
-    model = load(ckpt).eval()
+    model = prepare_inference(load(ckpt).freeze().eval())
     tok = checkpoint_tokenizer(ckpt, model.recipe)
     ids = tok.encode(args.prompt)
     if not ids:
