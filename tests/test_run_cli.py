@@ -61,3 +61,40 @@ def test_scaling_fit_cli(tmp_path, cli):
     assert "optimal sparsity S*" in text.out
     few = cli("scaling", "fit", *sorted((tmp_path / "runs").iterdir())[:3])
     assert few.code == 2 and "needs at least 5 runs, got 3" in few.err
+
+
+def test_eval_reports_loss_sparsity_and_params(tmp_path, cli):
+    r = tiny_run(tmp_path, **{"train.steps": 2, "model.sparsity": {"kind": "topk", "keep": 0.5},
+                              "model.ffn.activation": "relu2"})
+    summary = train(r, tmp_path / "run", progress=False)
+    assert summary["sparsity"]["overall"] >= 0.45
+    res = cli("eval", tmp_path / "run", "--json")
+    assert res.code == 0, res.err
+    rep = json.loads(res.out)
+    assert rep["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert set(rep["sparsity"]["by_role"]) == {"qkv", "o", "up_gate", "down"}
+    assert rep["sparsity"]["by_role"]["qkv"] == pytest.approx(0.5, abs=0.02)
+    assert rep["accounting"]["activated_params"] < rep["accounting"]["non_embedding_params"]
+    (tmp_path / "other.txt").write_text("in the beginning was the word and the word was with god.\n" * 40)
+    other = cli("eval", tmp_path / "run", "--data", tmp_path / "other.txt", "--json")
+    assert other.code == 0, other.err
+    assert json.loads(other.out)["val_loss"] != rep["val_loss"]
+    text = cli("eval", tmp_path / "run")
+    assert "perplexity" in text.out and "measured sparsity" in text.out
+    missing = cli("eval", tmp_path / "run", "--data", tmp_path / "nope.txt")
+    assert missing.code == 2 and "no such file or folder" in missing.err
+
+
+def test_quickstart_trains_compares_and_plots(tmp_path, cli):
+    dense = tiny_run(tmp_path)
+    sparse = dense.replace(**{"name": "sparse", "model.sparsity": {"kind": "topk", "keep": 0.5}})
+    (tmp_path / "dense.toml").write_text(dense.to_toml())
+    (tmp_path / "sparse.toml").write_text(sparse.to_toml())
+    res = cli("quickstart", "--recipes", tmp_path / "dense.toml", tmp_path / "sparse.toml", "--steps", "2",
+              "--out", tmp_path / "qs", "--set", "train.eval_batches=1", "--set", "train.seq_len=32", "--quiet")
+    assert res.code == 0, res.err
+    assert (tmp_path / "qs" / "compare.png").stat().st_size > 10_000
+    lines = res.out.strip().splitlines()
+    header = next(ln for ln in lines if ln.startswith("run"))
+    assert "model.sparsity.kind" in header and "act.params" in header and "decode tok/s" in header
+    assert any(ln.startswith("dense ") for ln in lines) and any(ln.startswith("sparse ") for ln in lines)

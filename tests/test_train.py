@@ -84,6 +84,8 @@ def test_out_dir_errors(tmp_path):
         train(r, tmp_path / "run", progress=False)
     with pytest.raises(zoo.ZooError, match=r"recipe differs .*train.seed: 0 -> 1"):
         train(r.replace(**{"train.seed": 1}), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(zoo.RecipeError, match=r"train.seq_len: 128 exceeds model.max_seq_len = 64"):
+        train(r.replace(**{"train.seq_len": 128}), tmp_path / "long", progress=False)
     with pytest.raises(zoo.CheckpointError, match="no checkpoints"):
         train(r, tmp_path / "fresh", resume=True, progress=False)
 

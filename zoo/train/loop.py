@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from zoo.data import load_data, val_batches
 from zoo.data.tokens import Windows
-from zoo.errors import CheckpointError, ZooError
+from zoo.errors import CheckpointError, RecipeError, ZooError
 from zoo.eval.evaluate import sparsity_summary
 from zoo.eval.perplexity import autocast, decode_tokens_per_s, eval_loss, perplexity
 from zoo.io.checkpoint import load
@@ -135,8 +135,11 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
     """Train `recipe` into run folder `out`; return the summary (or the state when stopped at `stop_at`)."""
     from zoo.registry import get_registry
 
-    out = prepare_out(out)
     cfg = recipe.train
+    if cfg.seq_len > recipe.model.max_seq_len:
+        raise RecipeError(f"{cfg.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}",
+                          file=recipe.source or None, path="train.seq_len")
+    out = prepare_out(out)
     state, ckpt = TrainState(), None
     if resume:
         found = step_dirs(out)
