@@ -140,7 +140,8 @@ def _batches(args, device) -> list[int]:
 KERNELS = {"topk": bench_topk, "ternary": bench_ternary, "moe": bench_moe}
 
 
-def run(args) -> int:
+def measure(args) -> tuple[dict, list[dict]]:
+    """(header facts, result rows) of the kernels named by args.only (default all)."""
     device = torch.device(args.device)
     gbs = bandwidth_gbs(device)
     results = []
@@ -148,5 +149,9 @@ def run(args) -> int:
         results += KERNELS[name](args, device, gbs)
     header = {"machine": machine(device), "torch": torch.__version__, "bandwidth_GBs": round(gbs, 1),
               "note": "speedup = baseline_ms / ms; of_floor = floor_ms / ms (1.0 = at memory bandwidth)"}
-    report(results, header, args.json)
+    return header, results
+
+
+def run(args) -> int:
+    report(*reversed(measure(args)), args.json)
     return 0
