@@ -80,10 +80,10 @@ class TernaryLinear(nn.Module):
         self.norm, self.bias = bitlinear.norm, bitlinear.bias
         self.register_buffer("packed", bitlinear.packed)  # the checkpoint's storage, kept as is
         self.register_buffer("scale", bitlinear.scale)
-        storage = bitlinear.packed.t()  # zoo.kernels.ternary's packed layout is the storage layout transposed
         self.impl = choose(impl, device)
         self.triton = self.impl == "triton"
-        kernel_layout = storage.contiguous() if self.triton else unpack_ternary(storage, self.out_features)
+        # the checkpoint storage is already the packed kernel layout; the CPU unpacks it once, here
+        kernel_layout = self.packed if self.triton else unpack_ternary(self.packed, self.out_features)
         self.register_buffer("kernel_weight", kernel_layout, persistent=False)
 
     def ternary_weight(self) -> TernaryWeight:
