@@ -79,7 +79,7 @@ def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
             weight = [*module.linear.parameters(recurse=False), *module.linear.buffers(recurse=False)]
             extra = params_of(module) - sum(p.numel() for p in module.linear.parameters(recurse=False))
             storage["other"] -= nbytes(module.linear.parameters(recurse=False))
-            n = module.in_features * module.out_features
+            n = module.weight_count
             bias = getattr(module.linear, "bias", None)
             nb = bias.numel() if isinstance(bias, nn.Parameter) else 0
             act = (n * module.keep + nb) * mult

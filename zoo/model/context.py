@@ -23,6 +23,7 @@ class BuildContext:
     blocks: dict[str, BlockSpec] = dataclasses.field(default_factory=dict)
     role_prefix: str = ""
     source: str = ""
+    experts: Any = None  # ExpertGroups while building a MoE layer's experts: projections come stacked
 
     def block(self, slot: str) -> BlockSpec:
         return self.blocks.get(slot) or getattr(self.model, slot)
@@ -30,6 +31,10 @@ class BuildContext:
     def with_roles(self, prefix: str) -> BuildContext:
         """A context whose projections take roles `prefix + role` (e.g. experts: 'expert_')."""
         return dataclasses.replace(self, role_prefix=prefix)
+
+    def with_experts(self, groups: Any) -> BuildContext:
+        """A context whose projections are `ExpertProjection`s: one stacked weight per expert of `groups`."""
+        return dataclasses.replace(self, experts=groups)
 
     def error(self, spec: BlockSpec | None, message: str, key: str = "") -> RecipeError:
         """A recipe error at `spec`'s key path (for checks that need build-time shapes)."""
@@ -59,11 +64,13 @@ class BuildContext:
 
     def projection(self, role: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         """THE projection factory: every linear map of every block is made here."""
-        from zoo.model.projection import Projection
+        from zoo.model.projection import ExpertProjection, Projection
 
         role = self.role_prefix + role
         weights = self.block("weights").for_role(role)
         sparsity = self.block("sparsity").for_role(role)
         linear = self.build(weights, in_features, out_features, bias)
         sparsify = self.build(sparsity, in_features)
+        if self.experts is not None:
+            return ExpertProjection(role, sparsify, linear, in_features, out_features, self.experts)
         return Projection(role, sparsify, linear, in_features, out_features)

@@ -81,7 +81,7 @@ class Transformer(nn.Module):
         """Normal(0, init_std) weights; output projections scaled by 1/sqrt(2·n_layers)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if p.is_meta or p.dim() < 2:
+            if p.is_meta or p.dim() - getattr(p, "expert_dims", 0) < 2:
                 continue
             deep = name.endswith(("o.linear.weight", "down.linear.weight"))
             nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers) if deep else std)
