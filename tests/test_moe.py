@@ -199,7 +199,7 @@ def test_gradients_match_naive_reference_and_gradcheck():
 def test_backends_agree_and_grouped_mm_path_matches_float64():
     torch.manual_seed(7)
     cfg = {"kind": "moe", "num_experts": 6, "top_k": 2, "expert": {"kind": "glu", "hidden": 12}}
-    backends = ("auto", "torch", {"kind": "torch", "grouped_mm": False})
+    backends = ("auto", *({"kind": "torch", "method": m} for m in ("padded_bmm", "grouped_mm", "loop")))
     moes = [build_moe({**cfg, "backend": b}, 32, torch.float32) for b in backends]
     ref = moes[0]
     for m in moes:
