@@ -162,3 +162,47 @@ def test_export_refuses_what_transformers_cannot_express(tmp_path):
     with pytest.raises(zoo.CheckpointError, match="already exists"):
         zoo.io.hf.export_hf(tmp_path / "zoo", tmp_path / "zoo")
     assert not (tmp_path / "hf").exists()
+
+
+# -- mixture of experts ----------------------------------------------------------------------
+
+MOE = {
+    "mixtral": (T.MixtralConfig, {"num_local_experts": 5, "num_experts_per_tok": 2}),
+    "qwen2_moe": (T.Qwen2MoeConfig, {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 40,
+                                     "shared_expert_intermediate_size": 56, "num_hidden_layers": 3,
+                                     "mlp_only_layers": [1], "norm_topk_prob": False}),
+    "qwen2_moe-step2": (T.Qwen2MoeConfig, {"num_experts": 4, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
+                                           "shared_expert_intermediate_size": 48, "decoder_sparse_step": 2,
+                                           "norm_topk_prob": True}),
+    "olmoe": (T.OlmoeConfig, {"num_experts": 6, "num_experts_per_tok": 3}),
+}
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_import_matches_transformers(tmp_path, name):
+    cls, over = MOE[name]
+    ref = tiny_hf(cls, tmp_path / "hf", **over)
+    model, recipe = zoo.from_hf(tmp_path / "hf")
+    assert recipe.model.ffn.kind == "moe"
+    assert_same_function(model, ref, TINY["vocab_size"])
+    if name == "qwen2_moe":  # layer 1 is listed in mlp_only_layers: a dense GLU
+        assert [p.range for p in recipe.model.layers] == ["1"]
+    if name == "qwen2_moe-step2":  # decoder_sparse_step 2: layer 0 dense, layer 1 MoE
+        assert [p.range for p in recipe.model.layers] == ["0"]
+
+
+def test_mixtral_export_round_trip(tmp_path):
+    ref = tiny_hf(T.MixtralConfig, tmp_path / "hf", num_local_experts=4, num_experts_per_tok=2)
+    assert main(["convert", "hf", str(tmp_path / "hf"), str(tmp_path / "zoo")]) == 0
+    assert main(["export", "hf", str(tmp_path / "zoo"), str(tmp_path / "back")]) == 0
+    again = T.AutoModelForCausalLM.from_pretrained(tmp_path / "back").float().eval()
+    assert_same_function(zoo.load(tmp_path / "zoo"), again, TINY["vocab_size"])
+    for k, v in ref.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_olmoe_clip_qkv_is_refused(tmp_path):
+    tiny_hf(T.OlmoeConfig, tmp_path / "hf", num_experts=4, num_experts_per_tok=2)
+    _edit_config(tmp_path / "hf", clip_qkv=8.0)
+    with pytest.raises(zoo.CheckpointError, match="clip_qkv: 8.0 is not supported"):
+        zoo.from_hf(tmp_path / "hf")
