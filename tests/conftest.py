@@ -100,3 +100,17 @@ def plugin_registry() -> Iterator[Callable[..., zoo.registry.Registry]]:
     set_registry(None)
     ROLE_PARENTS.clear()
     ROLE_PARENTS.update(roles)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _zoo_cache(tmp_path_factory):
+    """Tokenized corpora and trained tokenizers go to a temporary cache, not ~/.cache/zoo."""
+    import os
+
+    old = os.environ.get("ZOO_CACHE")
+    os.environ["ZOO_CACHE"] = str(tmp_path_factory.mktemp("zoo-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ZOO_CACHE", None)
+    else:
+        os.environ["ZOO_CACHE"] = old

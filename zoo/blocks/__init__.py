@@ -17,6 +17,7 @@ MODULES = [
     "zoo.blocks.sparsity",
     "zoo.data",
     "zoo.train.optim",
+    "zoo.train.schedule",
 ]
 
 

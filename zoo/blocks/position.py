@@ -31,20 +31,22 @@ class RoPE(nn.Module):
         inv = 1.0 / self.theta ** (even / self.head_dim)
         ang = torch.outer(torch.arange(self.max_len, device=device, dtype=torch.float64), inv)
         ang = torch.cat([ang, ang], dim=-1)
-        self.cos, self.sin = ang.cos().float(), ang.sin().float()
+        self.cos, self.sin = ang.cos(), ang.sin()  # float64; cast to the compute dtype per call
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: [B, heads, T, head_dim]."""
-        if self.cos.numel() == 0 or self.cos.device != q.device:
+        if self.cos.numel() == 0 or self.cos.device != q.device or self.cos.dtype != torch.float64:
             self._table(q.device)
         t = q.shape[2]
-        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
+        dtype = torch.promote_types(q.dtype, torch.float32)  # rotate in fp32 at least, fp64 for fp64 models
+        cos, sin = self.cos[start:start + t].to(dtype), self.sin[start:start + t].to(dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    xc = x.to(cos.dtype)
+    x1, x2 = xc.chunk(2, dim=-1)
+    return (xc * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,14 @@ class NoPosition(nn.Module):
         return q, k
 
 
+def build_rope(cfg: RoPEConfig, ctx) -> RoPE:
+    """RoPE over each head's channels; the head width must be even (channels rotate in pairs)."""
+    if ctx.model.head_size % 2:
+        raise ctx.error(ctx.block("position"), f"RoPE needs an even head width, got {ctx.model.head_size} "
+                        "(change model.d_model / model.n_heads or set model.head_dim)")
+    return RoPE(ctx.model.head_size, ctx.model.max_seq_len, cfg.theta)
+
+
 def register(registry) -> None:
-    registry.register("position", "rope", RoPEConfig,
-                      lambda cfg, ctx: RoPE(ctx.model.head_size, ctx.model.max_seq_len, cfg.theta))
+    registry.register("position", "rope", RoPEConfig, build_rope)
     registry.register("position", "none", NoPositionConfig, lambda cfg, ctx: NoPosition())

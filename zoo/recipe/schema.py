@@ -8,9 +8,7 @@ declared with `slot_field("ffn", default, doc)` holds a registered block: a tabl
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from zoo.errors import RecipeError, UnknownNameError, did_you_mean, one_of
 from zoo.recipe.loader import deep_merge
+from zoo.recipe.loader import join_key as _join
 
 # Roles of projections; `weights` and `sparsity` specs may override any of them.
 # A role falls back along ROLE_PARENTS (expert_down -> down -> the section itself).
@@ -259,13 +258,6 @@ class Validator:
                 raise self.error(path, f"expected a string, got {_describe(v)}")
             return v
         raise TypeError(f"schema type {tp!r} at {path} is not supported")
-
-
-def _join(path: str, key: Any) -> str:
-    key = str(key)
-    if not re.fullmatch(r"[A-Za-z0-9_\-\[\].]+", key):
-        key = json.dumps(key, ensure_ascii=False)
-    return f"{path}.{key}" if path else key
 
 
 def _describe(v: Any) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from zoo.recipe.schema import BlockSpec, param, slot_field
+from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,8 @@ class TrainConfig:
     """How long and how to train."""
 
     steps: int = param(500, "optimizer steps", ge=1, le=1 << 40)
-    batch_size: int = param(16, "sequences per optimizer step (before accumulation split)", ge=1, le=1 << 20)
+    batch_size: int = param(16, "sequences per optimizer step (split into grad_accum micro-batches)",
+                            ge=1, le=1 << 20)
     seq_len: int = param(128, "tokens per sequence", ge=2, le=1 << 20)
     grad_accum: int = param(1, "micro-batches per optimizer step", ge=1, le=1 << 16)
     grad_clip: float = param(1.0, "max global gradient norm (0 disables)", ge=0)
@@ -25,7 +26,15 @@ class TrainConfig:
     ckpt_every: int = param(0, "checkpoint every N steps (0 = only at the end)", ge=0)
     keep_last: int = param(2, "checkpoints kept on disk", ge=1)
     compile: bool = param(False, "wrap the model in torch.compile")
-    init_from: str | None = param(None, "start from the weights of this zoo checkpoint folder")
+    init_from: str | None = param(None, "start from the weights of this zoo checkpoint (or run) folder; the "
+                                        "recipe may differ in sparsity, the tensors must match")
+    schedule: BlockSpec = slot_field("schedule", {"kind": "cosine"}, "learning-rate / weight-decay schedule")
+    layer_grad_norms: bool = param(False, "log the gradient norm of every transformer block")
+    tensorboard: bool = param(False, "also log to TensorBoard (needs the tensorboard package)")
+
+    def check(self) -> None:
+        if self.batch_size % self.grad_accum:
+            raise Invalid("grad_accum", f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import torch
+
+import zoo
+from tests.tiny import tiny_run_recipe
+from zoo.cli import main
+from zoo.train import loop
+from zoo.train.loop import TrainingDiverged, train
+from zoo.train.state import step_dirs
+
+
+def records(run, split="train"):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
+    r = tiny_run_recipe(tmp_path, **{"train.layer_grad_norms": True})
+    s = train(r, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    tr, va = records(run), records(run, "val")
+    assert [x["step"] for x in tr] == list(range(1, 7)) and [x["step"] for x in va] == [3, 6]
+    assert all(len(x["layer_grad_norms"]) == 2 and x["lr"] > 0 and x["tokens_per_s"] > 0 for x in tr)
+    assert s["val_loss"] == va[-1]["val_loss"] and s["steps"] == 6 and s["tokens"] == 6 * 4 * 32
+    assert s["accounting"]["total_params"] == zoo.account(zoo.build(r)).total_params
+    assert json.loads((run / "summary.json").read_text()) == s
+    assert [p.name for p in step_dirs(run)] == ["step-00000006"]
+    assert zoo.load(step_dirs(run)[-1]) is not None
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    r = tiny_run_recipe(tmp_path, **{"train.ckpt_every": 3, "train.steps": 8})
+    train(r, tmp_path / "a", progress=False)
+    stopped = train(r, tmp_path / "b", stop_at=4, progress=False)
+    assert stopped["step"] == 4 and not (tmp_path / "b" / "summary.json").exists()
+    train(r, tmp_path / "b", resume=True, progress=False)
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [x["step"] for x in b] == list(range(1, 9))
+    assert [(x["loss"], x["grad_norm"], x["lr"]) for x in a] == [(x["loss"], x["grad_norm"], x["lr"]) for x in b]
+    assert [x["val_loss"] for x in records(tmp_path / "a", "val")] == \
+        [x["val_loss"] for x in records(tmp_path / "b", "val")]
+    wa = zoo.load(step_dirs(tmp_path / "a")[-1]).state_dict()
+    wb = zoo.load(step_dirs(tmp_path / "b")[-1]).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    one = train(tiny_run_recipe(tmp_path, **{"train.steps": 1}), tmp_path / "one", progress=False)
+    two = train(tiny_run_recipe(tmp_path, **{"train.steps": 1, "train.grad_accum": 2}), tmp_path / "two", progress=False)
+    a, b = records(tmp_path / "one")[0], records(tmp_path / "two")[0]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-4)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_build = loop.build
+
+    def poisoned(recipe):
+        model = real_build(recipe)
+        calls = [0]
+
+        def hook(module, inputs, output):
+            calls[0] += 1
+            return output * float("nan") if calls[0] > 4 and module.training else output
+        model.head.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(loop, "build", poisoned)
+    r = tiny_run_recipe(tmp_path, **{"train.ckpt_every": 2, "train.eval_every": 0})
+    with pytest.raises(TrainingDiverged, match=r"step 5: loss nan; the last good checkpoint is .*step-00000004"):
+        train(r, tmp_path / "run", progress=False)
+    assert [p.name for p in step_dirs(tmp_path / "run")] == ["step-00000002", "step-00000004"]
+
+
+def test_out_dir_errors(tmp_path):
+    r = tiny_run_recipe(tmp_path, **{"train.steps": 1})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(zoo.ZooError, match="cannot write there"):
+        train(r, tmp_path / "file" / "run", progress=False)
+    train(r, tmp_path / "run", progress=False)
+    with pytest.raises(zoo.ZooError, match="already holds a run"):
+        train(r, tmp_path / "run", progress=False)
+    with pytest.raises(zoo.ZooError, match=r"recipe differs .*train.seed: 0 -> 1"):
+        train(r.replace(**{"train.seed": 1}), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(zoo.CheckpointError, match="no checkpoints"):
+        train(r, tmp_path / "fresh", resume=True, progress=False)
+
+
+def test_init_from_continues_training_and_checks_tensors(tmp_path):
+    base = train(tiny_run_recipe(tmp_path), tmp_path / "base", progress=False)
+    r = tiny_run_recipe(tmp_path, **{"train.init_from": str(tmp_path / "base"), "train.steps": 2})
+    tuned = train(r, tmp_path / "tuned", progress=False)
+    first = records(tmp_path / "tuned")[0]["loss"]
+    assert first < records(tmp_path / "base")[0]["loss"] and tuned["val_loss"] < base["val_loss"] + 0.5
+    wide = tiny_run_recipe(tmp_path, **{"train.init_from": str(tmp_path / "base"), "model.d_model": 48})
+    with pytest.raises(zoo.CheckpointError, match=r"init_from .*tensor '.*' is \(.*32.*\) there, \(.*48.*\) in this"):
+        train(wide, tmp_path / "wide", progress=False)
+
+
+def test_cli_train_and_its_errors(tmp_path, capsys):
+    r = tiny_run_recipe(tmp_path)
+    (tmp_path / "r.toml").write_text(r.to_toml())
+    assert main(["train", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"), "--steps", "2", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 2
+    assert main(["train", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing.toml: file not found" in capsys.readouterr().err

@@ -1,0 +1,267 @@
+"""The training loop: `train(recipe, out)` runs `[train]` with `[optim]` on `[data]` into run folder `out`.
+
+Run folder: recipe.toml (resolved), metrics.jsonl (one JSON object per logged step and per
+validation), checkpoints/step-N/ (see zoo.train.state) and, when the run finished, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from zoo.data import load_data, val_batches
+from zoo.data.tokens import Windows
+from zoo.errors import CheckpointError, ZooError
+from zoo.eval.perplexity import autocast, decode_tokens_per_s, eval_loss, perplexity
+from zoo.io.checkpoint import load
+from zoo.model.accounting import account
+from zoo.model.build import build
+from zoo.recipe.recipe import Recipe, load_recipe
+from zoo.train.state import TrainState, load_train_state, resolve_checkpoint, save_checkpoint, step_dirs
+
+METRICS, SUMMARY, RECIPE_FILE = "metrics.jsonl", "summary.json", "recipe.toml"
+
+
+class TrainingDiverged(ZooError):
+    """The loss or the gradient became NaN or infinite."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temporary file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_out(out: str | Path) -> Path:
+    """Create the run folder and check that it is writable."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ZooError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+    return out
+
+
+def copy_weights(model, path: str | Path, what: str) -> Path:
+    """Load the tensors of checkpoint (or run folder) `path` into `model`: names and shapes must match."""
+    ckpt = resolve_checkpoint(path)
+    src = load(ckpt).state_dict()
+    dst = model.state_dict()
+    for name in sorted(set(dst) | set(src)):
+        if name not in src or name not in dst:
+            where = "is missing from" if name not in src else "is not in this recipe but in"
+            raise CheckpointError(f"{what} {ckpt}: tensor {name!r} {where} the checkpoint; only recipes with the "
+                                  "same tensors can continue from it (sparsity may differ, shapes may not)")
+        if src[name].shape != dst[name].shape:
+            raise CheckpointError(f"{what} {ckpt}: tensor {name!r} is {tuple(src[name].shape)} there, "
+                                  f"{tuple(dst[name].shape)} in this recipe")
+    model.load_state_dict(src)
+    return ckpt
+
+
+def _recipe_change(saved: Recipe, now: Recipe) -> str | None:
+    """The first key (other than train.steps) where `now` differs from the run's saved recipe."""
+    a, b = flatten(saved.to_dict()), flatten(now.to_dict())
+    for key in sorted(set(a) | set(b)):
+        if key != "train.steps" and a.get(key) != b.get(key):
+            return f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+    return None
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; arrays stay values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard when asked): one line per record, flushed as written."""
+
+    def __init__(self, out: Path, keep_until: int | None, tensorboard: bool):
+        self.path = out / METRICS
+        if keep_until is not None and self.path.exists():  # a resumed run rewrites what came after it
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= keep_until]
+            write_atomic(self.path, "".join(ln + "\n" for ln in kept))
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ZooError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") \
+                    from None
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in flatten(record).items():
+                if isinstance(value, (int, float)) and key not in ("step", "tokens"):
+                    self.tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int | None = None,
+          progress: bool = True) -> dict:
+    """Train `recipe` into run folder `out`; return the summary (or the state when stopped at `stop_at`)."""
+    from zoo.registry import get_registry
+
+    out = prepare_out(out)
+    cfg = recipe.train
+    state, ckpt = TrainState(), None
+    if resume:
+        found = step_dirs(out)
+        if not found:
+            raise CheckpointError(f"--resume: {out} has no checkpoints/step-N to resume from")
+        ckpt = found[-1]
+        change = _recipe_change(load_recipe(out / RECIPE_FILE), recipe)
+        if change:
+            raise ZooError(f"--resume: the recipe differs from the one {out} was trained with ({change}); "
+                           "only train.steps may change")
+    elif step_dirs(out) or (out / METRICS).exists():
+        raise ZooError(f"--out {out} already holds a run: pass --resume to continue it, or choose another folder")
+
+    data = load_data(recipe)
+    torch.manual_seed(cfg.seed)
+    model = build(recipe)
+    if cfg.init_from and not resume:
+        copy_weights(model, cfg.init_from, "train.init_from")
+    registry = get_registry()
+    opt = registry.get("optimizer", recipe.optim.kind).factory(recipe.optim.config, model.parameters())
+    for g in opt.param_groups:
+        g["peak_lr"], g["peak_wd"] = g["lr"], g["weight_decay"]
+    schedule = registry.get("schedule", cfg.schedule.kind).factory(cfg.schedule.config, cfg.steps)
+    if resume:
+        copy_weights(model, ckpt, "--resume")
+        state = load_train_state(ckpt, opt)
+    else:
+        write_atomic(out / RECIPE_FILE, recipe.to_toml())
+
+    micro = cfg.batch_size // cfg.grad_accum
+    windows = Windows(data.train, cfg.seq_len, cfg.seed)
+    val = list(val_batches(data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
+    fwd = torch.compile(model) if cfg.compile else model
+    log = MetricsLog(out, state.step if resume else None, cfg.tensorboard)
+    tok_json = data.tokenizer.to_json()
+    params = [p for p in model.parameters() if p.requires_grad]
+    last = stop_at if stop_at is not None else cfg.steps
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=recipe.name or "train", unit="step",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    window = {"loss": 0.0, "n": 0, "aux": {}, "time": 0.0, "tokens": 0}
+    val_loss = None
+    model.train()
+    try:
+        while state.step < last:
+            t0 = time.perf_counter()
+            lr_f, wd_f = schedule(state.step)
+            for g in opt.param_groups:
+                g["lr"], g["weight_decay"] = g["peak_lr"] * lr_f, g["peak_wd"] * wd_f
+            loss_sum, aux_sum = 0.0, {}
+            for _ in range(cfg.grad_accum):
+                x, y = windows.batch(state.samples, micro)
+                state.samples += micro
+                with autocast(cfg.precision):
+                    o = fwd(x, y)
+                (o.total_loss / cfg.grad_accum).backward()
+                loss_sum += float(o.loss.detach()) / cfg.grad_accum
+                for k, v in o.aux_losses.items():
+                    aux_sum[k] = aux_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            layer_norms = [math.sqrt(sum(float(p.grad.pow(2).sum()) for p in b.parameters() if p.grad is not None))
+                           for b in model.blocks] if cfg.layer_grad_norms else None
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+            if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
+                what = f"loss {loss_sum}" if not math.isfinite(loss_sum) else f"gradient norm {gnorm}"
+                kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+                raise TrainingDiverged(f"training stopped at step {state.step + 1}: {what}; {kept}. "
+                                       "Try a lower optim.lr, a longer warm-up or train.grad_clip")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            step_tokens = cfg.batch_size * cfg.seq_len
+            state.tokens += step_tokens
+            dt = time.perf_counter() - t0
+            state.elapsed += dt
+            window["loss"] += loss_sum
+            window["n"] += 1
+            window["time"] += dt
+            window["tokens"] += step_tokens
+            for k, v in aux_sum.items():
+                window["aux"][k] = window["aux"].get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{step_tokens / dt:.0f}",
+                            **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+            done = state.step == cfg.steps
+            if state.step % cfg.log_every == 0 or done or state.step == last:
+                n = window["n"]
+                record = {"split": "train", "step": state.step, "tokens": state.tokens, "loss": window["loss"] / n,
+                          "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
+                          "tokens_per_s": window["tokens"] / max(window["time"], 1e-9), "elapsed": state.elapsed}
+                if window["aux"]:
+                    record["aux"] = {k: v / n for k, v in window["aux"].items()}
+                if layer_norms is not None:
+                    record["layer_grad_norms"] = layer_norms
+                log.write(record)
+                window = {"loss": 0.0, "n": 0, "aux": {}, "time": 0.0, "tokens": 0}
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or done:
+                val_loss = eval_loss(model, val, cfg.precision)
+                record = {"split": "val", "step": state.step, "tokens": state.tokens, "val_loss": val_loss,
+                          "val_ppl": perplexity(val_loss)}
+                log.write(record)
+            if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or done or state.step == last:
+                ckpt = save_checkpoint(out, model, opt, state, tok_json, cfg.keep_last)
+    finally:
+        bar.close()
+        log.close()
+    if state.step < cfg.steps:
+        return {"step": state.step, "checkpoint": str(ckpt)}
+    return write_summary(out, recipe, model, data, state, val)
+
+
+def write_summary(out: Path, recipe: Recipe, model, data, state: TrainState, val) -> dict:
+    """summary.json: the final figures of a finished run, as `zoo compare` reads them."""
+    records = [json.loads(ln) for ln in (out / METRICS).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    train_rec = [r for r in records if r["split"] == "train"]
+    val_rec = [r for r in records if r["split"] == "val"]
+    prompt = val[0][0][:1, : max(1, recipe.train.seq_len // 2)]
+    acc = account(model, seq_len=recipe.train.seq_len)
+    summary = {
+        "name": recipe.name,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "train_loss": train_rec[-1]["loss"],
+        "val_loss": val_rec[-1]["val_loss"],
+        "val_ppl": val_rec[-1]["val_ppl"],
+        "sparsity": val_rec[-1].get("sparsity"),
+        "train_tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
+        "decode_tokens_per_s": decode_tokens_per_s(model, prompt),
+        "accounting": acc.to_dict(),
+        "tokenizer": data.tokenizer.fingerprint,
+    }
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
