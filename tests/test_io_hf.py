@@ -42,6 +42,8 @@ def test_convert_cli_writes_a_loadable_checkpoint_with_tokenizer(tmp_path):
     model = zoo.load(tmp_path / "zoo")
     assert model.config.max_seq_len == 20
     assert (tmp_path / "zoo" / "tokenizer.json").is_file()
+    assert model.recipe.data.tokenizer.kind == "file"
+    assert model.recipe.data.tokenizer.config.path == str((tmp_path / "zoo" / "tokenizer.json").resolve())
     assert_same_function(model, ref, TINY["vocab_size"], seq=9, new=3)
 
 

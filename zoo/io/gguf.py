@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from zoo.errors import CheckpointError, ZooError, one_of
-from zoo.io.hf import HFConfig, arch_of, gather, hf_recipe
+from zoo.io.hf import HFConfig, arch_of, gather, hf_recipe, save_converted
 
 # GGUF tensor name (per layer) for each transformers name suffix.
 LAYER_NAMES = {
@@ -244,10 +244,8 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
 
 def convert_gguf(src: str | Path, out: str | Path, dtype: str | None = None, max_seq_len: int | None = None) -> Path:
     """Write the zoo checkpoint of a GGUF file (recipe, dequantized weights, tokenizer.json)."""
-    from zoo.io.checkpoint import save
-
     g = GGUFFile(Path(src))
     model, _ = load_gguf(g, dtype, max_seq_len)
     tok = gguf_tokenizer(g)
     files = {} if tok is None else {"tokenizer.json": tok.to_str()}
-    return save(model, out, meta={"source": {"format": "gguf", "path": str(g.path)}}, files=files)
+    return save_converted(model, out, files, {"format": "gguf", "path": str(g.path)})

@@ -626,13 +626,22 @@ def tokenizer_files(folder: Path) -> dict[str, bytes]:
 
 def convert_hf(src: str | Path, out: str | Path, dtype: str | None = None, max_seq_len: int | None = None) -> Path:
     """Write the zoo checkpoint of a Hugging Face folder (recipe, weights, tokenizer.json)."""
-    from zoo.io.checkpoint import save
-
     src = Path(src)
     model, _ = from_hf(src, dtype, max_seq_len)
     cfg = HFConfig.read(src)
-    return save(model, out, meta={"source": {"format": "hf", "path": str(src), "model_type": cfg.data["model_type"]}},
-                files=tokenizer_files(src))
+    files = tokenizer_files(src)
+    return save_converted(model, out, files, {"format": "hf", "path": str(src), "model_type": cfg.data["model_type"]})
+
+
+def save_converted(model, out: str | Path, files: dict[str, str | bytes], source: dict[str, Any]) -> Path:
+    """zoo.save an imported model; with a tokenizer.json its recipe's data.tokenizer points at that file."""
+    from zoo.io.checkpoint import save
+
+    out = Path(out)
+    if TOKENIZER in files:
+        spec = {"kind": "file", "path": str(out.resolve() / TOKENIZER)}
+        model.recipe = model.recipe.replace(**{"data.tokenizer": spec})
+    return save(model, out, meta={"source": source}, files=files)
 
 
 # -- export ----------------------------------------------------------------------------------
