@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import zoo
-from tests.tiny import tiny_run_recipe, write_corpus
+from tests.tiny import tiny_run, write_corpus
 from zoo.data import Windows, build_corpus, build_tokenizer, load_data, val_batches
 from zoo.data import corpus as corpus_mod
 from zoo.data.tokens import is_val_block, split_blocks
@@ -38,7 +38,7 @@ def test_files_folder_and_jsonl_and_cache(tmp_path, monkeypatch):
     with open(folder / "b.jsonl", "w") as f:
         for i in range(300):
             f.write(json.dumps({"text": f"record {i} of the jsonl file", "id": i}) + "\n")
-    r = tiny_run_recipe(tmp_path, **{"data.dataset": {"kind": "files", "paths": [str(folder)]}})
+    r = tiny_run(tmp_path, **{"data.dataset": {"kind": "files", "paths": [str(folder)]}})
     src = build_corpus(r)
     chunks = list(src.chunks())
     assert len(chunks) > 5 and all(len(c) < 600 for c in chunks)
@@ -51,32 +51,32 @@ def test_files_folder_and_jsonl_and_cache(tmp_path, monkeypatch):
 
 
 def test_missing_file_names_the_key(tmp_path):
-    r = tiny_run_recipe(tmp_path, **{"data.dataset": {"kind": "files", "paths": [str(tmp_path / "nope.txt")]}})
+    r = tiny_run(tmp_path, **{"data.dataset": {"kind": "files", "paths": [str(tmp_path / "nope.txt")]}})
     with pytest.raises(zoo.RecipeError, match=r"data\.dataset\.paths\[0\]: no such file or folder"):
         load_data(r)
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    r = tiny_run_recipe(tmp_path, **{"data.dataset": {"kind": "files", "paths": [str(tmp_path / "empty.txt")]}})
+    r = tiny_run(tmp_path, **{"data.dataset": {"kind": "files", "paths": [str(tmp_path / "empty.txt")]}})
     with pytest.raises(zoo.ZooError, match="is empty"):
         load_data(r)
 
 
 def test_jsonl_without_the_field(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"body": "x"}\n')
-    r = tiny_run_recipe(tmp_path, **{"data.dataset": {"kind": "files", "paths": [str(tmp_path / "d.jsonl")]}})
+    r = tiny_run(tmp_path, **{"data.dataset": {"kind": "files", "paths": [str(tmp_path / "d.jsonl")]}})
     with pytest.raises(zoo.ZooError, match=r"d\.jsonl:1: no string field 'text'"):
         load_data(r)
 
 
 def test_unknown_tokenizer_is_a_recipe_error(tmp_path):
     with pytest.raises(zoo.RecipeError, match=r'data\.tokenizer\.kind.*did you mean "bpe"'):
-        tiny_run_recipe(tmp_path, **{"data.tokenizer": {"kind": "bpf"}})
+        tiny_run(tmp_path, **{"data.tokenizer": {"kind": "bpf"}})
 
 
 def test_bpe_is_trained_cached_and_checked_against_vocab(tmp_path):
-    r = tiny_run_recipe(tmp_path, **{"data.tokenizer": {"kind": "bpe", "vocab_size": 300}, "model.vocab_size": 300})
+    r = tiny_run(tmp_path, **{"data.tokenizer": {"kind": "bpe", "vocab_size": 300}, "model.vocab_size": 300})
     tok = build_tokenizer(r, build_corpus(r))
     assert tok.vocab_size == 300
     text = "the lord shall be unto them"
@@ -84,16 +84,16 @@ def test_bpe_is_trained_cached_and_checked_against_vocab(tmp_path):
     cached = list((zoo.data.cache_dir() / "tokenizers").glob("bpe-*.json"))
     assert cached
     (tmp_path / "tokenizer.json").write_text(tok.to_json())
-    r2 = tiny_run_recipe(tmp_path, **{"data.tokenizer": {"kind": "file", "path": str(tmp_path / "tokenizer.json")},
+    r2 = tiny_run(tmp_path, **{"data.tokenizer": {"kind": "file", "path": str(tmp_path / "tokenizer.json")},
                                   "model.vocab_size": 300})
     assert build_tokenizer(r2).encode(text) == tok.encode(text)
-    small = tiny_run_recipe(tmp_path, **{"data.tokenizer": {"kind": "bpe", "vocab_size": 300}})
+    small = tiny_run(tmp_path, **{"data.tokenizer": {"kind": "bpe", "vocab_size": 300}})
     with pytest.raises(zoo.RecipeError, match=r"model\.vocab_size: .*set model.vocab_size >= 300"):
         build_tokenizer(small, build_corpus(small))
 
 
 def test_missing_tokenizer_file(tmp_path):
-    r = tiny_run_recipe(tmp_path, **{"data.tokenizer": {"kind": "file", "path": str(tmp_path / "none.json")}})
+    r = tiny_run(tmp_path, **{"data.tokenizer": {"kind": "file", "path": str(tmp_path / "none.json")}})
     with pytest.raises(zoo.ZooError, match="tokenizer file not found"):
         build_tokenizer(r)
 

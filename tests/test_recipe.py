@@ -80,7 +80,7 @@ def test_validation_errors_name_file_path_and_fix(recipe_file, text, path, words
 def test_kind_missing_lists_kinds(recipe_file):
     err = error_of(recipe_file('[[model.layers]]\nrange = "0"\nffn = { hidden = 3 }\n[model]\nffn = { kind = "mlp" }\n'
                                '[model.weights]\nroles = { qkv = { kind = "nope" } }\n'))
-    assert err.path == "model.weights.roles.qkv.kind" and "registered: fp" in str(err)
+    assert err.path == "model.weights.roles.qkv.kind" and "registered: bitnet158, fp" in str(err)
 
 
 def test_extends_deep_merges_and_child_wins(recipe_file):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import zoo
-from tests.tiny import tiny_run_recipe
+from tests.tiny import tiny_run
 from zoo.cli import main
 from zoo.train import loop
 from zoo.train.loop import TrainingDiverged, train
@@ -17,7 +17,7 @@ def records(run, split="train"):
 
 
 def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
-    r = tiny_run_recipe(tmp_path, **{"train.layer_grad_norms": True})
+    r = tiny_run(tmp_path, **{"train.layer_grad_norms": True})
     s = train(r, tmp_path / "run", progress=False)
     run = tmp_path / "run"
     tr, va = records(run), records(run, "val")
@@ -31,7 +31,7 @@ def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
-    r = tiny_run_recipe(tmp_path, **{"train.ckpt_every": 3, "train.steps": 8})
+    r = tiny_run(tmp_path, **{"train.ckpt_every": 3, "train.steps": 8})
     train(r, tmp_path / "a", progress=False)
     stopped = train(r, tmp_path / "b", stop_at=4, progress=False)
     assert stopped["step"] == 4 and not (tmp_path / "b" / "summary.json").exists()
@@ -47,8 +47,8 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
-    one = train(tiny_run_recipe(tmp_path, **{"train.steps": 1}), tmp_path / "one", progress=False)
-    two = train(tiny_run_recipe(tmp_path, **{"train.steps": 1, "train.grad_accum": 2}), tmp_path / "two", progress=False)
+    one = train(tiny_run(tmp_path, **{"train.steps": 1}), tmp_path / "one", progress=False)
+    two = train(tiny_run(tmp_path, **{"train.steps": 1, "train.grad_accum": 2}), tmp_path / "two", progress=False)
     a, b = records(tmp_path / "one")[0], records(tmp_path / "two")[0]
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-4)
@@ -68,14 +68,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return model
 
     monkeypatch.setattr(loop, "build", poisoned)
-    r = tiny_run_recipe(tmp_path, **{"train.ckpt_every": 2, "train.eval_every": 0})
+    r = tiny_run(tmp_path, **{"train.ckpt_every": 2, "train.eval_every": 0})
     with pytest.raises(TrainingDiverged, match=r"step 5: loss nan; the last good checkpoint is .*step-00000004"):
         train(r, tmp_path / "run", progress=False)
     assert [p.name for p in step_dirs(tmp_path / "run")] == ["step-00000002", "step-00000004"]
 
 
 def test_out_dir_errors(tmp_path):
-    r = tiny_run_recipe(tmp_path, **{"train.steps": 1})
+    r = tiny_run(tmp_path, **{"train.steps": 1})
     (tmp_path / "file").write_text("x")
     with pytest.raises(zoo.ZooError, match="cannot write there"):
         train(r, tmp_path / "file" / "run", progress=False)
@@ -84,23 +84,25 @@ def test_out_dir_errors(tmp_path):
         train(r, tmp_path / "run", progress=False)
     with pytest.raises(zoo.ZooError, match=r"recipe differs .*train.seed: 0 -> 1"):
         train(r.replace(**{"train.seed": 1}), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(zoo.RecipeError, match=r"train.seq_len: 128 exceeds model.max_seq_len = 64"):
+        train(r.replace(**{"train.seq_len": 128}), tmp_path / "long", progress=False)
     with pytest.raises(zoo.CheckpointError, match="no checkpoints"):
         train(r, tmp_path / "fresh", resume=True, progress=False)
 
 
 def test_init_from_continues_training_and_checks_tensors(tmp_path):
-    base = train(tiny_run_recipe(tmp_path), tmp_path / "base", progress=False)
-    r = tiny_run_recipe(tmp_path, **{"train.init_from": str(tmp_path / "base"), "train.steps": 2})
+    base = train(tiny_run(tmp_path), tmp_path / "base", progress=False)
+    r = tiny_run(tmp_path, **{"train.init_from": str(tmp_path / "base"), "train.steps": 2})
     tuned = train(r, tmp_path / "tuned", progress=False)
     first = records(tmp_path / "tuned")[0]["loss"]
     assert first < records(tmp_path / "base")[0]["loss"] and tuned["val_loss"] < base["val_loss"] + 0.5
-    wide = tiny_run_recipe(tmp_path, **{"train.init_from": str(tmp_path / "base"), "model.d_model": 48})
+    wide = tiny_run(tmp_path, **{"train.init_from": str(tmp_path / "base"), "model.d_model": 48})
     with pytest.raises(zoo.CheckpointError, match=r"init_from .*tensor '.*' is \(.*32.*\) there, \(.*48.*\) in this"):
         train(wide, tmp_path / "wide", progress=False)
 
 
 def test_cli_train_and_its_errors(tmp_path, capsys):
-    r = tiny_run_recipe(tmp_path)
+    r = tiny_run(tmp_path)
     (tmp_path / "r.toml").write_text(r.to_toml())
     assert main(["train", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"), "--steps", "2", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)

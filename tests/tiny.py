@@ -23,7 +23,7 @@ def write_corpus(path: Path, lines: int = 600, seed: int = 0) -> Path:
     return path
 
 
-def tiny_run_recipe(tmp_path: Path, **overrides) -> zoo.Recipe:
+def tiny_run(tmp_path: Path, **overrides) -> zoo.Recipe:
     """The dense tiny recipe shrunk further, training on a made-up text file in tmp_path."""
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():

@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.model.context import BuildContext
-from zoo.recipe.schema import param
+from zoo.recipe.schema import BlockSpec, param, slot_field
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class AttentionConfig:
     qkv_bias: bool = param(False, "bias on the q/k/v projections (Qwen2)")
     o_bias: bool = param(False, "bias on the output projection")
     qk_norm: bool = param(False, "the layer's norm over the whole q and k projections, before RoPE (OLMoE)")
+    sub_norm: BlockSpec | None = slot_field("norm", None, "norm of the output projection's input (SubLN, BitNet)")
 
 
 class Attention(nn.Module):
@@ -28,6 +29,7 @@ class Attention(nn.Module):
         m = ctx.model
         self.n_heads, self.n_kv, self.hd = m.n_heads, m.kv_heads, m.head_size
         self.qkv = ctx.projection("qkv", m.d_model, (m.n_heads + 2 * m.kv_heads) * m.head_size, cfg.qkv_bias)
+        self.sub_norm = ctx.build_optional(cfg.sub_norm, m.n_heads * m.head_size)
         self.o = ctx.projection("o", m.n_heads * m.head_size, m.d_model, cfg.o_bias)
         self.rope = ctx.build(ctx.block("position"))
         if cfg.qk_norm:
@@ -51,7 +53,7 @@ class Attention(nn.Module):
         else:  # queries at start..start+t-1 see keys 0..start+t-1
             mask = torch.arange(k.shape[2], device=x.device) <= torch.arange(start, start + t, device=x.device)[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o(rearrange(y, "b h t d -> b t (h d)"))
+        return self.o(self.sub_norm(rearrange(y, "b h t d -> b t (h d)")))
 
 
 def register(registry) -> None:

@@ -24,6 +24,9 @@ class GLUConfig:
     hidden: int | None = param(None, "inner width (default 8/3·d_model rounded up to 64)", ge=1, le=1 << 20)
     activation: BlockSpec = slot_field("activation", {"kind": "silu"}, "activation of the gate")
     bias: bool = param(False, "biases on the projections")
+    act_sparsity: BlockSpec | None = slot_field(
+        "sparsity", None, "sparsity applied to act(gate) before ⊙ up (Q-Sparse after the SiLU, for SiLU models)")
+    sub_norm: BlockSpec | None = slot_field("norm", None, "norm of the down projection's input (SubLN, BitNet)")
 
 
 class GLU(nn.Module):
@@ -32,11 +35,14 @@ class GLU(nn.Module):
         self.hidden = cfg.hidden or default_hidden(d_model)
         self.up_gate = ctx.projection("up_gate", d_model, 2 * self.hidden, cfg.bias)
         self.act = ctx.build(cfg.activation)
+        self.act_sparsity = ctx.build_optional(cfg.act_sparsity, self.hidden)
+        self.sub_norm = ctx.build_optional(cfg.sub_norm, self.hidden)
         self.down = ctx.projection("down", self.hidden, d_model, cfg.bias)
+        self.down.upstream_keep = float(getattr(self.act_sparsity, "keep_fraction", 1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.up_gate(x).chunk(2, dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.down(self.sub_norm(self.act_sparsity(self.act(gate)) * up))
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class MLPConfig:
     hidden: int | None = param(None, "inner width (default 4·d_model)", ge=1, le=1 << 20)
     activation: BlockSpec = slot_field("activation", {"kind": "gelu"}, "activation")
     bias: bool = param(False, "biases on the projections")
+    sub_norm: BlockSpec | None = slot_field("norm", None, "norm of the down projection's input (SubLN, BitNet)")
 
 
 class MLP(nn.Module):
@@ -54,10 +61,11 @@ class MLP(nn.Module):
         self.hidden = cfg.hidden or 4 * d_model
         self.up = ctx.projection("up_gate", d_model, self.hidden, cfg.bias)
         self.act = ctx.build(cfg.activation)
+        self.sub_norm = ctx.build_optional(cfg.sub_norm, self.hidden)
         self.down = ctx.projection("down", self.hidden, d_model, cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
+        return self.down(self.sub_norm(self.act(self.up(x))))
 
 
 def register(registry) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from zoo.errors import did_you_mean
 from zoo.recipe.recipe import read_recipe_data, recipe_from_dict
 from zoo.recipe.schema import to_plain
 from zoo.registry import Entry, describe_config, get_registry
+from zoo.registry.docs import inline_toml
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -25,19 +25,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="override a recipe key, e.g. --set model.n_layers=8 (value parsed as TOML)")
     p.add_argument("--json", action="store_true", help="print JSON instead of TOML / a table")
     return p
-
-
-def inline_toml(v: Any) -> str:
-    """A value as it would be written in a recipe (inline tables for dicts)."""
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {inline_toml(x)}" for k, x in v.items()) + " }" if v else "{}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(inline_toml(x) for x in v) + "]"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    return "" if v is None else repr(v)
 
 
 def block_info(entry: Entry) -> dict[str, Any]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from zoo.data import corpus, tokenize
 from zoo.data.corpus import Corpus
 from zoo.data.tokenize import TOKENIZER_FILE, ByteTokenizer, Tokenizer, cache_dir, load_tokenizer_file
-from zoo.data.tokens import Windows, split_tokens, val_batches
+from zoo.data.tokens import Windows, split_tokens, token_file, val_batches
 from zoo.errors import RecipeError
 
 
@@ -42,6 +43,14 @@ def build_tokenizer(recipe, corpus: Corpus | None = None) -> Tokenizer:
     return tok
 
 
+def checkpoint_tokenizer(ckpt: Path, recipe) -> Tokenizer:
+    """The tokenizer a checkpoint was trained or imported with: its tokenizer.json, else the recipe's."""
+    path = Path(ckpt) / TOKENIZER_FILE
+    if path.is_file():
+        return load_tokenizer_file(path)
+    return build_tokenizer(recipe, build_corpus(recipe))
+
+
 def load_data(recipe) -> Data:
     """Tokenize (or reuse the cache of) the recipe's corpus and split it into train / validation."""
     src = build_corpus(recipe)
@@ -56,4 +65,5 @@ def register(registry) -> None:
 
 
 __all__ = ["TOKENIZER_FILE", "ByteTokenizer", "Corpus", "Data", "Tokenizer", "Windows", "build_corpus",
-           "build_tokenizer", "cache_dir", "load_data", "load_tokenizer_file", "split_tokens", "val_batches"]
+           "build_tokenizer", "cache_dir", "checkpoint_tokenizer", "load_data", "load_tokenizer_file",
+           "split_tokens", "token_file", "val_batches"]

@@ -4,9 +4,7 @@ deterministically into train and validation blocks; batches are read from memory
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -42,53 +40,56 @@ def split_blocks(total: int, val_fraction: float) -> tuple[int, list[bool]]:
     return block, val
 
 
-def split_tokens(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) token arrays for `corpus`, memory-mapped from the cache (built on first use)."""
-    key = hashlib.sha256(f"{FORMAT}|{corpus.fingerprint()}|{tokenizer.fingerprint}|{val_fraction!r}".encode())
-    folder = cache_dir() / "tokens" / f"{corpus.name}-{key.hexdigest()[:16]}"
-    if not (folder / "meta.json").is_file():
-        _build(folder, corpus, tokenizer, val_fraction)
-    meta = json.loads((folder / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
-    return tuple(np.memmap(folder / f"{s}.bin", dtype=dtype, mode="r") if meta[s] else np.zeros(0, dtype)
-                 for s in ("train", "val"))
+def _folder(corpus: Corpus, tokenizer: Tokenizer) -> Path:
+    key = hashlib.sha256(f"{FORMAT}|{corpus.fingerprint()}|{tokenizer.fingerprint}".encode()).hexdigest()[:16]
+    return cache_dir() / "tokens" / f"{corpus.name}-{key}"
 
 
-def _build(folder: Path, corpus: Corpus, tokenizer: Tokenizer, val_fraction: float) -> None:
-    dtype = _dtype(tokenizer.vocab_size)
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     try:
-        total = 0
-        with open(tmp / "all.bin", "wb") as f:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def token_file(corpus: Corpus, tokenizer: Tokenizer) -> np.ndarray:
+    """All tokens of `corpus`, streamed chunk by chunk into a cached file and memory-mapped."""
+    folder = _folder(corpus, tokenizer)
+    path = folder / "all.bin"
+    dtype = _dtype(tokenizer.vocab_size)
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def write(f) -> None:
             for chunk in corpus.chunks():
                 ids = np.asarray(tokenizer.encode_array(chunk))
                 if ids.size and int(ids.max()) >= tokenizer.vocab_size:
                     raise ZooError(f"tokenizer produced id {int(ids.max())} >= its vocab_size {tokenizer.vocab_size}")
                 ids.astype(dtype).tofile(f)
-                total += ids.size
-        if total == 0:
-            raise ZooError(f"the corpus {corpus.name!r} is empty: no text to train on")
-        block, val = split_blocks(total, val_fraction)
-        allt = np.memmap(tmp / "all.bin", dtype=dtype, mode="r")
-        counts = {"train": 0, "val": 0}
-        with open(tmp / "train.bin", "wb") as ft, open(tmp / "val.bin", "wb") as fv:
-            for i, is_val in enumerate(val):
-                piece = allt[i * block:(i + 1) * block]
-                (fv if is_val else ft).write(piece.tobytes())
-                counts["val" if is_val else "train"] += piece.size
-        del allt
-        os.remove(tmp / "all.bin")
-        meta = {"format": FORMAT, "dtype": dtype.name, "block": block, **counts,
-                "corpus": corpus.fingerprint(), "tokenizer": tokenizer.fingerprint}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished the same cache first
-            if not (folder / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _write_atomic(path, write)
+    if path.stat().st_size == 0:
+        raise ZooError(f"the corpus {corpus.name!r} is empty: no text to train on")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def split_tokens(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) token arrays of `corpus`: blocks of the token stream, every ~1/val_fraction-th for val."""
+    tokens = token_file(corpus, tokenizer)
+    block, val = split_blocks(len(tokens), val_fraction)
+    folder = _folder(corpus, tokenizer)
+    paths = {s: folder / f"{s}-{val_fraction!r}.bin" for s in ("train", "val")}
+    if not all(p.is_file() for p in paths.values()):
+        for split, want in (("train", False), ("val", True)):
+            def write(f, want=want) -> None:
+                for i, is_val in enumerate(val):
+                    if is_val == want:
+                        f.write(tokens[i * block:(i + 1) * block].tobytes())
+            _write_atomic(paths[split], write)
+    return tuple(np.memmap(paths[s], dtype=tokens.dtype, mode="r") for s in ("train", "val"))
 
 
 class Windows:

@@ -3,6 +3,10 @@
 A projection whose input keeps a fraction r of its entries reads r of its weight columns per
 token; a module with a `token_fraction` attribute (e.g. the expert list of a MoE layer, top_k /
 num_experts) scales everything below it. Works on meta-device models (nothing allocated).
+
+Storage: the bytes of the projection weights as held now, in float32, and in inference form
+(a weights block with `packed_nbytes()` — BitNet — counts its packed 2-bit storage; others
+their tensors as held), apart from the embedding/head and the other (norm) tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ class Accounting:
     seq_len: int
     projection_params: int
     activated_projection_params: float
+    projection_bytes: int = 0
+    projection_bytes_fp32: int = 0
+    projection_bytes_inference: int = 0
+    embedding_bytes: int = 0
+    other_bytes: int = 0
     by_role: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -32,8 +41,18 @@ class Accounting:
         """Overall sparsity of the projections, as the paper counts it: 1 - activated / total."""
         return 1.0 - self.activated_projection_params / max(self.projection_params, 1)
 
+    @property
+    def inference_storage_ratio(self) -> float:
+        """Projection bytes in inference form / in float32 (1/16 is the 2-bit floor)."""
+        return self.projection_bytes_inference / max(self.projection_bytes_fp32, 1)
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "sparsity": self.sparsity}
+        return {**asdict(self), "sparsity": self.sparsity, "inference_storage_ratio": self.inference_storage_ratio}
+
+
+def nbytes(tensors) -> int:
+    """Bytes of the given tensors (works on meta tensors)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
@@ -43,32 +62,40 @@ def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
     seen: set[int] = set()
     roles: dict[str, dict[str, float]] = defaultdict(lambda: {"params": 0, "activated": 0.0})
     totals = {"all": 0, "proj": 0, "proj_act": 0.0, "other_act": 0.0}
+    storage = {"proj": 0, "fp32": 0, "inference": 0, "other": 0}
 
-    def params_of(module: nn.Module) -> int:
-        n = 0
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                n += p.numel()
-        return n
+    def params_of(module: nn.Module, recurse: bool = True) -> int:
+        """Parameters of `module` not counted yet (their bytes go to the `other` storage)."""
+        fresh = [p for p in module.parameters(recurse=recurse) if id(p) not in seen]
+        seen.update(id(p) for p in fresh)
+        storage["other"] += nbytes(fresh)
+        return sum(p.numel() for p in fresh)
 
     def walk(module: nn.Module, mult: float) -> None:
         mult *= float(getattr(module, "token_fraction", 1.0))
         if isinstance(module, Projection):
-            params_of(module)  # mark as seen; counted by shape (packed storage differs)
-            n = module.in_features * module.out_features
+            # the weight (and bias) are counted by shape: packed storage differs; other
+            # tensors inside (e.g. BitNet's input norm) count as non-projection parameters
+            weight = [*module.linear.parameters(recurse=False), *module.linear.buffers(recurse=False)]
+            extra = params_of(module) - sum(p.numel() for p in module.linear.parameters(recurse=False))
+            storage["other"] -= nbytes(module.linear.parameters(recurse=False))
+            n = module.weight_count
             bias = getattr(module.linear, "bias", None)
             nb = bias.numel() if isinstance(bias, nn.Parameter) else 0
             act = (n * module.keep + nb) * mult
             roles[module.role]["params"] += n + nb
             roles[module.role]["activated"] += act
-            totals["all"] += n + nb
+            totals["all"] += n + nb + extra
             totals["proj"] += n + nb
             totals["proj_act"] += act
+            totals["other_act"] += extra * mult
+            held = nbytes(weight)
+            storage["proj"] += held
+            storage["fp32"] += 4 * (n + nb)
+            packed = getattr(module.linear, "packed_nbytes", None)
+            storage["inference"] += packed() if callable(packed) else held
             return
-        own = sum(p.numel() for p in module.parameters(recurse=False) if id(p) not in seen)
-        for p in module.parameters(recurse=False):
-            seen.add(id(p))
+        own = params_of(module, recurse=False)
         totals["all"] += own
         totals["other_act"] += own * mult
         for child in module.children():
@@ -76,6 +103,7 @@ def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
 
     embedding = params_of(model.embed)
     head = 0 if cfg.tie_embeddings else params_of(model.head)
+    embedding_bytes, storage["other"] = storage["other"], 0
     for name, child in model.named_children():
         if name not in ("embed", "head"):
             walk(child, 1.0)
@@ -91,5 +119,10 @@ def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
         seq_len=seq_len,
         projection_params=totals["proj"],
         activated_projection_params=totals["proj_act"],
+        projection_bytes=storage["proj"],
+        projection_bytes_fp32=storage["fp32"],
+        projection_bytes_inference=storage["inference"],
+        embedding_bytes=embedding_bytes,
+        other_bytes=storage["other"],
         by_role={k: dict(v) for k, v in sorted(roles.items())},
     )

@@ -10,7 +10,7 @@ from torch import nn
 
 from zoo.errors import PluginError, RecipeError, ZooError
 from zoo.model.config import ModelConfig
-from zoo.recipe.schema import BlockSpec
+from zoo.recipe.schema import BlockSpec, Invalid
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class BuildContext:
     blocks: dict[str, BlockSpec] = dataclasses.field(default_factory=dict)
     role_prefix: str = ""
     source: str = ""
+    experts: Any = None  # ExpertGroups while building a MoE layer's experts: projections come stacked
 
     def block(self, slot: str) -> BlockSpec:
         return self.blocks.get(slot) or getattr(self.model, slot)
@@ -31,16 +32,22 @@ class BuildContext:
         """A context whose projections take roles `prefix + role` (e.g. experts: 'expert_')."""
         return dataclasses.replace(self, role_prefix=prefix)
 
+    def with_experts(self, groups: Any) -> BuildContext:
+        """A context whose projections are `ExpertProjection`s: one stacked weight per expert of `groups`."""
+        return dataclasses.replace(self, experts=groups)
+
     def error(self, spec: BlockSpec | None, message: str, key: str = "") -> RecipeError:
         """A recipe error at `spec`'s key path (for checks that need build-time shapes)."""
         path = ".".join(p for p in ((spec.path if spec else ""), key) if p)
         return RecipeError(message, file=self.source or None, path=path or None)
 
     def build(self, spec: BlockSpec, *args: Any, **kwargs: Any) -> Any:
-        """Call the factory registered for spec's slot and kind."""
+        """Call the factory registered for spec's slot and kind (its `Invalid(key, msg)` -> RecipeError)."""
         entry = self.registry.get(spec.slot, spec.kind)
         try:
             return entry.factory(spec.config, self, *args, **kwargs)
+        except Invalid as err:  # a check that needed build-time shapes
+            raise self.error(spec, err.message, err.key) from None
         except ZooError:
             raise
         except Exception as err:
@@ -51,13 +58,19 @@ class BuildContext:
                 f"at {spec.path or '?'} failed: {type(err).__name__}: {err}"
             ) from err
 
+    def build_optional(self, spec: BlockSpec | None, *args: Any) -> nn.Module:
+        """The block of `spec`, or identity when the recipe left this optional block out."""
+        return nn.Identity() if spec is None else self.build(spec, *args)
+
     def projection(self, role: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         """THE projection factory: every linear map of every block is made here."""
-        from zoo.model.projection import Projection
+        from zoo.model.projection import ExpertProjection, Projection
 
         role = self.role_prefix + role
         weights = self.block("weights").for_role(role)
         sparsity = self.block("sparsity").for_role(role)
         linear = self.build(weights, in_features, out_features, bias)
         sparsify = self.build(sparsity, in_features)
+        if self.experts is not None:
+            return ExpertProjection(role, sparsify, linear, in_features, out_features, self.experts)
         return Projection(role, sparsify, linear, in_features, out_features)

@@ -1,29 +1,125 @@
-"""A projection: y = W·sparsify(x). Weights and input sparsity are chosen per role by the recipe."""
+"""A projection: y = W·sparsify(x). Weights and input sparsity are chosen per role by the recipe.
+
+`ExpertProjection` is the same thing for the E experts of a MoE layer: the weights block is
+built once by the projection factory and its parameters are stacked along a new leading
+expert dimension ([E, out, in] for a weight matrix), so the experts run as one grouped matmul.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 from torch import nn
+from torch.func import functional_call
 
 
 class Projection(nn.Module):
     """`sparsify` (a sparsity block) then `linear` (a weights block), for one role.
 
     `keep` is the expected fraction of input entries that reach the matmul, so the
-    projection reads that fraction of its weight columns per token (activated parameters).
+    projection reads that fraction of its weight columns per token (activated parameters):
+    the sparsity block's `keep_fraction`, capped by `upstream_keep` (set by a block whose own
+    output is sparse by construction, e.g. a GLU with `act_sparsity`).
+
+    A weights block that must transform its input before the point where the mask belongs
+    (BitNet's RMSNorm before activation quantization) sets `sparsify_inside = True` and is
+    called as `linear(x, sparsify)`; it applies `sparsify` to the real-valued input it quantizes.
     """
 
     def __init__(self, role: str, sparsify: nn.Module, linear: nn.Module, in_features: int, out_features: int):
         super().__init__()
         self.role, self.in_features, self.out_features = role, in_features, out_features
         self.sparsify, self.linear = sparsify, linear
+        self.upstream_keep = 1.0
 
     @property
     def keep(self) -> float:
-        return float(getattr(self.sparsify, "keep_fraction", 1.0))
+        return min(float(getattr(self.sparsify, "keep_fraction", 1.0)), self.upstream_keep)
+
+    @property
+    def weight_count(self) -> int:
+        """Number of weights (matrix entries, no bias) this projection holds."""
+        return self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.linear, "sparsify_inside", False):
+            return self.linear(x, self.sparsify)
         return self.linear(self.sparsify(x))
 
     def extra_repr(self) -> str:
         return f"role={self.role}, {self.in_features}->{self.out_features}"
+
+
+class ExpertGroups:
+    """Shared by the expert projections of one MoE layer: its backend and, during a forward,
+    where each expert's rows lie in the expert-sorted input (see `ExpertProjection`)."""
+
+    def __init__(self, num_experts: int, backend: Any):
+        self.num_experts, self.backend = num_experts, backend
+        self.offsets: torch.Tensor | None = None
+        self.row_expert: torch.Tensor | None = None
+
+    @contextmanager
+    def sorted_rows(self, offsets: torch.Tensor, row_expert: torch.Tensor) -> Iterator[None]:
+        """Inside: inputs are rows sorted by expert; expert e owns rows offsets[e-1]:offsets[e]."""
+        self.offsets, self.row_expert = offsets, row_expert
+        try:
+            yield
+        finally:
+            self.offsets = self.row_expert = None
+
+
+class ExpertProjection(Projection):
+    """E projections of one role with stacked parameters, applied to expert-sorted rows.
+
+    Input sparsity is per token, so it runs once over all rows. If the weights block has
+    `operands(x) -> (x', w, b)` (y = x'·wᵀ + b, written to accept a leading expert dim on its
+    parameters), the experts run as one `backend.grouped_mm`; otherwise each expert's slice
+    runs through the weights block with that expert's parameters (`torch.func.functional_call`).
+    """
+
+    def __init__(self, role: str, sparsify: nn.Module, linear: nn.Module, in_features: int, out_features: int,
+                 groups: ExpertGroups):
+        super().__init__(role, sparsify, linear, in_features, out_features)
+        self.groups = groups
+        self.num_experts = groups.num_experts
+        for name, p in list(linear.named_parameters()):
+            owner, _, leaf = name.rpartition(".")
+            stacked = nn.Parameter(p.detach().unsqueeze(0).repeat(self.num_experts, *([1] * p.dim())).contiguous(),
+                                   requires_grad=p.requires_grad)
+            stacked.expert_dims = 1  # leading dims that index experts (init treats [E, n] like [n])
+            setattr(linear.get_submodule(owner), leaf, stacked)
+
+    @property
+    def weight_count(self) -> int:
+        return self.num_experts * self.in_features * self.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.groups
+        if g.offsets is None:
+            raise RuntimeError(f"expert projection {self.role} called outside ExpertGroups.sorted_rows")
+        if getattr(self.linear, "sparsify_inside", False):  # e.g. BitNet: mask after its own input norm
+            return self._per_expert(x, self.sparsify)
+        x = self.sparsify(x)
+        operands = getattr(self.linear, "operands", None)
+        if operands is None:
+            return self._per_expert(x)
+        xq, w, b = operands(x)
+        y = g.backend.grouped_mm(xq, w, g.offsets)
+        if b is not None:
+            y = y + b[g.row_expert]
+        return y.to(x.dtype)
+
+    def _per_expert(self, x: torch.Tensor, *extra: nn.Module) -> torch.Tensor:
+        """Each expert's rows through the weights block with that expert's slice of the parameters."""
+        params = dict(self.linear.named_parameters())
+        ends = self.groups.offsets.tolist()
+        starts = [0, *ends[:-1]]
+        return torch.cat([functional_call(self.linear, {n: p[e] for n, p in params.items()}, (x[s:t], *extra))
+                          for e, (s, t) in enumerate(zip(starts, ends))])
+
+    def extra_repr(self) -> str:
+        return f"role={self.role}, {self.num_experts} × {self.in_features}->{self.out_features}"

@@ -73,6 +73,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self._aux_modules = [m for m in self.modules() if hasattr(m, "aux_losses")]
+        self.zoo_transforms: list[str] = []  # no-argument methods zoo.load redoes after building
         self.reset_parameters()
 
     @torch.no_grad()
@@ -80,10 +81,23 @@ class Transformer(nn.Module):
         """Normal(0, init_std) weights; output projections scaled by 1/sqrt(2·n_layers)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if p.is_meta or p.dim() < 2:
+            if p.is_meta or p.dim() - getattr(p, "expert_dims", 0) < 2:
                 continue
             deep = name.endswith(("o.linear.weight", "down.linear.weight"))
             nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers) if deep else std)
+
+    @torch.no_grad()
+    def freeze(self) -> Transformer:
+        """Switch every block that has an inference form to it (BitNet: packed ternary weights).
+
+        Irreversible (latent weights are dropped); recorded in `zoo_transforms` so `zoo.load` redoes it.
+        """
+        for m in list(self.modules()):
+            if m is not self and callable(getattr(m, "freeze", None)):
+                m.freeze()
+        if "freeze" not in self.zoo_transforms:
+            self.zoo_transforms.append("freeze")
+        return self
 
     def new_cache(self, batch: int, device=None, dtype=None) -> list[KVCache]:
         c = self.config

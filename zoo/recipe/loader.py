@@ -45,10 +45,14 @@ def origin_of(path: str, origins: dict[str, str]) -> str | None:
 
 
 def deep_merge(base: dict, top: dict) -> dict:
-    """Tables merge key by key (top wins); every other value, arrays included, is replaced."""
+    """Tables merge key by key (top wins); every other value, arrays included, is replaced.
+
+    A block table whose `kind` differs from the base's replaces it whole (the kinds' keys differ).
+    """
     out = copy.deepcopy(base)
     for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) == out[k].get(
+                "kind"):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)

@@ -18,7 +18,10 @@ from zoo.train.config import DataConfig, TrainConfig
 
 @dataclass(frozen=True)
 class Recipe:
-    """A whole recipe. `source` (not part of equality) names the file for error messages."""
+    """A whole recipe: the model, how to train it, and on what data.
+
+    `source` (not part of equality) names the file for error messages.
+    """
 
     name: str = param("", "a short name for tables and plots")
     model: ModelConfig = param(None, "the architecture")

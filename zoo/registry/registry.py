@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +66,22 @@ class FieldInfo:
 
 
 def _type_name(tp: Any) -> str:
+    """A type as a recipe author reads it: int, float | None, "a" | "b", array of float, table."""
     if isinstance(tp, str):
         return tp
+    origin, args = typing.get_origin(tp), [a for a in typing.get_args(tp) if a is not Ellipsis]
+    if origin is typing.Literal:
+        return " | ".join(json.dumps(a) if isinstance(a, str) else repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin in (tuple, list):
+        return "array of " + (" | ".join(dict.fromkeys(_type_name(a) for a in args)) if args else "values")
+    if origin is dict:
+        return "table"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    if tp is type(None):
+        return "None"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -73,6 +90,10 @@ _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
 def describe_config(config: type) -> list[FieldInfo]:
     """One FieldInfo per dataclass field: name, type, default (as TOML data), bounds and one-line doc."""
+    try:
+        hints = typing.get_type_hints(config)
+    except Exception:  # an annotation that cannot be resolved here: show it as written
+        hints = {}
     out = []
     for f in dataclasses.fields(config):
         if not f.init or f.metadata.get("internal"):
@@ -85,7 +106,7 @@ def describe_config(config: type) -> list[FieldInfo]:
             default, required = None, True
         default = getattr(default, "data", default)  # a slot field's default block table
         slot = f.metadata.get("slot")
-        tp = f"{slot} block" if slot else _type_name(f.type)
+        tp = f"{slot} block" if slot else _type_name(hints.get(f.name, f.type))
         bounds = ", ".join(f"{word} {f.metadata[key]}" for key, word in _BOUNDS if f.metadata.get(key) is not None)
         out.append(FieldInfo(f.name, tp, default, f.metadata.get("doc", ""), required, slot, bounds))
     return out

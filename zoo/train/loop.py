@@ -6,6 +6,7 @@ validation), checkpoints/step-N/ (see zoo.train.state) and, when the run finishe
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -18,9 +19,11 @@ from tqdm import tqdm
 
 from zoo.data import load_data, val_batches
 from zoo.data.tokens import Windows
-from zoo.errors import CheckpointError, ZooError
+from zoo.errors import CheckpointError, RecipeError, ZooError
+from zoo.eval.evaluate import sparsity_summary
 from zoo.eval.perplexity import autocast, decode_tokens_per_s, eval_loss, perplexity
 from zoo.io.checkpoint import load
+from zoo.kernels import prepare_inference
 from zoo.model.accounting import account
 from zoo.model.build import build
 from zoo.recipe.recipe import Recipe, load_recipe
@@ -132,8 +135,11 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
     """Train `recipe` into run folder `out`; return the summary (or the state when stopped at `stop_at`)."""
     from zoo.registry import get_registry
 
-    out = prepare_out(out)
     cfg = recipe.train
+    if cfg.seq_len > recipe.model.max_seq_len:
+        raise RecipeError(f"{cfg.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}",
+                          file=recipe.source or None, path="train.seq_len")
+    out = prepare_out(out)
     state, ckpt = TrainState(), None
     if resume:
         found = step_dirs(out)
@@ -166,6 +172,7 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
     micro = cfg.batch_size // cfg.grad_accum
     windows = Windows(data.train, cfg.seq_len, cfg.seed)
     val = list(val_batches(data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
+    sparsity_inputs = [x for x, _ in val[:2]]
     fwd = torch.compile(model) if cfg.compile else model
     log = MetricsLog(out, state.step if resume else None, cfg.tensorboard)
     tok_json = data.tokenizer.to_json()
@@ -231,7 +238,7 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or done:
                 val_loss = eval_loss(model, val, cfg.precision)
                 record = {"split": "val", "step": state.step, "tokens": state.tokens, "val_loss": val_loss,
-                          "val_ppl": perplexity(val_loss)}
+                          "val_ppl": perplexity(val_loss), "sparsity": sparsity_summary(model, sparsity_inputs)}
                 log.write(record)
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or done or state.step == last:
                 ckpt = save_checkpoint(out, model, opt, state, tok_json, cfg.keep_last)
@@ -259,7 +266,7 @@ def write_summary(out: Path, recipe: Recipe, model, data, state: TrainState, val
         "val_ppl": val_rec[-1]["val_ppl"],
         "sparsity": val_rec[-1].get("sparsity"),
         "train_tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
-        "decode_tokens_per_s": decode_tokens_per_s(model, prompt),
+        "decode_tokens_per_s": decode_tokens_per_s(prepare_inference(copy.deepcopy(model).freeze()), prompt),
         "accounting": acc.to_dict(),
         "tokenizer": data.tokenizer.fingerprint,
     }

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+import zoo
+from tests.tiny import tiny_run
+from zoo.cli import main
+from zoo.eval.compare import compare, find_runs, table
+from zoo.train.loop import train
+from zoo.train.sweep import parse_grid, points, run_name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two fixture runs differing in the FFN activation, plus a second seed of the first."""
+    tmp = tmp_path_factory.mktemp("runs")
+    out = tmp / "runs"
+    base = {"train.steps": 3, "train.eval_every": 0}
+    train(tiny_run(tmp, **base), out / "silu", progress=False)
+    train(tiny_run(tmp, **base, **{"train.seed": 1}), out / "silu-seed1", progress=False)
+    train(tiny_run(tmp, **base, **{"model.ffn.activation": "relu"}), out / "relu", progress=False)
+    return out
+
+
+def test_compare_rows_show_only_differing_keys_and_aggregate_seeds(runs):
+    rows = compare(find_runs([runs]))
+    assert len(rows) == 2
+    by = {r["differences"]["model.ffn.activation.kind"]: r for r in rows}
+    assert set(by) == {"silu", "relu"} and list(by["silu"]["differences"]) == ["model.ffn.activation.kind"]
+    silu, relu = by["silu"], by["relu"]
+    assert silu["seeds"] == [0, 1] and relu["seeds"] == [0]
+    s0, s1 = (json.loads((runs / n / "summary.json").read_text()) for n in ("silu", "silu-seed1"))
+    assert silu["val_loss"] == pytest.approx((s0["val_loss"] + s1["val_loss"]) / 2)
+    assert silu["val_loss_std"] == pytest.approx(abs(s0["val_loss"] - s1["val_loss"]) / 2 ** 0.5)
+    assert relu["val_loss_std"] is None and relu["total_params"] == s0["accounting"]["total_params"]
+    headers, cells = table(rows)
+    assert headers[:3] == ["run", "seeds", "model.ffn.activation.kind"] and "±" in cells[[r["run"] for r in rows]
+                                                                                          .index(silu["run"])][6]
+
+
+def test_cli_compare_json_and_plot(runs, tmp_path, capsys):
+    png = tmp_path / "cmp.png"
+    assert main(["compare", str(runs / "silu"), str(runs / "relu"), "--json", "--plot", str(png)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run"] for r in rows] == ["silu", "relu"] and png.stat().st_size > 10_000
+    assert main(["compare", str(runs / "silu")]) == 0
+    assert "val" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_unfinished_run_is_named(tmp_path):
+    r = tiny_run(tmp_path, **{"train.steps": 4})
+    train(r, tmp_path / "half", stop_at=2, progress=False)
+    with pytest.raises(zoo.ZooError, match="has not finished"):
+        find_runs([tmp_path / "half"])
+
+
+def test_grid_points_and_names():
+    grid = parse_grid(["model.ffn.activation.kind=silu,relu", "optim.lr=1e-3,2e-3"])
+    assert grid == {"model.ffn.activation.kind": ["silu", "relu"], "optim.lr": [1e-3, 2e-3]}
+    pts = points(grid, [0, 1])
+    assert len(pts) == 8 and pts[1] == {"model.ffn.activation.kind": "silu", "optim.lr": 1e-3, "train.seed": 1}
+    assert run_name(pts[1]) == "kind-silu_lr-0.001_seed-1"
+    with pytest.raises(zoo.ZooError, match="expected key.path=v1,v2"):
+        parse_grid(["optim.lr"])
+
+
+def test_sweep_runs_every_point_and_resumes(tmp_path, capsys):
+    r = tiny_run(tmp_path, **{"train.steps": 2, "train.eval_every": 0})
+    (tmp_path / "r.toml").write_text(r.to_toml())
+    args = ["sweep", str(tmp_path / "r.toml"), "--grid", "model.ffn.activation.kind=silu,relu", "--seeds", "0,1",
+            "--out", str(tmp_path / "sw"), "--quiet"]
+    assert main(args) == 0
+    names = sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir())
+    assert names == ["kind-relu_seed-0", "kind-relu_seed-1", "kind-silu_seed-0", "kind-silu_seed-1"]
+    before = (tmp_path / "sw" / "kind-relu_seed-1" / "summary.json").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().err.count("finished before, skipped") == 4
+    assert (tmp_path / "sw" / "kind-relu_seed-1" / "summary.json").read_text() == before
+    assert main(["sweep", str(tmp_path / "r.toml"), "--out", str(tmp_path / "x")]) == 2

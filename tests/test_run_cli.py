@@ -1,0 +1,100 @@
+"""zoo generate / eval / scaling fit / quickstart on tiny runs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.tiny import tiny_run
+from zoo.eval.scaling import law
+from zoo.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    r = tiny_run(tmp, **{"train.steps": 3, "data.tokenizer": {"kind": "bpe", "vocab_size": 300},
+                         "model.vocab_size": 300})
+    train(r, tmp / "run", progress=False)
+    return tmp / "run"
+
+
+def test_generate_streams_a_continuation_with_the_runs_tokenizer(run, cli):
+    assert (run / "checkpoints" / "step-00000003" / "tokenizer.json").is_file()
+    a = cli("generate", run, "--prompt", "the lord", "--max-new-tokens", "8", "--seed", "3", "--top-k", "20")
+    b = cli("generate", run, "--prompt", "the lord", "--max-new-tokens", "8", "--seed", "3", "--top-k", "20")
+    assert a.code == 0 and a.out == b.out and a.out.startswith("the lord") and len(a.out) > len("the lord\n")
+    g = cli("generate", run, "--prompt", "the lord", "--max-new-tokens", "4", "--temperature", "0", "--top-p", "0.9")
+    assert g.code == 0 and g.out.startswith("the lord")
+
+
+def test_generate_bad_inputs(run, tmp_path, cli):
+    assert cli("generate", run, "--prompt", "").code == 2
+    bad = cli("generate", tmp_path / "nothing", "--prompt", "x")
+    assert bad.code == 2 and "no such checkpoint or run folder" in bad.err
+    assert cli("generate", run, "--prompt", "x", "--top-p", "1.5").code == 2
+
+
+def fake_run(folder, n, s, loss):
+    """A finished-run folder whose summary says: n non-embedding params, sparsity s, val loss."""
+    folder.mkdir(parents=True)
+    (folder / "recipe.toml").write_text(f'name = "{folder.name}"\n')
+    (folder / "metrics.jsonl").write_text(json.dumps({"split": "val", "step": 1, "tokens": 1, "val_loss": loss}) + "\n")
+    acc = {"total_params": n, "activated_params": n * (1 - s), "flops_per_token": 2 * n,
+           "non_embedding_params": n, "sparsity": s}
+    (folder / "summary.json").write_text(json.dumps({
+        "val_loss": loss, "train_loss": loss, "val_ppl": float(np.exp(loss)), "sparsity": {"overall": s},
+        "train_tokens_per_s": 1.0, "decode_tokens_per_s": 1.0, "tokens": 1, "accounting": acc}))
+
+
+def test_scaling_fit_cli(tmp_path, cli):
+    consts = {"E": 1.6, "B": 0.8, "C": 6.0, "alpha": 0.25, "beta": 0.3}
+    for n in (1e5, 1e6, 1e7):
+        for s in (0.0, 0.4, 0.7):
+            fake_run(tmp_path / "runs" / f"n{n:g}-s{s}", n, s, float(law(n, s, **consts)))
+    res = cli("scaling", "fit", tmp_path / "runs", "--json", "--plot", tmp_path / "fit.png")
+    assert res.code == 0, res.err
+    out = json.loads(res.out)
+    assert out["alpha"] == pytest.approx(0.25, rel=0.05) and out["runs"] == 9 and len(out["data"]) == 9
+    assert (tmp_path / "fit.png").stat().st_size > 10_000
+    text = cli("scaling", "fit", tmp_path / "runs")
+    assert "optimal sparsity S*" in text.out
+    few = cli("scaling", "fit", *sorted((tmp_path / "runs").iterdir())[:3])
+    assert few.code == 2 and "needs at least 5 runs, got 3" in few.err
+
+
+def test_eval_reports_loss_sparsity_and_params(tmp_path, cli):
+    r = tiny_run(tmp_path, **{"train.steps": 2, "model.sparsity": {"kind": "topk", "keep": 0.5},
+                              "model.ffn.activation": "relu2"})
+    summary = train(r, tmp_path / "run", progress=False)
+    assert summary["sparsity"]["overall"] >= 0.45
+    res = cli("eval", tmp_path / "run", "--json")
+    assert res.code == 0, res.err
+    rep = json.loads(res.out)
+    assert rep["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert set(rep["sparsity"]["by_role"]) == {"qkv", "o", "up_gate", "down"}
+    assert rep["sparsity"]["by_role"]["qkv"] == pytest.approx(0.5, abs=0.02)
+    assert rep["accounting"]["activated_params"] < rep["accounting"]["non_embedding_params"]
+    (tmp_path / "other.txt").write_text("in the beginning was the word and the word was with god.\n" * 40)
+    other = cli("eval", tmp_path / "run", "--data", tmp_path / "other.txt", "--json")
+    assert other.code == 0, other.err
+    assert json.loads(other.out)["val_loss"] != rep["val_loss"]
+    text = cli("eval", tmp_path / "run")
+    assert "perplexity" in text.out and "measured sparsity" in text.out
+    missing = cli("eval", tmp_path / "run", "--data", tmp_path / "nope.txt")
+    assert missing.code == 2 and "no such file or folder" in missing.err
+
+
+def test_quickstart_trains_compares_and_plots(tmp_path, cli):
+    dense = tiny_run(tmp_path)
+    sparse = dense.replace(**{"name": "sparse", "model.sparsity": {"kind": "topk", "keep": 0.5}})
+    (tmp_path / "dense.toml").write_text(dense.to_toml())
+    (tmp_path / "sparse.toml").write_text(sparse.to_toml())
+    res = cli("quickstart", "--recipes", tmp_path / "dense.toml", tmp_path / "sparse.toml", "--steps", "2",
+              "--out", tmp_path / "qs", "--set", "train.eval_batches=1", "--set", "train.seq_len=32", "--quiet")
+    assert res.code == 0, res.err
+    assert (tmp_path / "qs" / "compare.png").stat().st_size > 10_000
+    lines = res.out.strip().splitlines()
+    header = next(ln for ln in lines if ln.startswith("run"))
+    assert "model.sparsity.kind" in header and "act.params" in header and "decode tok/s" in header
+    assert any(ln.startswith("dense ") for ln in lines) and any(ln.startswith("sparse ") for ln in lines)

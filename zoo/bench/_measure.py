@@ -1,0 +1,80 @@
+"""Shared by the benchmarks: timing (median, cold cache), memory bandwidth, and the result table."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+CACHE_BYTES = 256 << 20  # rotate through copies of the operands until this much: larger than any CPU's last-level cache
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copies(nbytes: int, cold: bool) -> int:
+    """How many copies of operands of `nbytes` to rotate through so that each call reads from memory, not cache."""
+    return max(1, -(-CACHE_BYTES // max(nbytes, 1))) if cold else 1
+
+
+def median_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], device: torch.device,
+              repeat: int = 15, warmup: int = 3) -> float:
+    """Median wall time of fn(*args) over `repeat` calls, rotating through `arg_sets` (copies of the operands)."""
+    for i in range(warmup):
+        fn(*arg_sets[i % len(arg_sets)])
+    times = []
+    for i in range(repeat):
+        args = arg_sets[(warmup + i) % len(arg_sets)]
+        sync(device)
+        t = time.perf_counter()
+        fn(*args)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def bandwidth_gbs(device: torch.device, nbytes: int = 512 << 20) -> float:
+    """Read bandwidth (GB/s) measured now: the sum of a buffer much larger than the cache."""
+    buf = torch.ones(nbytes // 4, device=device)
+    ms = median_ms(torch.sum, [(buf,)], device, repeat=7)
+    return nbytes / ms / 1e6
+
+
+def row(name: str, shape: str, ms: float, base_ms: float, nbytes: int, gbs: float, **extra) -> dict:
+    """One result: kernel time, baseline time (same run), their ratio, the bytes floor at the measured bandwidth."""
+    floor = nbytes / gbs / 1e6
+    return {"kernel": name, "shape": shape, "ms": round(ms, 4), "baseline_ms": round(base_ms, 4),
+            "speedup": round(base_ms / ms, 3), "floor_ms": round(floor, 4),
+            "of_floor": round(floor / ms, 3), **extra}
+
+
+def report(rows: Sequence[dict], header: dict, as_json: bool) -> None:
+    """Print `rows` as one JSON document or as an aligned table, preceded by the `header` facts."""
+    if as_json:
+        print(json.dumps({**header, "results": list(rows)}, indent=1))
+        return
+    for k, v in header.items():
+        print(f"{k}: {v}")
+    if not rows:
+        return
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    width = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(width[c]) for c in cols))
+
+
+def machine(device: torch.device) -> str:
+    """A one-line description of where the benchmark ran."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"

@@ -1,0 +1,152 @@
+"""Each kernel against its dense baseline at real model shapes: time, ratio, bytes floor."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from zoo.bench._measure import bandwidth_gbs, copies, machine, median_ms, report, row
+from zoo.kernels.moe_matmul import grouped_matmul, sort_by_expert
+from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul
+from zoo.kernels.topk_matmul import topk_matmul
+
+# (name, in, out): LLaMA-7B-like FFN, a 2B-class FFN, and the tiny recipes' FFN (d_model 192, hidden 512)
+SHAPES = [("7b-up", 4096, 11008), ("7b-down", 11008, 4096), ("2b-up", 2048, 5460), ("2b-down", 5460, 2048),
+          ("tiny-up", 192, 1024), ("tiny-down", 512, 192)]
+# (name, d_model, expert hidden, experts, top_k): OLMoE-like and the tiny MoE recipe
+MOE_SHAPES = [("olmoe-up", 2048, 1024, 64, 8), ("tiny-moe-up", 192, 256, 8, 2)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--only", action="append", choices=["topk", "ternary", "moe"], help="run only these kernels")
+    p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.4], help="top-K keep fractions")
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES),
+                   help="weight dtypes of the top-K kernel")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="rows per call (default: 1 on CPU, 1 8 on CUDA)")
+    p.add_argument("--shapes", nargs="+", default=None, choices=[s[0] for s in SHAPES + MOE_SHAPES],
+                   help="shapes to run (default all)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per MoE call (default 128 on CPU, 4096 on CUDA)")
+    p.add_argument("--repeat", type=int, default=15, help="timed calls per measurement (median)")
+
+
+def cold(make, nbytes: int) -> list:
+    """Enough copies of an operand (made by `make()`) that rotating through them defeats the cache."""
+    return [make() for _ in range(copies(nbytes, cold=True))]
+
+
+def bench_topk(args, device, gbs) -> list[dict]:
+    """Top-K sparse-input matmul vs the dense F.linear on the same rows, per dtype, batch and keep."""
+    rows = []
+    for name, d_in, d_out in _shapes(args, SHAPES):
+        for dtype_name in args.dtype:
+            dtype = DTYPES[dtype_name]
+            ws = cold(functools.partial(torch.randn, d_out, d_in, device=device, dtype=dtype), d_in * d_out * 4)
+            wts = [w.t().contiguous() for w in ws]
+            for n in _batches(args, device):
+                x = torch.randn(n, d_in, device=device, dtype=dtype)
+                dense = median_ms(F.linear, [(x, w) for w in ws], device, args.repeat)
+                for keep in args.keep:
+                    k = int(keep * d_in)
+                    idx = x.abs().topk(k, dim=-1).indices
+                    ms = median_ms(topk_matmul, [(x.gather(-1, idx), idx, wt) for wt in wts], device, args.repeat)
+                    read = n * k * d_out * dtype.itemsize
+                    rows.append(row("topk", f"{name} {d_in}->{d_out} {dtype_name} b{n} keep{keep}", ms, dense,
+                                    read, gbs, GBs=round(read / ms / 1e6, 1)))
+    return rows
+
+
+def bench_ternary(args, device, gbs) -> list[dict]:
+    """Ternary (int8 layout on CPU, packed on CUDA), alone and with the top-K gather, vs dense float
+    (fp32 on CPU, bf16 on CUDA)."""
+    rows, cuda = [], device.type == "cuda"
+    base_dtype = torch.bfloat16 if cuda else torch.float32
+    per_weight = 0.25 if cuda else 1.0  # bytes read per weight
+    layouts = ("packed",) if cuda else ("int8",)
+    for name, d_in, d_out in _shapes(args, SHAPES):
+        ws = cold(functools.partial(torch.randn, d_out, d_in, device=device, dtype=base_dtype), d_in * d_out * 4)
+        tws = cold(functools.partial(_ternary, d_out, d_in, device, layouts), int(d_in * d_out * per_weight))
+        for n in _batches(args, device):
+            x = torch.randn(n, d_in, device=device, dtype=base_dtype)
+            dense = median_ms(F.linear, [(x, w) for w in ws], device, args.repeat)
+            xq, s = quantize_rows(x)
+            ms = median_ms(ternary_matmul, [(xq, tw, 1 / s) for tw in tws], device, args.repeat)
+            rows.append(row("ternary", f"{name} {d_in}->{d_out} b{n} vs {str(base_dtype)[6:]}", ms, dense,
+                            int(d_in * d_out * per_weight), gbs))
+            for keep in args.keep:
+                k = int(keep * d_in)
+                idx = x.abs().topk(k, dim=-1).indices
+                ms = median_ms(ternary_matmul, [(xq.gather(-1, idx), tw, 1 / s, idx) for tw in tws], device,
+                               args.repeat)
+                read = n * k * d_out * per_weight if cuda else d_in * d_out  # CPU: dense int8 on the masked row
+                rows.append(row("ternary+topk", f"{name} {d_in}->{d_out} b{n} keep{keep}", ms, dense, int(read), gbs))
+    return rows
+
+
+def _ternary(d_out: int, d_in: int, device, layouts) -> TernaryWeight:
+    return TernaryWeight.from_ternary(torch.randint(-1, 2, (d_out, d_in), device=device), layouts)
+
+
+def _grouped_step(x, w, rows, offsets, g) -> None:
+    y = grouped_matmul(x, w, rows, offsets)
+    if g is not None:
+        y.backward(g)
+
+
+def _dense_step(x, w, g) -> None:
+    y = x @ w
+    if g is not None:
+        y.backward(g)
+
+
+def bench_moe(args, device, gbs) -> list[dict]:
+    """Grouped matmul (forward; forward+backward on CUDA) vs one dense matmul of the same FLOPs."""
+    rows, cuda = [], device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    tokens = args.tokens or (4096 if cuda else 128)
+    for name, d_model, hidden, experts, top_k in _shapes(args, MOE_SHAPES):
+        x = torch.randn(tokens, d_model, device=device, dtype=dtype, requires_grad=cuda)
+        w = torch.randn(experts, d_model, hidden, device=device, dtype=dtype, requires_grad=cuda)
+        routes = torch.rand(tokens, experts, device=device).topk(top_k, -1).indices
+        _, token_rows, offsets = sort_by_expert(routes, experts)
+        xd = torch.randn(tokens * top_k, d_model, device=device, dtype=dtype, requires_grad=cuda)
+        wd = torch.randn(d_model, hidden, device=device, dtype=dtype, requires_grad=cuda)
+        flops = 2 * tokens * top_k * d_model * hidden
+        nbytes = (w.numel() + x.numel() + tokens * top_k * hidden) * dtype.itemsize
+        g = torch.randn(tokens * top_k, hidden, device=device, dtype=dtype)
+        for label, grad in [("fwd", None)] + ([("fwd+bwd", g)] if cuda else []):
+            with torch.set_grad_enabled(grad is not None):
+                base = median_ms(_dense_step, [(xd, wd, grad)], device, args.repeat)
+                ms = median_ms(_grouped_step, [(x, w, token_rows, offsets, grad)], device, args.repeat)
+            mult = 1 if grad is None else 3
+            rows.append(row(f"moe-{label}", f"{name} T{tokens} {d_model}->{hidden} E{experts} k{top_k} "
+                            f"{str(dtype)[6:]}", ms, base, nbytes * mult, gbs,
+                            TFLOPs=round(mult * flops / ms / 1e9, 3), dense_TFLOPs=round(mult * flops / base / 1e9, 3)))
+    return rows
+
+
+def _shapes(args, table):
+    return [s for s in table if not args.shapes or s[0] in args.shapes]
+
+
+def _batches(args, device) -> list[int]:
+    return args.batch or ([1, 8] if device.type == "cuda" else [1])
+
+
+KERNELS = {"topk": bench_topk, "ternary": bench_ternary, "moe": bench_moe}
+
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    gbs = bandwidth_gbs(device)
+    results = []
+    for name in args.only or list(KERNELS):
+        results += KERNELS[name](args, device, gbs)
+    header = {"machine": machine(device), "torch": torch.__version__, "bandwidth_GBs": round(gbs, 1),
+              "note": "speedup = baseline_ms / ms; of_floor = floor_ms / ms (1.0 = at memory bandwidth)"}
+    report(results, header, args.json)
+    return 0

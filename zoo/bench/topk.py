@@ -1,0 +1,94 @@
+"""Q-Sparse training step (top-K on every projection input, STE) against the same dense step."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+import zoo
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--d-model", type=int, default=192)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--kind", default="topk", choices=["topk", "block_topk"], help="block_topk uses 16:32")
+    p.add_argument("--activation", default="silu", help="GLU activation of both models")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+
+
+def _recipe(args, sparsity: str) -> zoo.Recipe:
+    return zoo.loads_recipe(f"""
+[model]
+vocab_size = 256
+d_model = {args.d_model}
+n_layers = {args.layers}
+n_heads = {args.heads}
+max_seq_len = {args.seq}
+ffn = {{ kind = "glu", hidden = {args.hidden}, activation = "{args.activation}" }}
+sparsity = {sparsity}
+""", source="<bench topk>")
+
+
+def _step(model, opt, idx) -> None:
+    loss = model(idx[:, :-1], idx[:, 1:]).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _bandwidth() -> float:
+    """Measured copy bandwidth in bytes/s (read + write of a 64 MiB buffer)."""
+    src = torch.empty(16 << 20)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * 4 / min(times)
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sparse_spec = (f'{{ kind = "topk", keep = {args.keep} }}' if args.kind == "topk"
+                   else '{ kind = "block_topk", n = 16, m = 32 }')
+    torch.manual_seed(0)
+    models = {"dense": zoo.build(_recipe(args, '"none"')), "qsparse": zoo.build(_recipe(args, sparse_spec))}
+    models["qsparse"].load_state_dict(models["dense"].state_dict())
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
+    idx = torch.randint(0, 256, (args.batch, args.seq + 1))
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for i in range(args.steps + 2):
+        for k in models:  # interleaved, so that load from other processes hits both alike
+            t = time.perf_counter()
+            _step(models[k], opts[k], idx)
+            if i >= 2:
+                times[k].append(time.perf_counter() - t)
+    dense, sparse = statistics.median(times["dense"]), statistics.median(times["qsparse"])
+    # floor of the extra work: each masked input is read and the masked copy written once (fp32)
+    tokens = args.batch * args.seq
+    widths = args.layers * (3 * args.d_model + args.hidden)
+    floor = dense + 2 * 4 * tokens * widths / _bandwidth()
+    result = {"tokens_per_step": tokens, "dense_step_s": dense, "qsparse_step_s": sparse,
+              "ratio": sparse / dense, "floor_step_s": floor, "floor_ratio": floor / dense,
+              "threads": torch.get_num_threads(), "kind": args.kind, "keep": args.keep}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"train step, {tokens} tokens, d_model {args.d_model}, hidden {args.hidden}, {args.layers} layers, "
+              f"{torch.get_num_threads()} threads")
+        print(f"  dense                 {dense * 1e3:9.1f} ms")
+        print(f"  {args.kind:<10} keep {args.keep:<4} {sparse * 1e3:9.1f} ms   ratio x{sparse / dense:.3f}")
+        print(f"  floor (mask traffic)  {floor * 1e3:9.1f} ms   ratio x{floor / dense:.3f}")
+    return 0

@@ -1,0 +1,124 @@
+"""BitNet b1.58 projection weights (arXiv 2402.17764 and its training-tips note).
+
+Training: a latent full-precision weight W; the forward uses W̃·β with β = mean|W| + ε and
+W̃ = RoundClip(W/β, -1, 1), on activations quantized per token to int8 with absmax
+(s = 127 / max|x|, x̃ = clamp(round(x·s), -128, 127) / s); both straight-through (detach).
+An RMSNorm sits right before activation quantization (`input_norm`). With a sparsity block
+the mask is computed on the normalised real-valued input and applied before quantization:
+Y = (Q(X) ⊙ M)·(W̃β)ᵀ, M = TopK(|X|) (quantized top-K; top-K keeps the max, so Q(X ⊙ M) = Q(X) ⊙ M).
+`freeze()` replaces W by packed 2-bit storage plus β: `packed` uint8 [in, ceil(out/4)] in the layout
+of zoo.kernels.ternary (the one the ternary matmul kernels read), `scale` float32 [1] = β.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.blocks.norm import RMSNorm
+from zoo.kernels.ternary import pack_ternary, unpack_ternary
+from zoo.recipe.schema import param
+
+ACT_MAX = 127.0
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` detached, in float32 at least (quantization statistics are not taken in half precision)."""
+    return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+
+def weight_scale(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """β = mean|W| + ε over the whole matrix."""
+    return wide(w).abs().mean() + eps
+
+
+def ternary(w: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """W̃ = RoundClip(W / β, -1, 1): values in {-1, 0, 1}."""
+    return (wide(w) / beta).round().clamp(-1, 1)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax int8 fake quantization: clamp(round(x·s), -128, 127) / s, s = 127 / max|x|."""
+    xw = wide(x)
+    s = ACT_MAX / xw.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return ((xw * s).round().clamp(-ACT_MAX - 1, ACT_MAX) / s).to(x.dtype)
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q in the forward, identity gradient to x in the backward."""
+    return x + (q - x).detach()
+
+
+@dataclass(frozen=True)
+class BitNetConfig:
+    """BitNet b1.58: ternary absmean weights, per-token absmax int8 activations, straight-through"""
+
+    input_norm: bool = param(True, "RMSNorm inside the projection, right before activation quantization")
+    norm_eps: float = param(1e-6, "eps of that RMSNorm", gt=0, le=1)
+    eps: float = param(1e-5, "ε in β = mean|W| + ε", gt=0, le=1)
+
+
+class BitLinear(nn.Module):
+    """y = Q(norm(x) ⊙ M)·(W̃β)ᵀ (+ b). Training: latent `weight`; frozen: `packed` uint8 + `scale` β."""
+
+    sparsify_inside = True  # the projection hands us its sparsity block: mask after the norm
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, input_norm: bool = True,
+                 norm_eps: float = 1e-6, eps: float = 1e-5):
+        super().__init__()
+        self.in_features, self.out_features, self.eps = in_features, out_features, eps
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.norm = RMSNorm(in_features, norm_eps) if input_norm else nn.Identity()
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    @property
+    def frozen(self) -> bool:
+        return "packed" in self._buffers
+
+    def quantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W̃·β in `dtype`: from the latent weight (straight-through) or from the packed storage."""
+        if self.frozen:
+            return unpack_ternary(self.packed, self.out_features).to(dtype) * self.scale.to(dtype)
+        beta = weight_scale(self.weight, self.eps)
+        return straight_through(self.weight, (ternary(self.weight, beta) * beta).to(self.weight.dtype)).to(dtype)
+
+    def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
+        x = self.norm(x)
+        if sparsify is not None:
+            x = sparsify(x)
+        x = straight_through(x, quantize_activations(x))
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.quantized_weight(x.dtype), b)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Replace the latent weight by packed ternary storage (4 weights per byte) and β."""
+        if self.frozen:
+            return
+        beta = weight_scale(self.weight, self.eps)
+        packed = pack_ternary(ternary(self.weight, beta))
+        del self.weight
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", beta.reshape(1))
+
+    def packed_nbytes(self) -> int:
+        """Bytes of the inference storage: packed matrix, float32 β, bias."""
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.in_features * -(-self.out_features // 4) + 4 + bias
+
+    def extra_repr(self) -> str:
+        state = "frozen, packed 2-bit" if self.frozen else "latent weight"
+        return f"{self.in_features}->{self.out_features}, bias={self.bias is not None}, {state}"
+
+
+def build_bitlinear(cfg: BitNetConfig, ctx, in_features: int, out_features: int, bias: bool) -> BitLinear:
+    return BitLinear(in_features, out_features, bias, cfg.input_norm, cfg.norm_eps, cfg.eps)
+
+
+def register(registry) -> None:
+    registry.register("weights", "bitnet158", BitNetConfig, build_bitlinear)

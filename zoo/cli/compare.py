@@ -1,0 +1,29 @@
+"""`zoo compare DIR ... [--json] [--plot out.png]`."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("compare", help="finished runs side by side (seeds aggregated as mean ± std), and a plot")
+    p.add_argument("runs", nargs="+", metavar="DIR", help="run folders, or folders of runs (a sweep, a quickstart)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--plot", metavar="PNG", help="write the figure: val loss vs tokens, final loss vs activated params")
+    return p
+
+
+def run(args) -> int:
+    from zoo.cli import print_json, print_table
+    from zoo.eval.compare import compare, find_runs, plot, table
+
+    runs = find_runs(args.runs)
+    rows = compare(runs)
+    if args.plot:
+        plot(runs, rows, args.plot)
+    if args.json:
+        print_json(rows)
+        return 0
+    headers, cells = table(rows)
+    print_table(cells, headers)
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0

@@ -1,0 +1,159 @@
+"""`zoo compare`: finished runs side by side, seeds aggregated, plus the figure.
+
+A row is one run, or the mean ± std of runs whose recipes differ only in `train.seed`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zoo.errors import ZooError
+from zoo.recipe.loader import read_toml
+from zoo.train.loop import METRICS, RECIPE_FILE, SUMMARY, flatten
+
+METRIC_KEYS = ("total_params", "activated_params", "flops_per_token", "train_loss", "val_loss", "val_ppl",
+               "sparsity", "train_tokens_per_s", "decode_tokens_per_s", "tokens")
+IGNORED = ("name", "train.seed", "train.init_from")
+
+
+@dataclass
+class Run:
+    """A finished run folder: its flattened recipe, summary.json, and validation curve."""
+
+    path: Path
+    recipe: dict
+    summary: dict
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.path.name
+
+    def metrics(self) -> dict[str, float | None]:
+        s, acc = self.summary, self.summary["accounting"]
+        measured = (s.get("sparsity") or {}).get("overall")
+        return {"total_params": acc["total_params"], "activated_params": acc["activated_params"],
+                "flops_per_token": acc["flops_per_token"], "train_loss": s["train_loss"], "val_loss": s["val_loss"],
+                "val_ppl": s["val_ppl"], "sparsity": measured, "train_tokens_per_s": s["train_tokens_per_s"],
+                "decode_tokens_per_s": s["decode_tokens_per_s"], "tokens": s["tokens"]}
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not (path / SUMMARY).is_file():
+        what = "has not finished (no summary.json)" if (path / RECIPE_FILE).is_file() else "is not a zoo run folder"
+        raise ZooError(f"{path}: {what}")
+    summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
+    curve = []
+    for line in (path / METRICS).read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("split") == "val":
+            curve.append((rec["tokens"], rec["val_loss"]))
+    return Run(path, flatten(read_toml(path / RECIPE_FILE)), summary, curve)
+
+
+def find_runs(paths: list[str | Path]) -> list[Run]:
+    """Run folders given directly, or found one level down (a sweep or quickstart folder)."""
+    runs = []
+    for p in map(Path, paths):
+        if (p / RECIPE_FILE).is_file():
+            runs.append(load_run(p))
+        elif p.is_dir() and any((c / SUMMARY).is_file() for c in p.iterdir()):
+            runs += [load_run(c) for c in sorted(p.iterdir()) if (c / SUMMARY).is_file()]
+        else:
+            raise ZooError(f"{p}: not a run folder (no {RECIPE_FILE}) nor a folder of finished runs")
+    if not runs:
+        raise ZooError("no runs to compare")
+    return runs
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
+def compare(runs: list[Run]) -> list[dict]:
+    """One row per group of runs that differ only by seed: differing recipe keys and metrics (mean, std)."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        key = json.dumps({k: v for k, v in r.recipe.items() if k not in IGNORED}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(r)
+    reps = [g[0].recipe for g in groups.values()]
+    keys = sorted({k for rec in reps for k in rec} - set(IGNORED))
+    differing = [k for k in keys if len({json.dumps(rec.get(k), default=str) for rec in reps}) > 1]
+    rows = []
+    for g in groups.values():
+        row = {"run": g[0].label if len(g) == 1 else f"{g[0].label} (+{len(g) - 1})",
+               "runs": [str(r.path) for r in g], "seeds": sorted(r.recipe.get("train.seed", 0) for r in g),
+               "differences": {k: g[0].recipe.get(k) for k in differing}}
+        for m in METRIC_KEYS:
+            mean, std = _mean_std([r.metrics()[m] for r in g])
+            row[m] = mean
+            row[m + "_std"] = std
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: float | None, std: float | None, digits: int) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 1e4 and digits <= 1:
+        text = f"{v / 1e6:.2f}M" if abs(v) >= 1e6 else f"{v / 1e3:.1f}k"
+    else:
+        text = f"{v:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std is not None and digits > 1 else "")
+
+
+COLUMNS = [("params", "total_params", 0), ("act.params", "activated_params", 0), ("FLOPs/tok", "flops_per_token", 0),
+           ("train", "train_loss", 3), ("val", "val_loss", 3), ("ppl", "val_ppl", 2), ("sparsity", "sparsity", 2),
+           ("train tok/s", "train_tokens_per_s", 0), ("decode tok/s", "decode_tokens_per_s", 0)]
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells for printing: run, its differing keys, then the metrics."""
+    diff_keys = list(rows[0]["differences"]) if rows else []
+    headers = ["run", "seeds", *diff_keys, *(h for h, _, _ in COLUMNS)]
+    cells = []
+    for r in rows:
+        diffs = ["-" if r["differences"][k] is None else str(r["differences"][k]) for k in diff_keys]
+        cells.append([r["run"], ",".join(map(str, r["seeds"])), *diffs,
+                      *(_fmt(r[k], r[k + "_std"], d) for _, k, d in COLUMNS)])
+    return headers, cells
+
+
+def plot(runs: list[Run], rows: list[dict], path: str | Path) -> Path:
+    """Validation loss vs tokens (every run) and final validation loss vs activated parameters (rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in runs:
+        if r.curve:
+            t, v = zip(*r.curve)
+            a.plot(t, v, marker=".", label=r.label)
+    a.set_xlabel("training tokens")
+    a.set_ylabel("validation loss (nats/token)")
+    a.set_title("validation loss vs tokens")
+    a.legend(fontsize=7)
+    for row in rows:
+        b.errorbar(row["activated_params"], row["val_loss"], yerr=row["val_loss_std"] or 0, fmt="o", capsize=3)
+        b.annotate(row["run"], (row["activated_params"], row["val_loss"]), fontsize=7,
+                   xytext=(4, 4), textcoords="offset points")
+    b.set_xscale("log")
+    b.set_xlabel("activated parameters per token")
+    b.set_ylabel("final validation loss")
+    b.set_title("final loss vs activated parameters")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,56 @@
+"""`evaluate(model, batches)`: validation loss, perplexity, measured sparsity, expert load, activated params."""
+
+from __future__ import annotations
+
+import torch
+
+from zoo.eval.perplexity import autocast, perplexity
+from zoo.eval.sparsity import measure_sparsity
+from zoo.model.accounting import account
+
+
+def sparsity_summary(model, inputs: list[torch.Tensor]) -> dict:
+    """Measured activation sparsity on `inputs` (token ids): overall, per role, and the paper's columns."""
+    table = measure_sparsity(model, inputs)
+    return {"overall": table.overall(), "by_role": table.by_role(), "paper": table.paper()}
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32") -> dict:
+    """Everything `zoo eval` reports for `model` on `batches` of (inputs, targets)."""
+    tokens_per_expert: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if hasattr(module, "last_stats"):  # a routed FFN: its per-forward statistics
+
+            def add(mod, args, out, name=name):
+                counts = mod.last_stats["tokens_per_expert"].detach().cpu().double()
+                tokens_per_expert[name] = tokens_per_expert.get(name, 0) + counts
+            hooks.append(module.register_forward_hook(add))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for x, y in batches:
+            with autocast(precision):
+                loss = model(x, y).loss
+            total += float(loss) * y.numel()
+            count += y.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    loss = total / max(count, 1)
+    experts = []
+    for name, counts in tokens_per_expert.items():
+        load = counts / counts.sum().clamp(min=1)
+        experts.append({"module": name, "load": [round(float(v), 4) for v in load],
+                        "load_cv": float(load.std(unbiased=False) / load.mean()), "max_load": float(load.max())})
+    return {
+        "val_loss": loss,
+        "val_ppl": perplexity(loss),
+        "tokens": count,
+        "sparsity": sparsity_summary(model, [x for x, _ in batches]),
+        "expert_load": experts,
+        "accounting": account(model, seq_len=batches[0][0].shape[1] if batches else None).to_dict(),
+    }

@@ -1,0 +1,129 @@
+"""Set a built model up for fast inference: each projection gets the kernel that fits it.
+
+- full-precision weights with a top-K sparsity block (`k` kept inputs per token): `TopKLinear`,
+  the weight held once as Wt [in, out] and multiplied by the sparse-input kernel when
+  rows · keep < 1 (decode), densely otherwise;
+- frozen BitNet b1.58 weights (`packed` + `scale`): `TernaryLinear`, int8 activations times the
+  ternary weight (CPU: unpacked once to int8 for `torch._int_mm`; CUDA: the packed Triton kernel,
+  with the top-K gather fused in when the projection's input is top-K sparse).
+
+The outputs equal the unprepared model's up to rounding, and state dicts keep their keys, so a
+prepared model still saves to an ordinary checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zoo.kernels.dispatch import choose
+from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul, unpack_ternary
+from zoo.kernels.topk_matmul import gather_pays, topk_matmul
+
+
+def kept_count(sparsify: nn.Module, width: int) -> int | None:
+    """K, the inputs a sparsity block keeps per token, when it keeps exactly K < width (top-K kinds)."""
+    k = getattr(sparsify, "k", None)
+    return k if isinstance(k, int) and 0 < k < width else None
+
+
+def top_entries(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [N, k] of the k largest |x| of each row (a top-K-sparse row's non-zeros)."""
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return x.gather(-1, idx), idx
+
+
+class TopKLinear(nn.Module):
+    """y = x·Wᵀ (+ b) for inputs with at most k non-zeros per row, from Wt [in, out]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, k: int):
+        super().__init__()
+        self.in_features, self.out_features, self.k = weight.shape[1], weight.shape[0], k
+        self.register_buffer("wt", weight.detach().t().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.wt.t()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight.contiguous()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if prefix + "weight" in state_dict:
+            self.wt.copy_(state_dict.pop(prefix + "weight").t())
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.wt.dtype)
+        if gather_pays(rows.shape[0], self.k / self.in_features):
+            y = topk_matmul(*top_entries(rows, self.k), self.wt, self.bias)
+        else:
+            y = rows @ self.wt
+            y = y if self.bias is None else y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, k={self.k}, Wt layout"
+
+
+class TernaryLinear(nn.Module):
+    """A frozen BitNet projection: norm, optional top-K, int8 per-token activations × ternary weight · β."""
+
+    sparsify_inside = True
+
+    def __init__(self, bitlinear: nn.Module, device: torch.device):
+        super().__init__()
+        self.in_features, self.out_features = bitlinear.in_features, bitlinear.out_features
+        self.norm, self.bias = bitlinear.norm, bitlinear.bias
+        self.register_buffer("packed", bitlinear.packed)  # the checkpoint's storage, kept as is
+        self.register_buffer("scale", bitlinear.scale)
+        storage = bitlinear.packed.t()  # zoo.kernels.ternary's packed layout is the storage layout transposed
+        self.triton = choose("auto", device) == "triton"
+        kernel_layout = storage.contiguous() if self.triton else unpack_ternary(storage, self.out_features)
+        self.register_buffer("kernel_weight", kernel_layout, persistent=False)
+
+    def ternary_weight(self) -> TernaryWeight:
+        layout = {"packed": self.kernel_weight} if self.triton else {"int8": self.kernel_weight}
+        return TernaryWeight(self.in_features, self.out_features, **layout)
+
+    def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
+        x = self.norm(x)
+        if sparsify is not None:
+            x = sparsify(x)
+        rows = x.reshape(-1, self.in_features)
+        xq, s = quantize_rows(rows)
+        k = None if sparsify is None else kept_count(sparsify, self.in_features)
+        row_scale = self.scale.float() / s
+        if self.triton and k is not None and gather_pays(rows.shape[0], k / self.in_features):
+            vals, idx = top_entries(rows, k)
+            y = ternary_matmul(xq.gather(-1, idx), self.ternary_weight(), row_scale, idx, self.bias, x.dtype)
+        else:
+            y = ternary_matmul(xq, self.ternary_weight(), row_scale, None, self.bias, x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = "packed 2-bit, Triton" if self.triton else "int8, torch._int_mm"
+        return f"{self.in_features}->{self.out_features}, {kind}"
+
+
+@torch.no_grad()
+def prepare_inference(model: nn.Module) -> nn.Module:
+    """Swap every projection's weights module for its inference kernel (in place); returns the model.
+
+    Call it after moving the model to its device and dtype, and after `freeze()` for BitNet.
+    """
+    from zoo.model.projection import Projection
+
+    for proj in model.modules():
+        if not isinstance(proj, Projection):
+            continue
+        linear, device = proj.linear, next(proj.parameters(), next(proj.buffers(), None)).device
+        k = kept_count(proj.sparsify, proj.in_features)
+        if getattr(linear, "sparsify_inside", False) and hasattr(linear, "packed"):
+            proj.linear = TernaryLinear(linear, device)
+        elif isinstance(linear, nn.Linear) and k is not None:
+            proj.linear = TopKLinear(linear.weight, linear.bias, k)
+    return model

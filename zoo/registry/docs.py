@@ -1,0 +1,129 @@
+"""Generate docs/reference.md from the code: recipe sections and every built-in block's config schema.
+
+    python -m zoo.registry.docs            # rewrite docs/reference.md
+    python -m zoo.registry.docs --check    # exit 1 when the committed file is stale
+
+Only the built-in blocks are documented (installed plugins document themselves), so the file is
+the same on every machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from zoo.registry.registry import FieldInfo, Registry, describe_config
+
+DEFAULT_PATH = Path("docs/reference.md")
+
+
+def inline_toml(v: Any) -> str:
+    """A value as it would be written in a recipe (inline tables for dicts); '' for None."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {inline_toml(x)}" for k, x in v.items()) + " }" if v else "{}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(inline_toml(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    return "" if v is None else repr(v)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _field_table(fields: list[FieldInfo]) -> list[str]:
+    if not fields:
+        return ["No fields: `kind` alone selects it.", ""]
+    rows = ["| key | type | default | bounds | description |", "|---|---|---|---|---|"]
+    for f in fields:
+        default = "*required*" if f.required else f"`{inline_toml(f.default)}`" if f.default is not None else ""
+        rows.append("| " + " | ".join(_cell(c) for c in (f"`{f.name}`", f.type, default, f.bounds, f.doc)) + " |")
+    return rows + [""]
+
+
+def _sections(cls: type, key: str) -> list[tuple[str, type]]:
+    """(TOML table name, dataclass) for `cls` and every section nested in it, depth first."""
+    out = [(key, cls)]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("internal") or f.metadata.get("slot"):
+            continue
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if dataclasses.is_dataclass(tp):
+            out += _sections(tp, f"[{_join(key, f.name)}]")
+        elif typing.get_origin(tp) is tuple and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            out += _sections(args[0], f"[[{_join(key, f.name)}]]")
+    return out
+
+
+def _join(key: str, name: str) -> str:
+    key = key.strip("[]")
+    return f"{key}.{name}" if key and key != "top level" else name
+
+
+def reference(registry: Registry) -> str:
+    """The whole reference page as Markdown."""
+    from zoo.recipe.recipe import Recipe
+
+    lines = ["# Recipe and block reference", "",
+             "Generated from the config dataclasses by `python -m zoo.registry.docs`; do not edit by hand.",
+             "A test fails when this file is stale. Built-in blocks only: `zoo list` and `zoo show SLOT.KIND`",
+             "describe installed plugins too. How recipes are written: [recipes.md](recipes.md).", "",
+             "## Recipe sections", ""]
+    for name, cls in _sections(Recipe, "top level"):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        lines += [f"### {name if name == 'top level' else f'`{name}`'}", "", doc, ""]
+        lines += _field_table(describe_config(cls))
+    lines += ["## Blocks", "",
+              "A block is chosen with `kind = \"...\"` in the table of its slot (or as the bare kind name,",
+              '`ffn = "mlp"`); its own keys sit beside `kind`. `weights` and `sparsity` blocks also take',
+              "`roles = { down = { ... } }` per-role overrides.", ""]
+    for slot in sorted(registry.slots):
+        kinds = registry.kinds(slot)
+        lines += [f"### slot `{slot}`", "", registry.slots[slot] + ".", ""]
+        if not kinds:
+            lines += ["No built-in kinds.", ""]
+        for kind in kinds:
+            entry = registry.get(slot, kind)
+            lines += [f"#### `{slot}.{kind}`", "", entry.doc, ""]
+            lines += _field_table(describe_config(entry.config))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def builtin_reference() -> str:
+    """The reference of the built-in registry (entry points left out)."""
+    from zoo.registry.plugins import load_registry
+
+    return reference(load_registry(include_entry_points=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zoo.registry.docs", description=__doc__.splitlines()[0])
+    p.add_argument("path", nargs="?", type=Path, default=DEFAULT_PATH, help=f"output file (default {DEFAULT_PATH})")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
+    args = p.parse_args(argv)
+    text = builtin_reference()
+    if args.check:
+        current = args.path.read_text(encoding="utf-8") if args.path.is_file() else ""
+        if current != text:
+            print(f"{args.path} is stale: run `python -m zoo.registry.docs`", file=sys.stderr)
+            return 1
+        return 0
+    tmp = args.path.with_name(args.path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(args.path)
+    print(f"wrote {args.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
