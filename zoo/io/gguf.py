@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from zoo.errors import CheckpointError, ZooError, one_of
-from zoo.io.hf import HFConfig, arch_of, gather, hf_recipe, save_converted
+from zoo.io.hf import HFConfig, hf_recipe, load_weights, save_converted
 
 # GGUF tensor name (per layer) for each transformers name suffix.
 LAYER_NAMES = {
@@ -167,10 +167,7 @@ def load_gguf(g: GGUFFile, dtype: str | None, max_seq_len: int | None):
     cfg = HFConfig(config, str(path))
     recipe = hf_recipe(cfg, dtype or "float32", max_seq_len, name=path.stem)
     model = build(recipe)
-    state = gather(arch_of(cfg).rules(cfg), source(g, config), model.state_dict(), str(path))
-    if recipe.model.tie_embeddings:
-        state["head.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True)
+    load_weights(model, cfg, source(g, config), str(path))
     return model, recipe
 
 

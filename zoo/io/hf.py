@@ -108,6 +108,7 @@ class Arch:
     rules: Callable[[HFConfig], list[Rule]]
     config: Callable[[Any], dict[str, Any]] | None = None  # zoo ModelConfig -> config.json, if exportable
     known: frozenset[str] = field(default_factory=frozenset)  # arch-specific keys `recipe` reads
+    load: Callable[..., dict[str, torch.Tensor]] | None = None  # (cfg, model, get, where) -> state, if not `rules`
 
 
 ACTIVATIONS = {
@@ -242,8 +243,7 @@ def norm_rules(i: int, d: int) -> list[Rule]:
 
 
 # Attention and FFN biases of each layout (None: read `attention_bias` / `mlp_bias` / `qkv_bias`).
-BIASES = {"qwen2": (True, False, False), "mistral": (False, False, False), "mixtral": (False, False, False),
-          "bitnet": (False, False, False)}
+BIASES = {"qwen2": (True, False, False), "mistral": (False, False, False), "mixtral": (False, False, False)}
 # RoPE base when config.json names none (transformers' `default_theta` of each config class).
 THETA = {"mixtral": 1e6, "bitnet": 5e5}
 
@@ -462,6 +462,124 @@ def qwen2_config(m) -> dict[str, Any]:
             "use_sliding_window": False, "sliding_window": None}
 
 
+# -- BitNet b1.58 ----------------------------------------------------------------------------
+
+
+def bitnet_quantization(cfg: HFConfig) -> dict[str, Any] | None:
+    """The checkpoint's BitNet quantization_config (validated), or None for full-precision weights.
+
+    transformers' `bitlinear` stores packed ternary weights and computes W̃ / weight_scale;
+    `autobitlinear` stores ternary (packed or not) and computes W̃ · weight_scale, or, with
+    quantization_mode "online", latent weights ternarised at run time with β = max(mean|W|, 1e-5).
+    """
+    q = cfg.data.get("quantization_config")
+    if q is None:
+        return None
+    key = "quantization_config"
+    q = {"linear_class": "bitlinear", "quantization_mode": "offline", "use_rms_norm": False, **q}
+    if q["linear_class"] not in ("bitlinear", "autobitlinear"):
+        raise cfg.error(f"{key}.linear_class", f"{q['linear_class']!r} is not supported; one of: autobitlinear, "
+                                               "bitlinear")
+    if q["quantization_mode"] not in ("offline", "online"):
+        raise cfg.error(f"{key}.quantization_mode", f"{q['quantization_mode']!r} is not supported; "
+                                                    "one of: offline, online")
+    if q["linear_class"] == "bitlinear" and q["quantization_mode"] == "online":
+        raise cfg.error(f"{key}.quantization_mode", "'online' needs linear_class 'autobitlinear'")
+    if q["use_rms_norm"]:
+        raise cfg.error(f"{key}.use_rms_norm", "a norm inside every BitLinear is not supported (zoo's fused q/k/v "
+                                               "and gate/up projections share one input norm)")
+    skipped = set(q.get("modules_to_not_convert") or []) - {"lm_head"}
+    if skipped:
+        raise cfg.error(f"{key}.modules_to_not_convert", f"{sorted(skipped)} kept in full precision is not "
+                                                         "supported (zoo quantizes every projection)")
+    return q
+
+
+def bitnet_recipe(cfg: HFConfig) -> dict[str, Any]:
+    """LLaMA layout with ReLU² and SubLN norms before o and down; quantized checkpoints -> frozen bitnet158."""
+    model = llama_recipe(cfg)
+    sub = {"kind": "rmsnorm", "eps": model["norm"]["eps"]}
+    model["attention"]["sub_norm"] = sub
+    model["ffn"]["sub_norm"] = sub
+    if bitnet_quantization(cfg) is not None:
+        model["weights"] = {"kind": "bitnet158", "input_norm": False, "scale": "row"}
+    return model
+
+
+def bitnet_rules(cfg: HFConfig) -> list[Rule]:
+    rules = llama_rules(cfg)
+    d, hidden = int(cfg.need("hidden_size")), shapes(cfg)[3]
+    for i in range(shapes(cfg)[0]):
+        p = f"model.layers.{i}."
+        rules += [Rule(f"blocks.{i}.attn.sub_norm.weight", ((p + "self_attn.attn_sub_norm.weight", d),)),
+                  Rule(f"blocks.{i}.ffn.sub_norm.weight", ((p + "mlp.ffn_sub_norm.weight", hidden),))]
+    return rules
+
+
+def unpack_hf_ternary(packed: torch.Tensor) -> torch.Tensor:
+    """transformers' packed BitNet weight [R, in] uint8 -> ternary [4R, in] float.
+
+    Byte row r holds rows r, r + R, r + 2R, r + 3R at bits 0-1, 2-3, 4-5, 6-7, each as w̃ + 1.
+    """
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8).view(4, 1, 1)
+    return (((packed.unsqueeze(0) >> shifts) & 3).flatten(0, 1).float() - 1)
+
+
+def bitnet_ternary(q: dict[str, Any], get: Callable[[str], torch.Tensor],
+                   projections: set[str]) -> Callable[[str], torch.Tensor]:
+    """get(name) for a quantized BitNet folder: a projection's "<proj>.weight" -> W̃ (float, unpacked)
+    and "<proj>.weight_scale" -> β per row ([rows, 1]), so that it computes W̃·β; others unchanged."""
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def weight(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in cache:
+            w = get(name)
+            if q["quantization_mode"] == "online":
+                s = 1.0 / w.float().abs().mean().clamp(min=1e-5)
+                cache[name] = ((w.float() * s).round().clamp(-1, 1), 1.0 / s)
+            else:
+                t = unpack_hf_ternary(w) if w.dtype == torch.uint8 else w.float()
+                scale = get(name + "_scale").float().reshape(())
+                cache[name] = (t, 1.0 / scale if q["linear_class"] == "bitlinear" else scale)
+        return cache[name]
+
+    def source(name: str) -> torch.Tensor:
+        if name.endswith("_scale") and name[: -len("_scale")] in projections:
+            t, beta = weight(name[: -len("_scale")])
+            return beta.expand(t.shape[0], 1)
+        return weight(name)[0] if name in projections else get(name)
+
+    return source
+
+
+def bitnet_load(cfg: HFConfig, model, get: Callable[[str], torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Weights of a BitNet folder; quantized ones go into the frozen (packed) zoo projections."""
+    from zoo.kernels.ternary import pack_ternary
+
+    rules = bitnet_rules(cfg)
+    q = bitnet_quantization(cfg)
+    if q is None:
+        return gather(rules, get, model.state_dict(), where)
+    model.freeze()
+    expected = dict(model.state_dict())
+    split: list[Rule] = []
+    projections = set()
+    for rule in rules:
+        if not rule.zoo.endswith(".linear.weight"):
+            split.append(rule)
+            continue
+        base = rule.zoo[: -len("weight")]
+        linear = model.get_submodule(base[:-1])
+        expected[base + "ternary"] = torch.empty(linear.out_features, linear.in_features)
+        split += [Rule(base + "ternary", rule.parts),
+                  Rule(base + "scale", tuple((name + "_scale", rows) for name, rows in rule.parts))]
+        projections |= {name for name, _ in rule.parts}
+    state = gather(split, bitnet_ternary(q, get, projections), expected, where)
+    for name in [k for k in state if k.endswith(".ternary")]:
+        state[name[: -len("ternary")] + "packed"] = pack_ternary(state.pop(name))
+    return state
+
+
 MOE_KEYS = frozenset({"num_experts_per_tok", "norm_topk_prob"})
 ARCHS: dict[str, Arch] = {
     "llama": Arch(llama_recipe, llama_rules, llama_config),
@@ -472,6 +590,7 @@ ARCHS: dict[str, Arch] = {
         "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
         "mlp_only_layers"}),
     "olmoe": Arch(olmoe_recipe, olmoe_rules, None, MOE_KEYS | {"num_experts", "clip_qkv"}),
+    "bitnet": Arch(bitnet_recipe, bitnet_rules, None, frozenset(), load=bitnet_load),
 }
 
 
@@ -485,9 +604,11 @@ def arch_of(cfg: HFConfig) -> Arch:
 
 def check_quantization(cfg: HFConfig) -> None:
     q = cfg.data.get("quantization_config")
-    if q is not None:
-        raise cfg.error("quantization_config", f"quantized checkpoints ({q.get('quant_method', q)!r}) are not "
-                                               "supported; convert a full-precision folder")
+    if q is not None and not (cfg.get("model_type") == "bitnet" and isinstance(q, dict)
+                              and q.get("quant_method") == "bitnet"):
+        method = q.get("quant_method", q) if isinstance(q, dict) else q
+        raise cfg.error("quantization_config", f"quantized checkpoints ({method!r}) are not supported "
+                                               "(only BitNet's own); convert a full-precision folder")
 
 
 # -- tensors ---------------------------------------------------------------------------------
@@ -606,16 +727,21 @@ def from_hf(path: str | Path, dtype: str | None = None, max_seq_len: int | None 
     recipe = hf_recipe(cfg, dtype, max_seq_len, name=folder.name)
     tensors = HFTensors(folder)
     model = build(recipe)
-    expected = model.state_dict()
-    rules = arch_of(cfg).rules(cfg)
-    state = gather(rules, tensors.get, expected, str(folder))
-    if recipe.model.tie_embeddings:
+    load_weights(model, cfg, tensors.get, str(folder))
+    return model, recipe
+
+
+def load_weights(model, cfg: HFConfig, get: Callable[[str], torch.Tensor], where: str) -> None:
+    """Fill `model` from the HF-named tensors that `get` serves, by the architecture's rules."""
+    arch = arch_of(cfg)
+    state = arch.load(cfg, model, get, where) if arch.load else gather(arch.rules(cfg), get, model.state_dict(), where)
+    if model.config.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
+    expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ZooError(f"internal: the {cfg.data['model_type']} rules leave zoo tensor {missing[0]!r} unset")
     model.load_state_dict(state, strict=True)
-    return model, recipe
 
 
 def tokenizer_files(folder: Path) -> dict[str, bytes]:
