@@ -291,3 +291,21 @@ def test_bitnet_options_zoo_cannot_reproduce_are_refused(tmp_path):
     _edit_config(tmp_path / "hf", quantization_config={"quant_method": "gptq"})
     with pytest.raises(zoo.CheckpointError, match="quantized checkpoints \\('gptq'\\)"):
         zoo.from_hf(tmp_path / "hf")
+
+
+@needs_bitnet
+def test_bitnet_row_scale_option():
+    from zoo.blocks.bitnet import BitLinear
+
+    lin = BitLinear(37, 11, bias=True, input_norm=False, per_row=True).double()
+    with torch.no_grad():
+        lin.weight.mul_(torch.linspace(0.1, 3.0, 11, dtype=torch.float64)[:, None])  # rows of different scale
+    w = lin.weight.detach().clone()
+    beta = w.abs().mean(-1, keepdim=True) + lin.eps
+    expect = (w / beta).round().clamp(-1, 1) * beta
+    assert torch.allclose(lin.quantized_weight(torch.float64), expect, rtol=0, atol=1e-12)
+    x = torch.randn(5, 37, dtype=torch.float64)
+    before = lin(x)
+    lin.freeze()
+    assert lin.scale.shape == (11, 1)
+    assert torch.allclose(lin(x), before, rtol=0, atol=1e-12)
