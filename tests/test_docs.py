@@ -29,3 +29,17 @@ def test_readme_starts_with_the_two_setup_commands():
     block = readme.split("```bash", 1)[1].split("```", 1)[0].strip().splitlines()
     assert block[0].startswith("pip install -e . && zoo ")
     assert block[1].startswith('pip install -e ".[dev]" && pytest')
+
+
+def test_recipe_examples_in_docs_are_valid():
+    import zoo
+
+    text = (ROOT / "docs/recipes.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```toml\n")[1:]]
+    checked = [zoo.loads_recipe(b) for b in blocks if "extends" not in b]
+    assert len(checked) >= 2
+    patterned = next(r for r in checked if r.model.layers)
+    m = patterned.model
+    assert m.layer(0)["ffn"].kind == "glu" and m.layer(1)["ffn"].kind == "moe"
+    assert m.layer(7)["sparsity"].for_role("down").config.keep == 0.6
+    assert m.layer(6)["sparsity"].for_role("down").config.keep == 0.5

@@ -98,6 +98,8 @@ def test_plugin_failing_at_import_warns_once_and_rest_work(entry_points):
     assert "ZOO_STRICT_PLUGINS=1" in msg
     assert registry.get("activation", "twice") and registry.get("ffn", "glu")
     assert "broken" in registry.failures and "broken" not in registry.plugins
+    with pytest.raises(UnknownNameError, match="plugins that failed to load: broken .see zoo plugins."):
+        registry.get("norm", "fancy")
 
 
 def test_plugin_failing_in_register_is_rolled_back(entry_points):

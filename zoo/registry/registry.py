@@ -169,9 +169,11 @@ class Registry:
         entry = self.entries.get((slot, kind))
         if entry is None:
             choices = self.kinds(slot)
+            failed = f"; plugins that failed to load: {', '.join(self.failures)} (see zoo plugins)" \
+                if self.failures else ""
             raise UnknownNameError(
                 f"unknown {slot} kind {kind!r}{did_you_mean(kind, choices)}; registered: "
-                + (", ".join(choices) or "none")
+                + (", ".join(choices) or "none") + failed
             )
         return entry
 
