@@ -169,3 +169,24 @@ def test_ternary_matmul_large_gpu(gather):
     xin = xq.gather(-1, idx) if gather else xq
     ref = ternary_matmul_reference(xin, w, 1 / s, idx, None, torch.float64)
     assert rel_err(ternary_matmul(xin, w, 1 / s, idx, impl="triton"), ref) < 1e-6
+
+
+def test_triton_moe_backend_matches_torch_backend():
+    """The registered `kernel-backend.triton` in a MoE model: same logits and gradients as `torch`."""
+    import zoo
+    from tests.conftest import RECIPES
+
+    shape = ["model.n_layers=1", "model.d_model=40", "model.n_heads=4", "model.ffn.expert.hidden=24",
+             "model.ffn.num_experts=5", "model.vocab_size=50"]
+    models, ids = [], torch.randint(0, 50, (2, 7))
+    for backend in ["torch", "triton"]:
+        torch.manual_seed(0)
+        models.append(zoo.build(zoo.load_recipe(RECIPES / "tiny/moe.toml", [*shape, f"model.ffn.backend='{backend}'"])))
+    outs = []
+    for m in models:
+        out = m(ids, ids)
+        out.loss.backward()
+        outs.append(out)
+    assert rel_err(outs[1].logits, outs[0].logits) < 1e-5
+    for (name, a), (_, b) in zip(models[1].named_parameters(), models[0].named_parameters()):
+        assert rel_err(a.grad, b.grad) < 1e-4, name

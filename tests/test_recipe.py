@@ -148,11 +148,24 @@ def test_override_errors(recipe_file):
     err = error_of(path, ["model.d_model"])
     assert err.file == OVERRIDES and "not of the form key.path=value" in str(err)
     err = error_of(path, ["model.d_model.x=3"])
-    assert (err.file, err.path) == (OVERRIDES, "model.d_model") and "cannot set inside" in str(err)
+    assert (err.file, err.path) == (OVERRIDES, "model.d_model") and "cannot set a key inside an integer" in str(err)
     err = error_of(path, ["model.ffn.hidden=-1"])
     assert (err.file, err.path) == (OVERRIDES, "model.ffn.hidden") and "must be >= 1" in str(err)
     err = error_of(path, ["model.n_heads=5"])
     assert (err.file, err.path) == (OVERRIDES, "model.n_heads")
+
+
+def test_overrides_index_arrays_and_open_kind_shorthands(recipe_file):
+    path = recipe_file('[model]\nn_layers = 3\n[[model.layers]]\nrange = "0"\nffn = "mlp"\n')
+    r = zoo.load_recipe(path, ["model.layers[0].ffn.hidden=40", 'model.layers[0].range="2"'])
+    assert r.model.layers[0].range == "2" and r.model.layer(2)["ffn"].kind == "mlp"
+    assert r.model.layer(2)["ffn"].config.hidden == 40
+    err = error_of(path, ["model.layers[1].ffn=glu"])
+    assert (err.file, err.path) == (OVERRIDES, "model.layers[1]") and "the array has 1 entries" in str(err)
+    err = error_of(path, ["model.n_layers[0]=1"])
+    assert err.path == "model.n_layers" and "is an integer, not an array" in str(err)
+    err = error_of(path, ["model.layers[0].ffn.hidden=-1"])
+    assert (err.file, err.path) == (OVERRIDES, "model.layers[0].ffn.hidden")
 
 
 def test_kind_given_as_string_and_default_kind_kept(recipe_file):

@@ -8,7 +8,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from zoo.bench._measure import bandwidth_gbs, copies, machine, median_ms, report, row
+from zoo.bench._measure import bandwidth_gbs, copies, machine, report, row, time_ms
 from zoo.kernels.moe_matmul import grouped_matmul, sort_by_expert
 from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul
 from zoo.kernels.topk_matmul import topk_matmul
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", nargs="+", default=None, choices=[s[0] for s in SHAPES + MOE_SHAPES],
                    help="shapes to run (default all)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per MoE call (default 128 on CPU, 4096 on CUDA)")
-    p.add_argument("--repeat", type=int, default=15, help="timed calls per measurement (median)")
+    p.add_argument("--repeat", type=int, default=20, help="timed calls per measurement (the fastest counts)")
 
 
 def cold(make, nbytes: int) -> list:
@@ -49,14 +49,14 @@ def bench_topk(args, device, gbs) -> list[dict]:
             wts = [w.t().contiguous() for w in ws]
             for n in _batches(args, device):
                 x = torch.randn(n, d_in, device=device, dtype=dtype)
-                dense = median_ms(F.linear, [(x, w) for w in ws], device, args.repeat)
+                dense = time_ms(F.linear, [(x, w) for w in ws], device, args.repeat)
                 for keep in args.keep:
                     k = int(keep * d_in)
                     idx = x.abs().topk(k, dim=-1).indices
-                    ms = median_ms(topk_matmul, [(x.gather(-1, idx), idx, wt) for wt in wts], device, args.repeat)
+                    ms = time_ms(topk_matmul, [(x.gather(-1, idx), idx, wt) for wt in wts], device, args.repeat)
                     read = n * k * d_out * dtype.itemsize
                     rows.append(row("topk", f"{name} {d_in}->{d_out} {dtype_name} b{n} keep{keep}", ms, dense,
-                                    read, gbs, GBs=round(read / ms / 1e6, 1)))
+                                    read, gbs, GBs=round(read / ms.best / 1e6, 1)))
     return rows
 
 
@@ -72,15 +72,15 @@ def bench_ternary(args, device, gbs) -> list[dict]:
         tws = cold(functools.partial(_ternary, d_out, d_in, device, layouts), int(d_in * d_out * per_weight))
         for n in _batches(args, device):
             x = torch.randn(n, d_in, device=device, dtype=base_dtype)
-            dense = median_ms(F.linear, [(x, w) for w in ws], device, args.repeat)
+            dense = time_ms(F.linear, [(x, w) for w in ws], device, args.repeat)
             xq, s = quantize_rows(x)
-            ms = median_ms(ternary_matmul, [(xq, tw, 1 / s) for tw in tws], device, args.repeat)
+            ms = time_ms(ternary_matmul, [(xq, tw, 1 / s) for tw in tws], device, args.repeat)
             rows.append(row("ternary", f"{name} {d_in}->{d_out} b{n} vs {str(base_dtype)[6:]}", ms, dense,
                             int(d_in * d_out * per_weight), gbs))
             for keep in args.keep:
                 k = int(keep * d_in)
                 idx = x.abs().topk(k, dim=-1).indices
-                ms = median_ms(ternary_matmul, [(xq.gather(-1, idx), tw, 1 / s, idx) for tw in tws], device,
+                ms = time_ms(ternary_matmul, [(xq.gather(-1, idx), tw, 1 / s, idx) for tw in tws], device,
                                args.repeat)
                 read = n * k * d_out * per_weight if cuda else d_in * d_out  # CPU: dense int8 on the masked row
                 rows.append(row("ternary+topk", f"{name} {d_in}->{d_out} b{n} keep{keep}", ms, dense, int(read), gbs))
@@ -120,12 +120,13 @@ def bench_moe(args, device, gbs) -> list[dict]:
         g = torch.randn(tokens * top_k, hidden, device=device, dtype=dtype)
         for label, grad in [("fwd", None)] + ([("fwd+bwd", g)] if cuda else []):
             with torch.set_grad_enabled(grad is not None):
-                base = median_ms(_dense_step, [(xd, wd, grad)], device, args.repeat)
-                ms = median_ms(_grouped_step, [(x, w, token_rows, offsets, grad)], device, args.repeat)
+                base = time_ms(_dense_step, [(xd, wd, grad)], device, args.repeat)
+                ms = time_ms(_grouped_step, [(x, w, token_rows, offsets, grad)], device, args.repeat)
             mult = 1 if grad is None else 3
             rows.append(row(f"moe-{label}", f"{name} T{tokens} {d_model}->{hidden} E{experts} k{top_k} "
                             f"{str(dtype)[6:]}", ms, base, nbytes * mult, gbs,
-                            TFLOPs=round(mult * flops / ms / 1e9, 3), dense_TFLOPs=round(mult * flops / base / 1e9, 3)))
+                            TFLOPs=round(mult * flops / ms.best / 1e9, 3),
+                            dense_TFLOPs=round(mult * flops / base.best / 1e9, 3)))
     return rows
 
 
@@ -140,13 +141,19 @@ def _batches(args, device) -> list[int]:
 KERNELS = {"topk": bench_topk, "ternary": bench_ternary, "moe": bench_moe}
 
 
-def run(args) -> int:
+def measure(args) -> tuple[dict, list[dict]]:
+    """(header facts, result rows) of the kernels named by args.only (default all)."""
     device = torch.device(args.device)
     gbs = bandwidth_gbs(device)
     results = []
     for name in args.only or list(KERNELS):
         results += KERNELS[name](args, device, gbs)
     header = {"machine": machine(device), "torch": torch.__version__, "bandwidth_GBs": round(gbs, 1),
-              "note": "speedup = baseline_ms / ms; of_floor = floor_ms / ms (1.0 = at memory bandwidth)"}
-    report(results, header, args.json)
+              "note": "ms = fastest of --repeat calls (median beside it); speedup = baseline_ms / ms; "
+              "of_floor = floor_ms / ms (1.0 = at the measured bandwidth)"}
+    return header, results
+
+
+def run(args) -> int:
+    report(*reversed(measure(args)), args.json)
     return 0

@@ -16,6 +16,7 @@ MODULES = [
     "zoo.blocks.moe",
     "zoo.blocks.router",
     "zoo.blocks.backends",
+    "zoo.blocks.triton_backend",
     "zoo.blocks.weights",
     "zoo.blocks.sparsity",
     "zoo.blocks.bitnet",

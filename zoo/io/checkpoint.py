@@ -63,6 +63,8 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
     recipe = getattr(model, "recipe", None)
     if recipe is None:
         raise CheckpointError("zoo.save needs a model built by zoo.build (it has no .recipe)")
+    if any(t.is_meta for t in model.state_dict().values()):
+        raise CheckpointError("zoo.save: the model is on the meta device (built for accounting); it has no weights")
     if path.exists() and not (path.is_dir() and ((path / META).is_file() or not any(path.iterdir()))):
         raise CheckpointError(f"{path} exists and is not a zoo checkpoint folder; refusing to replace it")
     try:

@@ -15,10 +15,12 @@ from types import ModuleType
 
 import torch
 
+from zoo.errors import ZooError
+
 IMPLS = ("auto", "reference", "torch", "triton")
 
 
-class KernelUnavailable(RuntimeError):
+class KernelUnavailable(ZooError):
     """A Triton kernel was asked for where it cannot run (no CUDA and no interpreter)."""
 
 

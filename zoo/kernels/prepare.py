@@ -36,9 +36,9 @@ def top_entries(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 class TopKLinear(nn.Module):
     """y = x·Wᵀ (+ b) for inputs with at most k non-zeros per row, from Wt [in, out]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, k: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, k: int, impl: str = "auto"):
         super().__init__()
-        self.in_features, self.out_features, self.k = weight.shape[1], weight.shape[0], k
+        self.in_features, self.out_features, self.k, self.impl = weight.shape[1], weight.shape[0], k, impl
         self.register_buffer("wt", weight.detach().t().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
@@ -59,7 +59,7 @@ class TopKLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.wt.dtype)
         if gather_pays(rows.shape[0], self.k / self.in_features):
-            y = topk_matmul(*top_entries(rows, self.k), self.wt, self.bias)
+            y = topk_matmul(*top_entries(rows, self.k), self.wt, self.bias, impl=self.impl)
         else:
             y = rows @ self.wt
             y = y if self.bias is None else y + self.bias
@@ -74,15 +74,16 @@ class TernaryLinear(nn.Module):
 
     sparsify_inside = True
 
-    def __init__(self, bitlinear: nn.Module, device: torch.device):
+    def __init__(self, bitlinear: nn.Module, device: torch.device, impl: str = "auto"):
         super().__init__()
         self.in_features, self.out_features = bitlinear.in_features, bitlinear.out_features
         self.norm, self.bias = bitlinear.norm, bitlinear.bias
         self.register_buffer("packed", bitlinear.packed)  # the checkpoint's storage, kept as is
         self.register_buffer("scale", bitlinear.scale)
-        storage = bitlinear.packed.t()  # zoo.kernels.ternary's packed layout is the storage layout transposed
-        self.triton = choose("auto", device) == "triton"
-        kernel_layout = storage.contiguous() if self.triton else unpack_ternary(storage, self.out_features)
+        self.impl = choose(impl, device)
+        self.triton = self.impl == "triton"
+        # the checkpoint storage is already the packed kernel layout; the CPU unpacks it once, here
+        kernel_layout = self.packed if self.triton else unpack_ternary(self.packed, self.out_features)
         self.register_buffer("kernel_weight", kernel_layout, persistent=False)
 
     def ternary_weight(self) -> TernaryWeight:
@@ -99,9 +100,10 @@ class TernaryLinear(nn.Module):
         row_scale = self.scale.float() / s
         if self.triton and k is not None and gather_pays(rows.shape[0], k / self.in_features):
             vals, idx = top_entries(rows, k)
-            y = ternary_matmul(xq.gather(-1, idx), self.ternary_weight(), row_scale, idx, self.bias, x.dtype)
+            y = ternary_matmul(xq.gather(-1, idx), self.ternary_weight(), row_scale, idx, self.bias, x.dtype,
+                               impl=self.impl)
         else:
-            y = ternary_matmul(xq, self.ternary_weight(), row_scale, None, self.bias, x.dtype)
+            y = ternary_matmul(xq, self.ternary_weight(), row_scale, None, self.bias, x.dtype, impl=self.impl)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -110,10 +112,11 @@ class TernaryLinear(nn.Module):
 
 
 @torch.no_grad()
-def prepare_inference(model: nn.Module) -> nn.Module:
+def prepare_inference(model: nn.Module, impl: str = "auto") -> nn.Module:
     """Swap every projection's weights module for its inference kernel (in place); returns the model.
 
     Call it after moving the model to its device and dtype, and after `freeze()` for BitNet.
+    `impl` forces the kernels' implementation ('auto': Triton on CUDA, torch on CPU).
     """
     from zoo.model.projection import Projection
 
@@ -124,7 +127,7 @@ def prepare_inference(model: nn.Module) -> nn.Module:
         k = kept_count(proj.sparsify, proj.in_features)
         per_row = hasattr(linear, "scale") and linear.scale.numel() > 1  # imported BitNet: keeps the torch path
         if getattr(linear, "sparsify_inside", False) and hasattr(linear, "packed") and not per_row:
-            proj.linear = TernaryLinear(linear, device)
+            proj.linear = TernaryLinear(linear, device, impl)
         elif isinstance(linear, nn.Linear) and k is not None:
-            proj.linear = TopKLinear(linear.weight, linear.bias, k)
+            proj.linear = TopKLinear(linear.weight, linear.bias, k, impl)
     return model

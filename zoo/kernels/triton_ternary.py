@@ -44,7 +44,7 @@ def _ternary_kernel(x_ptr, i_ptr, p_ptr, part_ptr, K, R, K_PER_SPLIT,
 
 _CONFIGS = [triton.Config({"BLOCK_K": bk, "BLOCK_J": bj}, num_warps=w)
             for bk, bj, w in [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 256, 8), (128, 32, 4)]]
-_launch = autotune_or_fixed(_ternary_kernel, _CONFIGS, key=["K", "R"], fixed={"BLOCK_K": 16, "BLOCK_J": 16})
+_launch = autotune_or_fixed(_ternary_kernel, _CONFIGS, key=["K", "R"], fixed={"BLOCK_K": 32, "BLOCK_J": 32})
 
 
 def ternary_matmul(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch.Tensor,

@@ -1,0 +1,81 @@
+"""prepare_inference: a prepared model computes what the unprepared one does, up to rounding."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton: run kernels in the interpreter
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import zoo  # noqa: E402
+from tests.conftest import RECIPES  # noqa: E402
+from zoo.kernels.prepare import TernaryLinear, TopKLinear, prepare_inference  # noqa: E402
+
+SHAPE = ["model.n_layers=2", "model.d_model=48", "model.n_heads=4", "model.ffn.hidden=72", "model.vocab_size=61"]
+TOPK = ["model.sparsity.kind='topk'", "model.sparsity.keep=0.4"]
+BITNET = ["model.weights.kind='bitnet158'"]
+
+
+def build(extra: list[str], freeze: bool = False) -> torch.nn.Module:
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + extra)).eval()
+    return model.freeze() if freeze else model
+
+
+def logits_two_ways(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a 5-token prompt (prefill: dense path) and of 3 single-token decode steps (gather path)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        full = model(ids[:, :5], cache=cache).logits
+        steps = torch.cat([model(ids[:, t:t + 1], cache=cache, start=t).logits for t in range(5, 8)], 1)
+    return full, steps
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).double().norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_topk_model_prepared_matches(impl):
+    model = build(TOPK)
+    torch.manual_seed(0)
+    before = logits_two_ways(model)
+    prepare_inference(model, impl=impl)
+    assert sum(isinstance(m, TopKLinear) for m in model.modules()) == 2 * 4  # qkv, o, up_gate, down per layer
+    torch.manual_seed(0)
+    after = logits_two_ways(model)
+    for a, b in zip(after, before):
+        assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("impl,sparse", [("torch", False), ("torch", True), ("triton", True)])
+def test_frozen_bitnet_prepared_matches(impl, sparse):
+    model = build(BITNET + (TOPK if sparse else []), freeze=True)
+    torch.manual_seed(0)
+    before = logits_two_ways(model)
+    prepare_inference(model, impl=impl)
+    assert sum(isinstance(m, TernaryLinear) for m in model.modules()) == 2 * 4
+    torch.manual_seed(0)
+    after = logits_two_ways(model)
+    for a, b in zip(after, before):
+        assert rel(a, b) < 1e-5
+
+
+def test_prepared_model_saves_an_ordinary_checkpoint(tmp_path):
+    model = build(TOPK)
+    keys = set(model.state_dict())
+    prepare_inference(model)
+    assert set(model.state_dict()) == keys
+    zoo.save(model, tmp_path / "m")
+    loaded = zoo.load(tmp_path / "m").eval()
+    ids = torch.randint(0, 61, (2, 6))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_model_is_left_alone():
+    model = build([])
+    prepare_inference(model)
+    assert not any(isinstance(m, (TopKLinear, TernaryLinear)) for m in model.modules())

@@ -1,0 +1,71 @@
+"""Decode tokens/s at batch 1: Q-Sparse and ternary models, prepared for inference, against their dense fp32 twin."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import zoo
+from zoo.bench._measure import Timing, machine, report, time_ms
+from zoo.kernels.prepare import prepare_inference
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "paper" / "300m.toml"
+# (name, recipe overrides, freeze BitNet weights): the dense twin first, it is every row's baseline
+VARIANTS = [
+    ("dense fp32", [], False),
+    ("qsparse keep 0.5", ["model.sparsity.kind='topk'", "model.sparsity.keep=0.5"], False),
+    ("bitnet b1.58", ["model.weights.kind='bitnet158'"], True),
+    ("bitnet + qsparse 0.5", ["model.weights.kind='bitnet158'", "model.sparsity.kind='topk'",
+                              "model.sparsity.keep=0.5"], True),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=str(RECIPE), help="the dense recipe (default: the paper's 300M shape)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the dense recipe, e.g. --set model.n_layers=4")
+    p.add_argument("--tokens", type=int, default=12, help="decode steps timed per model (median)")
+    p.add_argument("--prompt", type=int, default=8, help="prompt length before decoding")
+    p.add_argument("--only", nargs="+", default=None, choices=[v[0] for v in VARIANTS[1:]],
+                   help="variants besides the dense twin")
+
+
+def decode_ms(model: torch.nn.Module, prompt: int, tokens: int) -> Timing:
+    """Time of one decode step (batch 1, KV cache) after a `prompt`-token prefill."""
+    cache = model.new_cache(1)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt))
+    with torch.no_grad():
+        nxt = model(ids, cache=cache).logits[:, -1:].argmax(-1)
+        steps = iter(range(prompt, prompt + tokens + 3))
+
+        def step(nxt_ids: torch.Tensor) -> None:
+            model(nxt_ids, cache=cache, start=next(steps))
+
+        return time_ms(step, [(nxt,)], torch.device("cpu"), repeat=tokens, warmup=3)
+
+
+def run(args) -> int:
+    overrides = ["model.max_seq_len=256", *args.overrides]
+    results, base = [], None
+    for name, extra, freeze in VARIANTS:
+        if args.only and name != VARIANTS[0][0] and name not in args.only:
+            continue
+        model = zoo.build(zoo.load_recipe(args.recipe, overrides + extra)).eval()
+        params = sum(p.numel() for p in model.parameters())
+        if freeze:
+            model.freeze()
+        prepare_inference(model)
+        t = decode_ms(model, args.prompt, args.tokens)
+        base = base or t
+        results.append({"model": name, "params_M": round(params / 1e6, 1), "ms_per_token": round(t.best, 2),
+                        "tokens_per_s": round(1e3 / t.best, 2), "speedup_vs_dense_fp32": round(base.best / t.best, 3),
+                        "median_ms": round(t.median, 2), "median_speedup": round(base.median / t.median, 3)})
+        del model
+    header = {"machine": machine(torch.device("cpu")), "torch": torch.__version__, "recipe": args.recipe,
+              "overrides": " ".join(overrides),
+              "note": "batch 1, KV cache; ms = fastest decode step of --tokens (median beside it); "
+                      "each model prepared by zoo.kernels.prepare_inference (the dense twin is unchanged by it)"}
+    report(results, header, args.json)
+    return 0

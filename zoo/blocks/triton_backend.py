@@ -1,0 +1,35 @@
+"""The `triton` kernel backend of the MoE FFN: the dropless grouped matmul of zoo/kernels (forward and backward)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zoo.kernels.dispatch import triton_available
+from zoo.kernels.moe_matmul import grouped_matmul
+
+
+@dataclass(frozen=True)
+class TritonBackendConfig:
+    """Triton grouped matmul over expert-sorted rows: per-block expert ids, no padding, dw per expert"""
+
+
+class TritonBackend:
+    """`grouped_mm(x, w, offsets)` of docs/moe.md on zoo.kernels.grouped_matmul (CUDA; CPU only when interpreting)."""
+
+    name = "triton"
+
+    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        starts = torch.zeros(offsets.numel() + 1, dtype=torch.int64, device=offsets.device)
+        starts[1:] = offsets
+        return grouped_matmul(x, w.transpose(1, 2), None, starts, impl="triton")
+
+    def check(self, ctx, moe_config) -> None:
+        if not triton_available():
+            raise ctx.error(moe_config.backend, "the triton kernel backend needs the triton package (Linux); "
+                            "use backend = \"auto\" or \"torch\"")
+
+
+def register(registry) -> None:
+    registry.register("kernel-backend", "triton", TritonBackendConfig, lambda cfg, ctx: TritonBackend())
