@@ -32,10 +32,7 @@ class Run:
     summary: dict
     curve: list[tuple[int, float]] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return self.path.name
+    label: str = ""
 
     def metrics(self) -> dict[str, float | None]:
         s, acc = self.summary, self.summary["accounting"]
@@ -80,7 +77,7 @@ def load_run(path: str | Path) -> Run:
         if rec.get("split") == "val":
             curve.append((rec["tokens"], rec["val_loss"]))
     recipe = load_recipe(path / RECIPE_FILE)
-    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe))
+    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name)
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
@@ -95,6 +92,10 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             raise ZooError(f"{p}: not a run folder (no {RECIPE_FILE}) nor a folder of finished runs")
     if not runs:
         raise ZooError("no runs to compare")
+    names = [r.label for r in runs]
+    for r in runs:  # sweeps name their runs seed-0, seed-1...: add the parent folder when names repeat
+        if names.count(r.label) > 1:
+            r.label = f"{r.path.parent.name}/{r.path.name}"
     return runs
 
 
