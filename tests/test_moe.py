@@ -379,3 +379,20 @@ def test_moe_bitnet_qsparse_trains_and_freezes():
     before = model(idx).logits
     model.freeze()
     torch.testing.assert_close(model(idx).logits, before)
+
+
+def test_evaluate_reports_expert_load_and_router_entropy():
+    from zoo.eval.evaluate import evaluate
+
+    torch.manual_seed(12)
+    recipe = zoo.load_recipe(RECIPES / "tiny/moe.toml", ["model.n_layers=1", "model.d_model=32", "model.n_heads=2"])
+    model = zoo.build(recipe).eval()
+    x = torch.randint(0, 256, (2, 17))
+    report = evaluate(model, [(x[:, :-1], x[:, 1:])])
+    model(x[:, :-1])
+    stats = model.blocks[0].ffn.last_stats
+    (layer,) = report["expert_load"]
+    assert layer["module"] == "blocks.0.ffn"
+    assert layer["load"] == [round(float(v), 4) for v in stats["load"]]
+    assert layer["load_cv"] == pytest.approx(float(stats["load_cv"]))
+    assert layer["router_entropy"] == pytest.approx(float(stats["router_entropy"]))
