@@ -238,3 +238,32 @@ def test_loads_recipe_rejects_extends_and_bad_toml():
         zoo.loads_recipe('extends = "x.toml"\n')
     with pytest.raises(RecipeError, match="line 1"):
         zoo.loads_recipe("[model\n")
+
+
+def test_round_trip_property():
+    """Any valid combination of shapes, blocks, roles and layer patterns survives to_toml -> load."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(heads=st.sampled_from([(4, 1), (4, 2), (4, 4), (6, 3)]), width=st.integers(1, 4),
+           layers=st.integers(1, 5), ffn=st.sampled_from(["glu", "mlp"]),
+           act=st.sampled_from(["silu", "gelu", "relu"]), tie=st.booleans(),
+           dtype=st.sampled_from(["float32", "bfloat16"]), role=st.sampled_from([None, "down", "qkv", "expert_down"]),
+           pattern=st.one_of(st.none(), st.tuples(st.integers(0, 4), st.sampled_from(["glu", "mlp"]),
+                                                  st.integers(8, 64))),
+           name=st.text(max_size=8))
+    def check(heads, width, layers, ffn, act, tie, dtype, role, pattern, name):
+        h, kv = heads
+        data = {"name": name, "model": {
+            "d_model": 16 * h * width, "n_heads": h, "n_kv_heads": kv, "n_layers": layers, "tie_embeddings": tie,
+            "dtype": dtype, "ffn": {"kind": ffn, "activation": act},
+            "weights": {"kind": "fp", **({"roles": {role: {"dtype": "float16"}}} if role else {})}}}
+        if pattern is not None:
+            data["model"]["layers"] = [{"range": f"{min(pattern[0], layers - 1)}-",
+                                        "ffn": {"kind": pattern[1], "hidden": pattern[2]}}]
+        recipe = zoo.recipe.recipe_from_dict(data)
+        again = zoo.loads_recipe(recipe.to_toml())
+        assert again == recipe and again.to_toml() == recipe.to_toml()
+
+    check()
