@@ -172,6 +172,10 @@ def test_corrupt_meta(saved):
     assert "checkpoint format 99" in load_error(path)
     (path / "meta.json").write_text(json.dumps({"format": 1}))
     assert "missing the 'sha256'" in load_error(path)
+    (path / "meta.json").write_text(json.dumps({"format": 1, "sha256": "0", "aliases": ["head.weight"]}))
+    assert "'aliases' must map" in load_error(path)
+    (path / "meta.json").write_text(json.dumps({"format": 1, "sha256": "0", "transforms": "freeze"}))
+    assert "'transforms' must be a list" in load_error(path)
 
 
 def test_unknown_transform(saved):
