@@ -72,7 +72,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # `zoo list | head`: stop quietly, and keep Python's exit flush from complaining
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception:  # a bug in zoo or a plugin, not the user's mistake: show everything
         traceback.print_exc()
