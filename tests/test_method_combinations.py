@@ -102,3 +102,10 @@ def test_paper_variants_build_on_meta(size):
     bit = zoo.account(zoo.build(zoo.load_recipe(RECIPES / f"paper/bitnet-qsparse-{size}.toml"), device="meta"))
     assert sparse.sparsity == pytest.approx(0.3, abs=2e-3) and bit.sparsity == pytest.approx(sparse.sparsity)
     assert bit.inference_storage_ratio <= 1 / 14 and sparse.inference_storage_ratio == 1.0
+
+
+def test_measured_sparsity_inside_bitnet_projections():
+    torch.manual_seed(4)
+    model = zoo.build(tiny(*WEIGHTS["bitnet158"], *SPARSITY["topk"]))
+    roles = measure_sparsity(model, [torch.randint(0, 32, (2, 16))]).by_role()
+    assert roles["qkv"] == pytest.approx(0.5) and roles["o"] == pytest.approx(0.5)
