@@ -73,7 +73,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # `zoo list | head`: stop quietly, and keep Python's exit flush from complaining
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as err:  # the environment, not a bug: a path the OS rejects, a full disk, no permission
         if debug:
