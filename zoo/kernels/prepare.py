@@ -118,11 +118,11 @@ def prepare_inference(model: nn.Module, impl: str = "auto") -> nn.Module:
     Call it after moving the model to its device and dtype, and after `freeze()` for BitNet.
     `impl` forces the kernels' implementation ('auto': Triton on CUDA, torch on CPU).
     """
-    from zoo.model.projection import Projection
+    from zoo.model.projection import ExpertProjection, Projection
 
     for proj in model.modules():
-        if not isinstance(proj, Projection):
-            continue
+        if not isinstance(proj, Projection) or isinstance(proj, ExpertProjection):
+            continue  # expert projections run stacked through their MoE kernel backend
         linear, device = proj.linear, next(proj.parameters(), next(proj.buffers(), None)).device
         k = kept_count(proj.sparsify, proj.in_features)
         if getattr(linear, "sparsify_inside", False) and hasattr(linear, "packed"):
