@@ -21,6 +21,16 @@ class Timing:
     median: float
 
 
+def add_threads_argument(p) -> None:
+    """--threads: CPU threads for the run (on a CPU shared with other jobs, 1 thread gives steadier ratios)."""
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+
+
+def apply_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

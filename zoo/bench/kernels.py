@@ -8,7 +8,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from zoo.bench._measure import bandwidth_gbs, copies, machine, report, row, time_ms
+from zoo.bench._measure import add_threads_argument, apply_threads, bandwidth_gbs, copies, machine, report, row, time_ms
 from zoo.kernels.moe_matmul import grouped_matmul, sort_by_expert
 from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul
 from zoo.kernels.topk_matmul import topk_matmul
@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shapes to run (default all)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per MoE call (default 128 on CPU, 4096 on CUDA)")
     p.add_argument("--repeat", type=int, default=20, help="timed calls per measurement (the fastest counts)")
+    add_threads_argument(p)
 
 
 def cold(make, nbytes: int) -> list:
@@ -173,6 +174,7 @@ CUDA_ONLY = {"moe-backends"}
 
 def measure(args) -> tuple[dict, list[dict]]:
     """(header facts, result rows) of the kernels named by args.only (default all)."""
+    apply_threads(args)
     device = torch.device(args.device)
     gbs = bandwidth_gbs(device)
     results = []
