@@ -155,3 +155,10 @@ def test_embedding_and_head_stay_full_precision():
     model = zoo.build(tiny("bitnet")).freeze()
     assert model.embed.weight.dtype == torch.float32 and isinstance(model.head.weight, torch.nn.Parameter)
     assert all(type(b.attn_norm).__name__ == "Identity" for b in model.blocks)  # pre-norms dropped
+
+
+@pytest.mark.parametrize("name", ["bitnet", "moe-bitnet-qsparse"])
+def test_accounted_inference_bytes_are_what_freeze_holds(name):
+    model = zoo.build(zoo.load_recipe(RECIPES / f"tiny/{name}.toml", ["model.n_layers=1"]))
+    predicted = zoo.account(model).projection_bytes_inference
+    assert zoo.account(model.freeze()).projection_bytes == predicted

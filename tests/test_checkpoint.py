@@ -94,6 +94,9 @@ def test_save_refuses_to_replace_a_non_checkpoint(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match="not a zoo checkpoint folder"):
         zoo.save(tiny_model, tmp_path / "notes")
     assert (tmp_path / "notes" / "a.txt").read_text() == "keep me"
+    with pytest.raises(CheckpointError, match="meta device"):
+        zoo.save(zoo.build(tiny_model.recipe, device="meta"), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
     with pytest.raises(CheckpointError, match="no .recipe"):
         zoo.save(torch.nn.Linear(2, 2), tmp_path / "x")
 
@@ -169,6 +172,10 @@ def test_corrupt_meta(saved):
     assert "checkpoint format 99" in load_error(path)
     (path / "meta.json").write_text(json.dumps({"format": 1}))
     assert "missing the 'sha256'" in load_error(path)
+    (path / "meta.json").write_text(json.dumps({"format": 1, "sha256": "0", "aliases": ["head.weight"]}))
+    assert "'aliases' must map" in load_error(path)
+    (path / "meta.json").write_text(json.dumps({"format": 1, "sha256": "0", "transforms": "freeze"}))
+    assert "'transforms' must be a list" in load_error(path)
 
 
 def test_unknown_transform(saved):

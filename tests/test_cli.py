@@ -55,6 +55,8 @@ def test_show_unknown_block(cli):
     assert r.code == 2 and 'did you mean "glu"' in r.err
     r = cli("show", "fnn.glu")
     assert r.code == 2 and 'did you mean "ffn.glu"' in r.err
+    r = cli("show", "norm")
+    assert r.code == 2 and "'norm' is a slot; its kinds: " in r.err and "rmsnorm" in r.err
 
 
 def test_show_recipe_as_written_and_resolved(cli):

@@ -94,3 +94,18 @@ def test_tiny_recipes_build_and_run(name):
     assert torch.isfinite(out.loss)
     expected = {"qsparse": 0.5, "qsparse-nostes": 0.5, "block-qsparse": 0.5, "bitnet-qsparse": 0.5}
     assert zoo.account(model).sparsity == pytest.approx(expected.get(name, 0.0))
+
+
+@pytest.mark.parametrize("size", ["300m", "700m", "1.3b", "7b"])
+def test_paper_variants_build_on_meta(size):
+    sparse = zoo.account(zoo.build(zoo.load_recipe(RECIPES / f"paper/qsparse-{size}.toml"), device="meta"))
+    bit = zoo.account(zoo.build(zoo.load_recipe(RECIPES / f"paper/bitnet-qsparse-{size}.toml"), device="meta"))
+    assert sparse.sparsity == pytest.approx(0.3, abs=2e-3) and bit.sparsity == pytest.approx(sparse.sparsity)
+    assert bit.inference_storage_ratio <= 1 / 14 and sparse.inference_storage_ratio == 1.0
+
+
+def test_measured_sparsity_inside_bitnet_projections():
+    torch.manual_seed(4)
+    model = zoo.build(tiny(*WEIGHTS["bitnet158"], *SPARSITY["topk"]))
+    roles = measure_sparsity(model, [torch.randint(0, 32, (2, 16))]).by_role()
+    assert roles["qkv"] == pytest.approx(0.5) and roles["o"] == pytest.approx(0.5)

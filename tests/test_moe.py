@@ -199,7 +199,7 @@ def test_gradients_match_naive_reference_and_gradcheck():
 def test_backends_agree_and_grouped_mm_path_matches_float64():
     torch.manual_seed(7)
     cfg = {"kind": "moe", "num_experts": 6, "top_k": 2, "expert": {"kind": "glu", "hidden": 12}}
-    backends = ("auto", "torch", {"kind": "torch", "grouped_mm": False})
+    backends = ("auto", *({"kind": "torch", "method": m} for m in ("padded_bmm", "grouped_mm", "loop")))
     moes = [build_moe({**cfg, "backend": b}, 32, torch.float32) for b in backends]
     ref = moes[0]
     for m in moes:
@@ -324,3 +324,58 @@ def test_public_moe_shapes_match_published_sizes(name, total, activated):
     acc = zoo.account(zoo.build(zoo.load_recipe(RECIPES / f"public/{name}.toml"), device="meta"))
     assert acc.total_params == pytest.approx(total, rel=0.005)
     assert acc.activated_params + acc.embedding_params == pytest.approx(activated, rel=0.005)
+
+
+@pytest.mark.parametrize("weights, sparsity", [
+    ({"kind": "fp"}, {"kind": "topk", "keep": 0.5}),                 # grouped path, top-K on sorted rows
+    ({"kind": "bitnet158"}, {"kind": "topk", "keep": 0.4}),          # per-expert path, mask inside BitLinear
+])
+def test_experts_equal_dense_ffns_with_the_same_weights_and_sparsity(weights, sparsity):
+    """Each expert computes exactly what a dense FFN (plain Projection path) with its weights does."""
+    torch.manual_seed(10)
+    E, k, D, H = 4, 2, 20, 9
+    base = {"vocab_size": 16, "d_model": D, "n_layers": 1, "n_heads": 1, "max_seq_len": 8,
+            "weights": weights, "sparsity": sparsity}
+    expert = {"kind": "glu", "hidden": H, "activation": "relu2"}
+    moe_model = zoo.build(recipe_from_dict({"model": {**base, "ffn": {
+        "kind": "moe", "num_experts": E, "top_k": k, "expert": expert}}})).double()
+    dense = zoo.build(recipe_from_dict({"model": {**base, "ffn": expert}})).blocks[0].ffn.double()
+    moe = moe_model.blocks[0].ffn
+    assert type(moe.experts.up_gate.linear).__name__ == type(dense.up_gate.linear).__name__
+    with torch.no_grad():
+        for p in moe.experts.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # experts differ in every parameter, norms included
+    x = torch.randn(13, D, dtype=torch.float64)
+    route = moe.router(x)
+    outs = []
+    for e in range(E):
+        dense.load_state_dict({n: v[e] for n, v in moe.experts.state_dict().items()})
+        outs.append(dense(x))
+    ref = sum(route.weights[:, j, None].double() * torch.stack([outs[int(e)][t] for t, e in
+                                                                enumerate(route.experts[:, j])]) for j in range(k))
+    torch.testing.assert_close(moe(x), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_moe_bitnet_qsparse_trains_and_freezes():
+    torch.manual_seed(11)
+    recipe = zoo.load_recipe(RECIPES / "tiny/moe-bitnet-qsparse.toml",
+                             ["model.n_layers=2", "model.d_model=32", "model.n_heads=2"])
+    model = zoo.build(recipe)
+    up = model.blocks[0].ffn.experts.up_gate
+    assert type(up.linear).__name__ == "BitLinear" and up.keep == 0.5 and up.role == "expert_up_gate"
+    per_layer = 8 * 2 * 32 * 256
+    assert zoo.account(model).by_role["expert_up_gate"] == {"params": 2 * per_layer,
+                                                            "activated": 2 * per_layer * 2 / 8 * 0.5}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 256, (4, 25))
+    losses = []
+    for _ in range(6):
+        out = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        out.total_loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    before = model(idx).logits
+    model.freeze()
+    torch.testing.assert_close(model(idx).logits, before)

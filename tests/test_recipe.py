@@ -148,11 +148,24 @@ def test_override_errors(recipe_file):
     err = error_of(path, ["model.d_model"])
     assert err.file == OVERRIDES and "not of the form key.path=value" in str(err)
     err = error_of(path, ["model.d_model.x=3"])
-    assert (err.file, err.path) == (OVERRIDES, "model.d_model") and "cannot set inside" in str(err)
+    assert (err.file, err.path) == (OVERRIDES, "model.d_model") and "cannot set a key inside an integer" in str(err)
     err = error_of(path, ["model.ffn.hidden=-1"])
     assert (err.file, err.path) == (OVERRIDES, "model.ffn.hidden") and "must be >= 1" in str(err)
     err = error_of(path, ["model.n_heads=5"])
     assert (err.file, err.path) == (OVERRIDES, "model.n_heads")
+
+
+def test_overrides_index_arrays_and_open_kind_shorthands(recipe_file):
+    path = recipe_file('[model]\nn_layers = 3\n[[model.layers]]\nrange = "0"\nffn = "mlp"\n')
+    r = zoo.load_recipe(path, ["model.layers[0].ffn.hidden=40", 'model.layers[0].range="2"'])
+    assert r.model.layers[0].range == "2" and r.model.layer(2)["ffn"].kind == "mlp"
+    assert r.model.layer(2)["ffn"].config.hidden == 40
+    err = error_of(path, ["model.layers[1].ffn=glu"])
+    assert (err.file, err.path) == (OVERRIDES, "model.layers[1]") and "the array has 1 entries" in str(err)
+    err = error_of(path, ["model.n_layers[0]=1"])
+    assert err.path == "model.n_layers" and "is an integer, not an array" in str(err)
+    err = error_of(path, ["model.layers[0].ffn.hidden=-1"])
+    assert (err.file, err.path) == (OVERRIDES, "model.layers[0].ffn.hidden")
 
 
 def test_kind_given_as_string_and_default_kind_kept(recipe_file):
@@ -225,3 +238,32 @@ def test_loads_recipe_rejects_extends_and_bad_toml():
         zoo.loads_recipe('extends = "x.toml"\n')
     with pytest.raises(RecipeError, match="line 1"):
         zoo.loads_recipe("[model\n")
+
+
+def test_round_trip_property():
+    """Any valid combination of shapes, blocks, roles and layer patterns survives to_toml -> load."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(heads=st.sampled_from([(4, 1), (4, 2), (4, 4), (6, 3)]), width=st.integers(1, 4),
+           layers=st.integers(1, 5), ffn=st.sampled_from(["glu", "mlp"]),
+           act=st.sampled_from(["silu", "gelu", "relu"]), tie=st.booleans(),
+           dtype=st.sampled_from(["float32", "bfloat16"]), role=st.sampled_from([None, "down", "qkv", "expert_down"]),
+           pattern=st.one_of(st.none(), st.tuples(st.integers(0, 4), st.sampled_from(["glu", "mlp"]),
+                                                  st.integers(8, 64))),
+           name=st.text(max_size=8))
+    def check(heads, width, layers, ffn, act, tie, dtype, role, pattern, name):
+        h, kv = heads
+        data = {"name": name, "model": {
+            "d_model": 16 * h * width, "n_heads": h, "n_kv_heads": kv, "n_layers": layers, "tie_embeddings": tie,
+            "dtype": dtype, "ffn": {"kind": ffn, "activation": act},
+            "weights": {"kind": "fp", **({"roles": {role: {"dtype": "float16"}}} if role else {})}}}
+        if pattern is not None:
+            data["model"]["layers"] = [{"range": f"{min(pattern[0], layers - 1)}-",
+                                        "ffn": {"kind": pattern[1], "hidden": pattern[2]}}]
+        recipe = zoo.recipe.recipe_from_dict(data)
+        again = zoo.loads_recipe(recipe.to_toml())
+        assert again == recipe and again.to_toml() == recipe.to_toml()
+
+    check()

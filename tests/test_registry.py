@@ -186,6 +186,12 @@ def test_register_checks():
         registry.register("ffn", "x", HasKind, Times)
     with pytest.raises(PluginError, match="not callable"):
         registry.register("ffn", "x", TwiceConfig, None)
+    @dataclass(frozen=True)
+    class Undocumented:
+        x: int = 1
+
+    registry.register("ffn", "undocumented", Undocumented, Times)
+    assert registry.get("ffn", "undocumented").doc == ""
     registry.add_slot("scorer", "ranks things")
     registry.register("scorer", "x", TwiceConfig, Times)
     assert registry.kinds("scorer") == ["x"]

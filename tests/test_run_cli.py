@@ -98,3 +98,11 @@ def test_quickstart_trains_compares_and_plots(tmp_path, cli):
     header = next(ln for ln in lines if ln.startswith("run"))
     assert "model.sparsity.kind" in header and "act.params" in header and "decode tok/s" in header
     assert any(ln.startswith("dense ") for ln in lines) and any(ln.startswith("sparse ") for ln in lines)
+
+
+def test_bench_train_prints_the_ratio_against_transformers(cli):
+    res = cli("bench", "train", "--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+              "--set", "model.ffn.hidden=64", "--batch", "2", "--seq", "16", "--steps", "1", "--json")
+    assert res.code == 0, res.err
+    out = json.loads(res.out)
+    assert out["params_zoo"] == out["params_transformers"] and out["ratio_throughput_zoo_over_transformers"] > 0

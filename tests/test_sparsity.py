@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import zoo
 from tests.conftest import RECIPES
@@ -115,3 +117,30 @@ def test_bad_values_are_recipe_errors_with_key_paths(overrides, path, words):
                   device="meta")
     assert err.value.path == path
     assert words in str(err.value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), width=st.integers(1, 40), data=st.data())
+def test_topk_mask_property_exact_k_largest_lowest_index_ties(rows, width, data):
+    k = data.draw(st.integers(0, width))
+    values = data.draw(st.lists(st.sampled_from([0.0, 0.5, -0.5, 1.0, -2.0, 3.25]) | st.floats(-4, 4, width=32),
+                                min_size=rows * width, max_size=rows * width))
+    x = torch.tensor(values, dtype=torch.float32).view(rows, width)
+    mask = topk_mask(x.abs(), k)
+    assert torch.equal(mask, reference_mask(x, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_keep_exact_k(dtype):
+    torch.manual_seed(7)
+    x = torch.randn(8, 45).to(dtype)
+    y = TopK(45, 17)(x)
+    assert y.dtype == dtype and ((y != 0).sum(-1) == 17).all()
+    assert torch.equal(y != 0, reference_mask(x.float(), 17))
+
+
+@pytest.mark.gpu
+def test_topk_on_cuda_matches_the_reference():
+    x = torch.randint(-3, 4, (64, 33)).float()
+    for k in (1, 16, 32):
+        assert torch.equal(topk_mask(x.cuda().abs(), k).cpu(), reference_mask(x, k))

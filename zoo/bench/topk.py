@@ -82,13 +82,15 @@ def run(args) -> int:
     floor = dense + 2 * 4 * tokens * widths / _bandwidth()
     result = {"tokens_per_step": tokens, "dense_step_s": dense, "qsparse_step_s": sparse,
               "ratio": sparse / dense, "floor_step_s": floor, "floor_ratio": floor / dense,
-              "threads": torch.get_num_threads(), "kind": args.kind, "keep": args.keep}
+              "threads": torch.get_num_threads(), "kind": args.kind,
+              "keep": args.keep if args.kind == "topk" else 0.5, "activation": args.activation}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"train step, {tokens} tokens, d_model {args.d_model}, hidden {args.hidden}, {args.layers} layers, "
               f"{torch.get_num_threads()} threads")
         print(f"  dense                 {dense * 1e3:9.1f} ms")
-        print(f"  {args.kind:<10} keep {args.keep:<4} {sparse * 1e3:9.1f} ms   ratio x{sparse / dense:.3f}")
+        label = f"topk keep {args.keep}" if args.kind == "topk" else "block_topk 16:32"
+        print(f"  {label:<21} {sparse * 1e3:9.1f} ms   ratio x{sparse / dense:.3f}")
         print(f"  floor (mask traffic)  {floor * 1e3:9.1f} ms   ratio x{floor / dense:.3f}")
     return 0

@@ -9,11 +9,17 @@ recipe the backend cannot run. Other backends (`triton`, the `megablocks` plugin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from zoo.kernels.grouped import grouped_mm_loop, grouped_mm_torch
+from zoo.kernels.grouped import (
+    grouped_mm_loop,
+    grouped_mm_padded,
+    grouped_mm_torch,
+    padded_layout,
+    padding_factor,
+)
 from zoo.recipe.schema import Validator, param
 
 # What `auto` prefers on a CUDA device when a plugin or module registered it.
@@ -22,19 +28,32 @@ FAST_CUDA_BACKEND = "triton"
 
 @dataclass(frozen=True)
 class TorchBackendConfig:
-    """plain torch: torch._grouped_mm where the dtype and alignment allow, else one matmul per expert"""
+    """plain torch: a padded batched matmul when routing is balanced enough, else torch._grouped_mm
+    where the dtype and alignment allow, else one matmul per expert"""
 
-    grouped_mm: bool = param(True, "use torch._grouped_mm when it supports the operands (false: always loop)")
+    method: Literal["auto", "padded_bmm", "grouped_mm", "loop"] = param(
+        "auto", "how experts are multiplied ('auto': padded_bmm within pad_limit, else grouped_mm, else loop)")
+    pad_limit: float = param(1.25, "auto uses padded_bmm while E · largest group ≤ pad_limit · rows", ge=1)
 
 
 class TorchBackend:
     name = "torch"
 
     def __init__(self, cfg: TorchBackendConfig):
-        self.use_grouped_mm = cfg.grouped_mm
+        self.method, self.pad_limit = cfg.method, cfg.pad_limit
+        self._layout: tuple[torch.Tensor, Any] | None = None  # (offsets, padded layout) of the last call
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return (grouped_mm_torch if self.use_grouped_mm else grouped_mm_loop)(x, w, offsets)
+        method = self.method
+        if method == "auto":
+            method = "padded_bmm" if padding_factor(offsets, w.shape[0]) <= self.pad_limit else "grouped_mm"
+        if method == "padded_bmm":
+            if self._layout is None or self._layout[0] is not offsets:  # the projections of one forward share it
+                self._layout = (offsets, padded_layout(offsets))
+            return grouped_mm_padded(x, w, offsets, self._layout[1])
+        if method == "grouped_mm":
+            return grouped_mm_torch(x, w, offsets)
+        return grouped_mm_loop(x, w, offsets)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ def find_block(name: str) -> Entry:
     slot, _, kind = name.partition(".")
     if slot in registry.slots and kind:
         return registry.get(slot, kind)
+    if name in registry.slots:
+        raise UsageError(f"zoo show: {name!r} is a slot; its kinds: {', '.join(registry.kinds(name)) or 'none'} "
+                         f"(zoo show {name}.KIND)")
     names = [f"{s}.{k}" for s, k in registry.entries]
     raise UsageError(f"zoo show: {name!r} is neither a recipe file nor a registered SLOT.KIND"
                      f"{did_you_mean(name, names)}; see zoo list")

@@ -91,7 +91,7 @@ def measure_sparsity(model: nn.Module, batches: Iterable[torch.Tensor]) -> Spars
 
     for name, module in model.named_modules():
         if isinstance(module, Projection):
-            site = Site(_layer_of(name), module.role, module.in_features * module.out_features)
+            site = Site(_layer_of(name), module.role, module.weight_count)
             table.sites[name] = site
             handles.append(module.sparsify.register_forward_hook(hook(site)))
     was_training = model.training

@@ -63,6 +63,8 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
     recipe = getattr(model, "recipe", None)
     if recipe is None:
         raise CheckpointError("zoo.save needs a model built by zoo.build (it has no .recipe)")
+    if any(t.is_meta for t in model.state_dict().values()):
+        raise CheckpointError("zoo.save: the model is on the meta device (built for accounting); it has no weights")
     if path.exists() and not (path.is_dir() and ((path / META).is_file() or not any(path.iterdir()))):
         raise CheckpointError(f"{path} exists and is not a zoo checkpoint folder; refusing to replace it")
     try:
@@ -125,6 +127,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / META}: corrupt JSON ({err})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
         raise CheckpointError(f"{path / META}: missing the 'sha256' of {WEIGHTS}")
+    aliases, transforms = meta.get("aliases", {}), meta.get("transforms", [])
+    if not (isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values())):
+        raise CheckpointError(f"{path / META}: 'aliases' must map tensor names to tensor names")
+    if not (isinstance(transforms, list) and all(isinstance(t, str) for t in transforms)):
+        raise CheckpointError(f"{path / META}: 'transforms' must be a list of method names")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / META}: checkpoint format {meta.get('format')!r}, this zoo reads {FORMAT}")
     return meta

@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _zero_row_if_dropped(rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """`rows` with a zero row N appended when some pair was dropped (slot N), else `rows` itself."""
+    return F.pad(rows, (0, 0, 0, 1)) if rows.shape[0] < slot.numel() else rows
+
+
 class _SortTokens(torch.autograd.Function):
     """rows[r] = x[order[r] // k]; backward: dx[t] = Σ_j drows[slot[t·k + j]] (dropped pairs add 0)."""
 
@@ -24,8 +29,8 @@ class _SortTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (slot,) = ctx.saved_tensors
-        padded = F.pad(grad, (0, 0, 0, 1))  # row N: zeros, the gradient of a dropped pair
-        return padded.index_select(0, slot).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+        rows = _zero_row_if_dropped(grad, slot)
+        return rows.index_select(0, slot).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
 
 
 class _UnsortRows(torch.autograd.Function):
@@ -34,7 +39,7 @@ class _UnsortRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, order: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(order)
-        return F.pad(rows, (0, 0, 0, 1)).index_select(0, slot)
+        return _zero_row_if_dropped(rows, slot).index_select(0, slot)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -92,8 +92,11 @@ def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
             held = nbytes(weight)
             storage["proj"] += held
             storage["fp32"] += 4 * (n + nb)
+            # packed form only where model.freeze() reaches the weights block (a projection with
+            # its own `freeze` owns its subtree, e.g. stacked experts stay latent)
             packed = getattr(module.linear, "packed_nbytes", None)
-            storage["inference"] += packed() if callable(packed) else held
+            freezes = callable(packed) and not callable(getattr(module, "freeze", None))
+            storage["inference"] += packed() if freezes else held
             return
         own = params_of(module, recurse=False)
         totals["all"] += own

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from zoo.model.config import DTYPES
 from zoo.model.transformer import Transformer
 from zoo.recipe.recipe import Recipe
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build(recipe: Recipe, device: str | torch.device | None = None, registry=None) -> Transformer:

@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
 
 # Slots that a `[[model.layers]]` entry may override for some layers.
 LAYER_SLOTS = ("attention", "norm", "ffn", "weights", "sparsity", "position")
-DTYPES = ("float32", "bfloat16", "float16")
+# Parameter dtypes a recipe may name, and their torch types.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

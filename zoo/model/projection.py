@@ -113,6 +113,10 @@ class ExpertProjection(Projection):
             y = y + b[g.row_expert]
         return y.to(x.dtype)
 
+    def freeze(self) -> None:
+        """Stacked expert weights keep their latent form: inference packing (BitNet's 2-bit
+        `freeze`) works on single matrices. The forward is the same either way."""
+
     def _per_expert(self, x: torch.Tensor, *extra: nn.Module) -> torch.Tensor:
         """Each expert's rows through the weights block with that expert's slice of the parameters."""
         params = dict(self.linear.named_parameters())

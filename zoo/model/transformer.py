@@ -91,10 +91,17 @@ class Transformer(nn.Module):
         """Switch every block that has an inference form to it (BitNet: packed ternary weights).
 
         Irreversible (latent weights are dropped); recorded in `zoo_transforms` so `zoo.load` redoes it.
+        A module with `freeze` owns its subtree (e.g. stacked MoE experts decide for their weights).
         """
-        for m in list(self.modules()):
-            if m is not self and callable(getattr(m, "freeze", None)):
-                m.freeze()
+
+        def visit(module: nn.Module) -> None:
+            for child in module.children():
+                if callable(getattr(child, "freeze", None)):
+                    child.freeze()
+                else:
+                    visit(child)
+
+        visit(self)
         if "freeze" not in self.zoo_transforms:
             self.zoo_transforms.append("freeze")
         return self

@@ -114,21 +114,55 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
+def _steps(keys: list[str]) -> list[str | int]:
+    """['model', 'layers[1]', 'ffn'] -> ['model', 'layers', 1, 'ffn']: array indices become steps."""
+    steps: list[str | int] = []
+    for k in keys:
+        m = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", k)
+        if m is None:
+            raise RecipeError(f"bad key {k!r} in override path {'.'.join(keys)!r}", file=OVERRIDES)
+        steps += [m.group(1), *(int(i) for i in re.findall(r"\d+", m.group(2)))]
+    return steps
+
+
+_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "a table"}
+
+
+def _dotted(steps: list[str | int]) -> str:
+    return "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
+
+
 def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None, *,
                     origins: dict[str, str] | None = None) -> dict:
-    """A copy of `data` with each `a.b.c=value` set (tables created as needed); origins marked OVERRIDES."""
+    """A copy of `data` with each `a.b.c=value` set (tables created as needed, `layers[1].x` indexes arrays).
+
+    The overridden key paths are marked as coming from OVERRIDES in `origins`.
+    """
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     out = copy.deepcopy(data)
     for keys, value in items:
-        keys = keys.split(".") if isinstance(keys, str) else keys
-        node = out
-        for i, k in enumerate(keys[:-1]):
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise RecipeError(f"cannot set inside a {type(nxt).__name__}", file=OVERRIDES,
-                                  path=".".join(keys[: i + 1]))
-            node = nxt
-        node[keys[-1]] = value
+        steps = _steps(keys.split(".") if isinstance(keys, str) else list(keys))
+        node: Any = out
+        for i, step in enumerate(steps):
+            here = _dotted(steps[: i + 1])
+            last = i == len(steps) - 1
+            if isinstance(step, int):
+                if not isinstance(node, list):
+                    raise RecipeError(f"is {_NAMES.get(type(node), type(node).__name__)}, not an array", file=OVERRIDES,
+                                      path=_dotted(steps[:i]))
+                if step >= len(node):
+                    raise RecipeError(f"index out of range: the array has {len(node)} entries", file=OVERRIDES,
+                                      path=here)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"cannot set a key inside {_NAMES.get(type(node), type(node).__name__)}",
+                                  file=OVERRIDES, path=_dotted(steps[:i]))
+            if last:
+                node[step] = value
+            else:
+                nxt = node[step] if isinstance(step, int) else node.setdefault(step, {})
+                if isinstance(nxt, str) and not isinstance(steps[i + 1], int):
+                    nxt = node[step] = {"kind": nxt}  # a block given by kind name: `ffn = "mlp"` + `ffn.hidden=`
+                node = nxt
         if origins is not None:
-            _mark(value, ".".join(keys), OVERRIDES, origins)
+            _mark(value, _dotted(steps), OVERRIDES, origins)
     return out

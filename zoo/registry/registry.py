@@ -153,8 +153,10 @@ class Registry:
                 " uninstall one, or restrict loading with ZOO_PLUGINS=name,..."
             )
         if not doc:
-            lines = (config.__doc__ or "").strip().splitlines()
-            doc = lines[0] if lines else ""
+            text = (config.__doc__ or "").strip()
+            if text.startswith(f"{config.__name__}("):  # the signature dataclasses writes when there is no docstring
+                text = ""
+            doc = text.splitlines()[0] if text else ""
         self.entries[(slot, kind)] = Entry(slot, kind, config, factory, doc, who)
 
     # -- look-up ---------------------------------------------------------------------------

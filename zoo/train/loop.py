@@ -6,7 +6,6 @@ validation), checkpoints/step-N/ (see zoo.train.state) and, when the run finishe
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -23,7 +22,6 @@ from zoo.errors import CheckpointError, RecipeError, ZooError
 from zoo.eval.evaluate import sparsity_summary
 from zoo.eval.perplexity import autocast, decode_tokens_per_s, eval_loss, perplexity
 from zoo.io.checkpoint import load
-from zoo.kernels import prepare_inference
 from zoo.model.accounting import account
 from zoo.model.build import build
 from zoo.recipe.recipe import Recipe, load_recipe
@@ -266,7 +264,7 @@ def write_summary(out: Path, recipe: Recipe, model, data, state: TrainState, val
         "val_ppl": val_rec[-1]["val_ppl"],
         "sparsity": val_rec[-1].get("sparsity"),
         "train_tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
-        "decode_tokens_per_s": decode_tokens_per_s(prepare_inference(copy.deepcopy(model).freeze()), prompt),
+        "decode_tokens_per_s": decode_tokens_per_s(model, prompt),
         "accounting": acc.to_dict(),
         "tokenizer": data.tokenizer.fingerprint,
     }
