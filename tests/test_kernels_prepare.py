@@ -77,7 +77,8 @@ def test_prepared_model_saves_an_ordinary_checkpoint(tmp_path):
 
 def test_moe_qsparse_model_prepared_matches():
     """Attention projections get TopKLinear; the stacked expert projections keep their grouped path."""
-    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/moe.toml", [*SHAPE[:3], SHAPE[4], "model.ffn.expert.hidden=24", *TOPK]))
+    overrides = [*SHAPE[:3], SHAPE[4], "model.ffn.expert.hidden=24", *TOPK]
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/moe.toml", overrides))
     torch.manual_seed(0)
     before = logits_two_ways(model.eval())
     prepare_inference(model)
