@@ -151,7 +151,11 @@ def test_convert_cli_builds_the_gpt2_tokenizer(tmp_path):
     sample = "And God said, Let there be light: and there was light."
     assert got.encode(sample).ids == src.encode(sample).ids
     assert got.decode(got.encode(sample).ids) == sample
-    assert zoo.load(tmp_path / "zoo").config.vocab_size == VOCAB
+    model = zoo.load(tmp_path / "zoo")
+    assert model.config.vocab_size == VOCAB
+    spec = model.recipe.data.tokenizer
+    tok = zoo.get_registry().get("tokenizer", spec.kind).factory(spec.config)
+    assert torch.as_tensor(tok.encode(sample)).tolist() == src.encode(sample).ids  # what zoo train would use
 
 
 def test_sentencepiece_vocabulary_becomes_a_byte_fallback_bpe(tmp_path):

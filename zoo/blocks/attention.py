@@ -19,6 +19,7 @@ class AttentionConfig:
 
     qkv_bias: bool = param(False, "bias on the q/k/v projections (Qwen2)")
     o_bias: bool = param(False, "bias on the output projection")
+    qk_norm: bool = param(False, "the layer's norm over the whole q and k projections, before RoPE (OLMoE)")
     sub_norm: BlockSpec | None = slot_field("norm", None, "norm of the output projection's input (SubLN, BitNet)")
 
 
@@ -31,10 +32,16 @@ class Attention(nn.Module):
         self.sub_norm = ctx.build_optional(cfg.sub_norm, m.n_heads * m.head_size)
         self.o = ctx.projection("o", m.n_heads * m.head_size, m.d_model, cfg.o_bias)
         self.rope = ctx.build(ctx.block("position"))
+        if cfg.qk_norm:
+            self.q_norm = ctx.build(ctx.block("norm"), m.n_heads * m.head_size)
+            self.k_norm = ctx.build(ctx.block("norm"), m.kv_heads * m.head_size)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x: torch.Tensor, start: int = 0, cache=None) -> torch.Tensor:
         t = x.shape[1]
         q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = rearrange(q, "b t (h d) -> b h t d", d=self.hd)
         k = rearrange(k, "b t (h d) -> b h t d", d=self.hd)
         v = rearrange(v, "b t (h d) -> b h t d", d=self.hd)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,10 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.promote_types(t.dtype, torch.float32))
 
 
-def weight_scale(w: torch.Tensor, eps: float) -> torch.Tensor:
-    """β = mean|W| + ε over the whole matrix."""
-    return wide(w).abs().mean() + eps
+def weight_scale(w: torch.Tensor, eps: float, per_row: bool = False) -> torch.Tensor:
+    """β = mean|W| + ε over the whole matrix, or per output row ([out, 1]) when `per_row`."""
+    a = wide(w).abs()
+    return (a.mean(-1, keepdim=True) if per_row else a.mean()) + eps
 
 
 def ternary(w: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -60,6 +62,9 @@ class BitNetConfig:
     input_norm: bool = param(True, "RMSNorm inside the projection, right before activation quantization")
     norm_eps: float = param(1e-6, "eps of that RMSNorm", gt=0, le=1)
     eps: float = param(1e-5, "ε in β = mean|W| + ε", gt=0, le=1)
+    scale: Literal["matrix", "row"] = param(
+        "matrix", "one β per matrix (BitNet b1.58), or one per output row (e.g. imported checkpoints whose "
+                  "fused q/k/v or gate/up projections each had their own β)")
 
 
 class BitLinear(nn.Module):
@@ -68,9 +73,9 @@ class BitLinear(nn.Module):
     sparsify_inside = True  # the projection hands us its sparsity block: mask after the norm
 
     def __init__(self, in_features: int, out_features: int, bias: bool, input_norm: bool = True,
-                 norm_eps: float = 1e-6, eps: float = 1e-5):
+                 norm_eps: float = 1e-6, eps: float = 1e-5, per_row: bool = False):
         super().__init__()
-        self.in_features, self.out_features, self.eps = in_features, out_features, eps
+        self.in_features, self.out_features, self.eps, self.per_row = in_features, out_features, eps, per_row
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.norm = RMSNorm(in_features, norm_eps) if input_norm else nn.Identity()
@@ -84,7 +89,7 @@ class BitLinear(nn.Module):
         """W̃·β in `dtype`: from the latent weight (straight-through) or from the packed storage."""
         if self.frozen:
             return unpack_ternary(self.packed, self.out_features).to(dtype) * self.scale.to(dtype)
-        beta = weight_scale(self.weight, self.eps)
+        beta = weight_scale(self.weight, self.eps, self.per_row)
         return straight_through(self.weight, (ternary(self.weight, beta) * beta).to(self.weight.dtype)).to(dtype)
 
     def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
@@ -100,16 +105,17 @@ class BitLinear(nn.Module):
         """Replace the latent weight by packed ternary storage (4 weights per byte) and β."""
         if self.frozen:
             return
-        beta = weight_scale(self.weight, self.eps)
+        beta = weight_scale(self.weight, self.eps, self.per_row)
         packed = pack_ternary(ternary(self.weight, beta))
         del self.weight
         self.register_buffer("packed", packed)
-        self.register_buffer("scale", beta.reshape(1))
+        self.register_buffer("scale", beta if self.per_row else beta.reshape(1))
 
     def packed_nbytes(self) -> int:
         """Bytes of the inference storage: packed matrix, float32 β, bias."""
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return self.in_features * -(-self.out_features // 4) + 4 + bias
+        scales = self.out_features if self.per_row else 1
+        return self.in_features * -(-self.out_features // 4) + 4 * scales + bias
 
     def extra_repr(self) -> str:
         state = "frozen, packed 2-bit" if self.frozen else "latent weight"
@@ -117,7 +123,7 @@ class BitLinear(nn.Module):
 
 
 def build_bitlinear(cfg: BitNetConfig, ctx, in_features: int, out_features: int, bias: bool) -> BitLinear:
-    return BitLinear(in_features, out_features, bias, cfg.input_norm, cfg.norm_eps, cfg.eps)
+    return BitLinear(in_features, out_features, bias, cfg.input_norm, cfg.norm_eps, cfg.eps, cfg.scale == "row")
 
 
 def register(registry) -> None:

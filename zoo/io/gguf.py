@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from zoo.errors import CheckpointError, ZooError, one_of
-from zoo.io.hf import HFConfig, arch_of, gather, hf_recipe
+from zoo.io.hf import HFConfig, hf_recipe, load_weights, save_converted
 
 # GGUF tensor name (per layer) for each transformers name suffix.
 LAYER_NAMES = {
@@ -167,10 +167,7 @@ def load_gguf(g: GGUFFile, dtype: str | None, max_seq_len: int | None):
     cfg = HFConfig(config, str(path))
     recipe = hf_recipe(cfg, dtype or "float32", max_seq_len, name=path.stem)
     model = build(recipe)
-    state = gather(arch_of(cfg).rules(cfg), source(g, config), model.state_dict(), str(path))
-    if recipe.model.tie_embeddings:
-        state["head.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True)
+    load_weights(model, cfg, source(g, config), str(path))
     return model, recipe
 
 
@@ -244,10 +241,8 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
 
 def convert_gguf(src: str | Path, out: str | Path, dtype: str | None = None, max_seq_len: int | None = None) -> Path:
     """Write the zoo checkpoint of a GGUF file (recipe, dequantized weights, tokenizer.json)."""
-    from zoo.io.checkpoint import save
-
     g = GGUFFile(Path(src))
     model, _ = load_gguf(g, dtype, max_seq_len)
     tok = gguf_tokenizer(g)
     files = {} if tok is None else {"tokenizer.json": tok.to_str()}
-    return save(model, out, meta={"source": {"format": "gguf", "path": str(g.path)}}, files=files)
+    return save_converted(model, out, files, {"format": "gguf", "path": str(g.path)})

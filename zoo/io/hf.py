@@ -10,6 +10,7 @@ Every config key that changes the function is either implemented or refused by n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import uuid
@@ -82,10 +83,21 @@ class HFConfig:
 
 @dataclass(frozen=True)
 class Rule:
-    """zoo tensor `zoo` = the HF tensors `parts` (name, rows) concatenated along dim 0."""
+    """zoo tensor `zoo` = the HF tensors `parts` (name, rows) concatenated along dim 0.
+
+    With `experts` = E > 0 the part names hold "{e}" and the zoo tensor stacks the E experts
+    along a new leading dimension (zoo's MoE keeps one [E, out, in] weight per role).
+    """
 
     zoo: str
     parts: tuple[tuple[str, int], ...]
+    experts: int = 0
+
+    def expert_parts(self) -> list[tuple[tuple[str, int], ...]]:
+        """The parts of each stacked slice: one list per expert, or a single one."""
+        if not self.experts:
+            return [self.parts]
+        return [tuple((name.format(e=e), rows) for name, rows in self.parts) for e in range(self.experts)]
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,7 @@ class Arch:
     rules: Callable[[HFConfig], list[Rule]]
     config: Callable[[Any], dict[str, Any]] | None = None  # zoo ModelConfig -> config.json, if exportable
     known: frozenset[str] = field(default_factory=frozenset)  # arch-specific keys `recipe` reads
+    load: Callable[..., dict[str, torch.Tensor]] | None = None  # (cfg, model, get, where) -> state, if not `rules`
 
 
 ACTIVATIONS = {
@@ -229,29 +242,138 @@ def norm_rules(i: int, d: int) -> list[Rule]:
             Rule(f"blocks.{i}.ffn_norm.weight", ((p + "post_attention_layernorm.weight", d),))]
 
 
-def llama_biases(cfg: HFConfig) -> dict[str, bool]:
+# Attention and FFN biases of each layout (None: read `attention_bias` / `mlp_bias` / `qkv_bias`).
+BIASES = {"qwen2": (True, False, False), "mistral": (False, False, False), "mixtral": (False, False, False)}
+# RoPE base when config.json names none (transformers' `default_theta` of each config class).
+THETA = {"mixtral": 1e6, "bitnet": 5e5}
+
+
+def biases(cfg: HFConfig) -> dict[str, bool]:
+    """qkv_bias, o_bias, mlp_bias of this config."""
     model_type = cfg.get("model_type")
-    if model_type == "qwen2":
-        return {"qkv_bias": True, "o_bias": False, "mlp_bias": False}
-    if model_type == "mistral":
-        return {"qkv_bias": False, "o_bias": False, "mlp_bias": False}
-    attn = bool(cfg.get("attention_bias", False))
-    return {"qkv_bias": attn, "o_bias": attn, "mlp_bias": bool(cfg.get("mlp_bias", False))}
+    if model_type in BIASES:
+        qkv, o, mlp = BIASES[model_type]
+    elif model_type == "qwen2_moe":
+        qkv, o, mlp = bool(cfg.get("qkv_bias", True)), False, False
+    else:
+        qkv = o = bool(cfg.get("attention_bias", False))
+        mlp = bool(cfg.get("mlp_bias", False))
+    return {"qkv_bias": qkv, "o_bias": o, "mlp_bias": mlp}
 
 
 def llama_recipe(cfg: HFConfig) -> dict[str, Any]:
-    return dense_recipe(cfg, **llama_biases(cfg), theta=10000.0)
+    return dense_recipe(cfg, **biases(cfg), theta=THETA.get(cfg.get("model_type"), 10000.0))
 
 
-def llama_rules(cfg: HFConfig) -> list[Rule]:
-    n, _, _, hidden = shapes(cfg)
-    b = llama_biases(cfg)
+def decoder_rules(cfg: HFConfig, ffn: Callable[[int], list[Rule]], qk_norm: bool = False) -> list[Rule]:
+    """Embedding, head, and per layer: norms, attention (+ q/k norms), and the FFN's rules `ffn(i)`."""
+    n, q, kv, _ = shapes(cfg)
+    b = biases(cfg)
     d = int(cfg.need("hidden_size"))
     rules = outer_rules(cfg)
     for i in range(n):
         rules += norm_rules(i, d) + attention_rules(cfg, i, qkv_bias=b["qkv_bias"], o_bias=b["o_bias"])
-        rules += glu_rules(f"model.layers.{i}.mlp.", f"blocks.{i}.ffn", hidden, d, b["mlp_bias"])
+        if qk_norm:
+            p = f"model.layers.{i}.self_attn."
+            rules += [Rule(f"blocks.{i}.attn.q_norm.weight", ((p + "q_norm.weight", q),)),
+                      Rule(f"blocks.{i}.attn.k_norm.weight", ((p + "k_norm.weight", kv),))]
+        rules += ffn(i)
     return rules
+
+
+def llama_rules(cfg: HFConfig) -> list[Rule]:
+    _, _, _, hidden = shapes(cfg)
+    d, bias = int(cfg.need("hidden_size")), biases(cfg)["mlp_bias"]
+    return decoder_rules(cfg, lambda i: glu_rules(f"model.layers.{i}.mlp.", f"blocks.{i}.ffn", hidden, d, bias))
+
+
+# -- mixture of experts ----------------------------------------------------------------------
+
+
+def moe_table(cfg: HFConfig, experts_key: str, hidden: int, renormalize: bool) -> dict[str, Any]:
+    """The zoo `moe` FFN table: softmax top-k router in fp32, GLU experts, no z-loss."""
+    return {
+        "kind": "moe",
+        "num_experts": int(cfg.need(experts_key)),
+        "top_k": int(cfg.need("num_experts_per_tok")),
+        "expert": {"kind": "glu", "hidden": hidden, "activation": activation(cfg)},
+        "router": {"kind": "softmax_topk", "renormalize": renormalize,
+                   "jitter": float(cfg.get("router_jitter_noise", 0.0))},
+        "aux_loss": float(cfg.get("router_aux_loss_coef", 0.01)),
+        "z_loss": 0.0,
+    }
+
+
+def expert_rules(i: int, prefix: str, experts: int, hidden: int, d: int,
+                 names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> list[Rule]:
+    """Router and stacked experts of a MoE layer whose HF tensors live under `prefix`."""
+    gate, up, down = (f"{prefix}experts.{{e}}.{n}.weight" for n in names)
+    z = f"blocks.{i}.ffn."
+    return [Rule(z + "router.weight", ((prefix + "gate.weight", experts),)),
+            Rule(z + "experts.up_gate.linear.weight", ((gate, hidden), (up, hidden)), experts),
+            Rule(z + "experts.down.linear.weight", ((down, d),), experts)]
+
+
+def mixtral_recipe(cfg: HFConfig) -> dict[str, Any]:
+    model = llama_recipe(cfg)
+    model["ffn"] = moe_table(cfg, "num_local_experts", int(cfg.need("intermediate_size")), renormalize=True)
+    return model
+
+
+def mixtral_rules(cfg: HFConfig) -> list[Rule]:
+    _, _, _, hidden = shapes(cfg)
+    d, e = int(cfg.need("hidden_size")), int(cfg.need("num_local_experts"))
+    return decoder_rules(cfg, lambda i: expert_rules(i, f"model.layers.{i}.block_sparse_moe.", e, hidden, d,
+                                                     ("w1", "w3", "w2")))
+
+
+def qwen2_moe_sparse(cfg: HFConfig, i: int) -> bool:
+    """transformers' rule for which Qwen2-MoE layers are MoE (the others are dense GLUs)."""
+    return i not in (cfg.get("mlp_only_layers", []) or []) and int(cfg.need("num_experts")) > 0 \
+        and (i + 1) % int(cfg.get("decoder_sparse_step", 1)) == 0
+
+
+def qwen2_moe_recipe(cfg: HFConfig) -> dict[str, Any]:
+    model = llama_recipe(cfg)
+    ffn = moe_table(cfg, "num_experts", int(cfg.need("moe_intermediate_size")),
+                    renormalize=bool(cfg.get("norm_topk_prob", False)))
+    ffn.update(shared_experts=1, shared_hidden=int(cfg.need("shared_expert_intermediate_size")), shared_gate=True)
+    dense = model["ffn"]
+    model["ffn"] = ffn
+    model["layers"] = [{"range": str(i), "ffn": dense} for i in range(model["n_layers"])
+                       if not qwen2_moe_sparse(cfg, i)]
+    return model
+
+
+def qwen2_moe_rules(cfg: HFConfig) -> list[Rule]:
+    _, _, _, hidden = shapes(cfg)
+    d = int(cfg.need("hidden_size"))
+    moe_hidden, shared = int(cfg.need("moe_intermediate_size")), int(cfg.need("shared_expert_intermediate_size"))
+
+    def ffn(i: int) -> list[Rule]:
+        p = f"model.layers.{i}.mlp."
+        if not qwen2_moe_sparse(cfg, i):
+            return glu_rules(p, f"blocks.{i}.ffn", hidden, d, False)
+        return (expert_rules(i, p, int(cfg.need("num_experts")), moe_hidden, d)
+                + glu_rules(p + "shared_expert.", f"blocks.{i}.ffn.shared", shared, d, False)
+                + [Rule(f"blocks.{i}.ffn.shared_gate.weight", ((p + "shared_expert_gate.weight", 1),))])
+
+    return decoder_rules(cfg, ffn)
+
+
+def olmoe_recipe(cfg: HFConfig) -> dict[str, Any]:
+    cfg.refuse("clip_qkv", lambda v: False, "clamping q/k/v is not implemented")
+    model = llama_recipe(cfg)
+    model["attention"]["qk_norm"] = True
+    model["ffn"] = moe_table(cfg, "num_experts", int(cfg.need("intermediate_size")),
+                             renormalize=bool(cfg.get("norm_topk_prob", False)))
+    return model
+
+
+def olmoe_rules(cfg: HFConfig) -> list[Rule]:
+    _, _, _, hidden = shapes(cfg)
+    d, e = int(cfg.need("hidden_size")), int(cfg.need("num_experts"))
+    return decoder_rules(cfg, lambda i: expert_rules(i, f"model.layers.{i}.mlp.", e, hidden, d), qk_norm=True)
 
 
 def common_config(m) -> dict[str, Any]:
@@ -263,15 +385,25 @@ def common_config(m) -> dict[str, Any]:
         "rope_theta": m.position.config.theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.position.config.theta},
         "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
-        "hidden_act": hf_activation(m.ffn.config.activation), "dtype": m.dtype,
+        "dtype": m.dtype,
     }
 
 
-def glu_hidden(m) -> int:
-    """The GLU inner width, resolving the recipe's default."""
+def dense_config(m) -> dict[str, Any]:
+    """config.json keys of a dense (GLU) zoo model."""
     from zoo.blocks.ffn import default_hidden
 
-    return m.ffn.config.hidden or default_hidden(m.d_model)
+    if m.ffn.kind != "glu":
+        raise CheckpointError(f"model.ffn.kind: {m.ffn.kind!r} cannot be written as a dense layout (needs 'glu')")
+    return {**common_config(m), "intermediate_size": m.ffn.config.hidden or default_hidden(m.d_model),
+            "hidden_act": hf_activation(m.ffn.config.activation)}
+
+
+def expert_hidden(m) -> int:
+    """The width of one expert of a `moe` FFN, resolving its default."""
+    from zoo.blocks.ffn import default_hidden
+
+    return m.ffn.config.expert.config.hidden or default_hidden(m.d_model)
 
 
 def hf_activation(spec) -> str:
@@ -286,16 +418,39 @@ def llama_config(m) -> dict[str, Any]:
     if attn.qkv_bias != attn.o_bias:
         raise CheckpointError("model.attention: LLaMA has one attention_bias for q/k/v and o; "
                               "qkv_bias without o_bias is the qwen2 layout (use --arch qwen2)")
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **common_config(m),
-            "intermediate_size": glu_hidden(m), "attention_bias": attn.qkv_bias, "mlp_bias": ffn.bias}
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **dense_config(m),
+            "attention_bias": attn.qkv_bias, "mlp_bias": ffn.bias}
 
 
 def mistral_config(m) -> dict[str, Any]:
     attn, ffn = m.attention.config, m.ffn.config
     if attn.qkv_bias or attn.o_bias or ffn.bias:
         raise CheckpointError("model: the mistral layout has no biases (use --arch llama or qwen2)")
-    return {"model_type": "mistral", "architectures": ["MistralForCausalLM"], **common_config(m),
-            "intermediate_size": glu_hidden(m), "sliding_window": None}
+    return {"model_type": "mistral", "architectures": ["MistralForCausalLM"], **dense_config(m),
+            "sliding_window": None}
+
+
+def mixtral_config(m) -> dict[str, Any]:
+    if m.ffn.kind != "moe":
+        raise CheckpointError(f"model.ffn.kind: the mixtral layout needs a 'moe' FFN, not {m.ffn.kind!r}")
+    ffn = m.ffn.config
+    expert, router = ffn.expert, ffn.router
+    only_defaults(expert.config, {"hidden", "activation"}, "model.ffn.expert")
+    checks = [("model.ffn.expert.kind", expert.kind == "glu", "GLU experts"),
+              ("model.ffn.expert.bias", not getattr(expert.config, "bias", False), "experts without biases"),
+              ("model.ffn.router.kind", router.kind == "softmax_topk", "the softmax_topk router"),
+              ("model.ffn.router.renormalize", getattr(router.config, "renormalize", False),
+               "renormalised top-k gates"),
+              ("model.ffn.shared_experts", not ffn.shared_experts, "no shared experts"),
+              ("model.ffn.capacity_factor", ffn.capacity_factor is None, "dropless routing"),
+              ("model.attention", not (m.attention.config.qkv_bias or m.attention.config.o_bias), "no biases")]
+    for key, ok, need in checks:
+        if not ok:
+            raise CheckpointError(f"{key}: the mixtral layout needs {need}")
+    return {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], **common_config(m),
+            "hidden_act": hf_activation(expert.config.activation), "intermediate_size": expert_hidden(m),
+            "num_local_experts": ffn.num_experts, "num_experts_per_tok": ffn.top_k,
+            "router_aux_loss_coef": ffn.aux_loss, "router_jitter_noise": router.config.jitter, "sliding_window": None}
 
 
 def qwen2_config(m) -> dict[str, Any]:
@@ -303,14 +458,139 @@ def qwen2_config(m) -> dict[str, Any]:
     if not attn.qkv_bias or attn.o_bias or ffn.bias:
         raise CheckpointError("model: the qwen2 layout has q/k/v biases and no others "
                               "(attention.qkv_bias = true, o_bias = false, ffn.bias = false)")
-    return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common_config(m),
-            "intermediate_size": glu_hidden(m), "use_sliding_window": False, "sliding_window": None}
+    return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **dense_config(m),
+            "use_sliding_window": False, "sliding_window": None}
 
 
+# -- BitNet b1.58 ----------------------------------------------------------------------------
+
+
+def bitnet_quantization(cfg: HFConfig) -> dict[str, Any] | None:
+    """The checkpoint's BitNet quantization_config (validated), or None for full-precision weights.
+
+    transformers' `bitlinear` stores packed ternary weights and computes W̃ / weight_scale;
+    `autobitlinear` stores ternary (packed or not) and computes W̃ · weight_scale, or, with
+    quantization_mode "online", latent weights ternarised at run time with β = max(mean|W|, 1e-5).
+    """
+    q = cfg.data.get("quantization_config")
+    if q is None:
+        return None
+    key = "quantization_config"
+    q = {"linear_class": "bitlinear", "quantization_mode": "offline", "use_rms_norm": False, **q}
+    if q["linear_class"] not in ("bitlinear", "autobitlinear"):
+        raise cfg.error(f"{key}.linear_class", f"{q['linear_class']!r} is not supported; one of: autobitlinear, "
+                                               "bitlinear")
+    if q["quantization_mode"] not in ("offline", "online"):
+        raise cfg.error(f"{key}.quantization_mode", f"{q['quantization_mode']!r} is not supported; "
+                                                    "one of: offline, online")
+    if q["linear_class"] == "bitlinear" and q["quantization_mode"] == "online":
+        raise cfg.error(f"{key}.quantization_mode", "'online' needs linear_class 'autobitlinear'")
+    if q["use_rms_norm"]:
+        raise cfg.error(f"{key}.use_rms_norm", "a norm inside every BitLinear is not supported (zoo's fused q/k/v "
+                                               "and gate/up projections share one input norm)")
+    skipped = set(q.get("modules_to_not_convert") or []) - {"lm_head"}
+    if skipped:
+        raise cfg.error(f"{key}.modules_to_not_convert", f"{sorted(skipped)} kept in full precision is not "
+                                                         "supported (zoo quantizes every projection)")
+    return q
+
+
+def bitnet_recipe(cfg: HFConfig) -> dict[str, Any]:
+    """LLaMA layout with ReLU² and SubLN norms before o and down; quantized checkpoints -> frozen bitnet158."""
+    model = llama_recipe(cfg)
+    sub = {"kind": "rmsnorm", "eps": model["norm"]["eps"]}
+    model["attention"]["sub_norm"] = sub
+    model["ffn"]["sub_norm"] = sub
+    if bitnet_quantization(cfg) is not None:
+        model["weights"] = {"kind": "bitnet158", "input_norm": False, "scale": "row"}
+    return model
+
+
+def bitnet_rules(cfg: HFConfig) -> list[Rule]:
+    rules = llama_rules(cfg)
+    d, hidden = int(cfg.need("hidden_size")), shapes(cfg)[3]
+    for i in range(shapes(cfg)[0]):
+        p = f"model.layers.{i}."
+        rules += [Rule(f"blocks.{i}.attn.sub_norm.weight", ((p + "self_attn.attn_sub_norm.weight", d),)),
+                  Rule(f"blocks.{i}.ffn.sub_norm.weight", ((p + "mlp.ffn_sub_norm.weight", hidden),))]
+    return rules
+
+
+def unpack_hf_ternary(packed: torch.Tensor) -> torch.Tensor:
+    """transformers' packed BitNet weight [R, in] uint8 -> ternary [4R, in] float.
+
+    Byte row r holds rows r, r + R, r + 2R, r + 3R at bits 0-1, 2-3, 4-5, 6-7, each as w̃ + 1.
+    """
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8).view(4, 1, 1)
+    return (((packed.unsqueeze(0) >> shifts) & 3).flatten(0, 1).float() - 1)
+
+
+def bitnet_ternary(q: dict[str, Any], get: Callable[[str], torch.Tensor],
+                   projections: set[str]) -> Callable[[str], torch.Tensor]:
+    """get(name) for a quantized BitNet folder: a projection's "<proj>.weight" -> W̃ (float, unpacked)
+    and "<proj>.weight_scale" -> β per row ([rows, 1]), so that it computes W̃·β; others unchanged."""
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def weight(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in cache:
+            w = get(name)
+            if q["quantization_mode"] == "online":
+                s = 1.0 / w.float().abs().mean().clamp(min=1e-5)
+                cache[name] = ((w.float() * s).round().clamp(-1, 1), 1.0 / s)
+            else:
+                t = unpack_hf_ternary(w) if w.dtype == torch.uint8 else w.float()
+                scale = get(name + "_scale").float().reshape(())
+                cache[name] = (t, 1.0 / scale if q["linear_class"] == "bitlinear" else scale)
+        return cache[name]
+
+    def source(name: str) -> torch.Tensor:
+        if name.endswith("_scale") and name[: -len("_scale")] in projections:
+            t, beta = weight(name[: -len("_scale")])
+            return beta.expand(t.shape[0], 1)
+        return weight(name)[0] if name in projections else get(name)
+
+    return source
+
+
+def bitnet_load(cfg: HFConfig, model, get: Callable[[str], torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Weights of a BitNet folder; quantized ones go into the frozen (packed) zoo projections."""
+    from zoo.kernels.ternary import pack_ternary
+
+    rules = bitnet_rules(cfg)
+    q = bitnet_quantization(cfg)
+    if q is None:
+        return gather(rules, get, model.state_dict(), where)
+    model.freeze()
+    expected = dict(model.state_dict())
+    split: list[Rule] = []
+    projections = set()
+    for rule in rules:
+        if not rule.zoo.endswith(".linear.weight"):
+            split.append(rule)
+            continue
+        base = rule.zoo[: -len("weight")]
+        linear = model.get_submodule(base[:-1])
+        expected[base + "ternary"] = torch.empty(linear.out_features, linear.in_features)
+        split += [Rule(base + "ternary", rule.parts),
+                  Rule(base + "scale", tuple((name + "_scale", rows) for name, rows in rule.parts))]
+        projections |= {name for name, _ in rule.parts}
+    state = gather(split, bitnet_ternary(q, get, projections), expected, where)
+    for name in [k for k in state if k.endswith(".ternary")]:
+        state[name[: -len("ternary")] + "packed"] = pack_ternary(state.pop(name))
+    return state
+
+
+MOE_KEYS = frozenset({"num_experts_per_tok", "norm_topk_prob"})
 ARCHS: dict[str, Arch] = {
-    "llama": Arch(llama_recipe, llama_rules, llama_config, frozenset()),
-    "mistral": Arch(llama_recipe, llama_rules, mistral_config, frozenset()),
-    "qwen2": Arch(llama_recipe, llama_rules, qwen2_config, frozenset()),
+    "llama": Arch(llama_recipe, llama_rules, llama_config),
+    "mistral": Arch(llama_recipe, llama_rules, mistral_config),
+    "qwen2": Arch(llama_recipe, llama_rules, qwen2_config),
+    "mixtral": Arch(mixtral_recipe, mixtral_rules, mixtral_config, MOE_KEYS | {"num_local_experts"}),
+    "qwen2_moe": Arch(qwen2_moe_recipe, qwen2_moe_rules, None, MOE_KEYS | {
+        "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
+        "mlp_only_layers"}),
+    "olmoe": Arch(olmoe_recipe, olmoe_rules, None, MOE_KEYS | {"num_experts", "clip_qkv"}),
+    "bitnet": Arch(bitnet_recipe, bitnet_rules, None, frozenset(), load=bitnet_load),
 }
 
 
@@ -324,9 +604,11 @@ def arch_of(cfg: HFConfig) -> Arch:
 
 def check_quantization(cfg: HFConfig) -> None:
     q = cfg.data.get("quantization_config")
-    if q is not None:
-        raise cfg.error("quantization_config", f"quantized checkpoints ({q.get('quant_method', q)!r}) are not "
-                                               "supported; convert a full-precision folder")
+    if q is not None and not (cfg.get("model_type") == "bitnet" and isinstance(q, dict)
+                              and q.get("quant_method") == "bitnet"):
+        method = q.get("quant_method", q) if isinstance(q, dict) else q
+        raise cfg.error("quantization_config", f"quantized checkpoints ({method!r}) are not supported "
+                                               "(only BitNet's own); convert a full-precision folder")
 
 
 # -- tensors ---------------------------------------------------------------------------------
@@ -386,16 +668,31 @@ def gather(rules: list[Rule], source: Callable[[str], torch.Tensor], expected: d
         want = expected.get(rule.zoo)
         if want is None:
             raise ZooError(f"internal: no zoo tensor {rule.zoo!r} for {rule.parts[0][0]!r}")
-        parts = []
-        for name, rows in rule.parts:
-            t = source(name)
-            shape = (rows, *want.shape[1:])
-            if tuple(t.shape) != shape:
-                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, "
-                                      f"config.json implies {shape}")
-            parts.append(t.to(want.dtype))
-        state[rule.zoo] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        inner = tuple(want.shape[2:] if rule.experts else want.shape[1:])
+        slices = []
+        for parts in rule.expert_parts():
+            pieces = []
+            for name, rows in parts:
+                t = source(name)
+                if tuple(t.shape) != (rows, *inner):
+                    raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                          f"config.json implies {(rows, *inner)}")
+                pieces.append(t.to(want.dtype))
+            slices.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+        state[rule.zoo] = torch.stack(slices) if rule.experts else slices[0]
     return state
+
+
+def scatter(rules: list[Rule], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `gather`: HF tensors from a zoo state dict."""
+    out = {}
+    for rule in rules:
+        t = state[rule.zoo]
+        slices = t.unbind(0) if rule.experts else [t]
+        for parts, piece in zip(rule.expert_parts(), slices):
+            for (name, _), x in zip(parts, piece.split([rows for _, rows in parts])):
+                out[name] = x.contiguous().clone()
+    return out
 
 
 # -- import ----------------------------------------------------------------------------------
@@ -430,16 +727,21 @@ def from_hf(path: str | Path, dtype: str | None = None, max_seq_len: int | None 
     recipe = hf_recipe(cfg, dtype, max_seq_len, name=folder.name)
     tensors = HFTensors(folder)
     model = build(recipe)
-    expected = model.state_dict()
-    rules = arch_of(cfg).rules(cfg)
-    state = gather(rules, tensors.get, expected, str(folder))
-    if recipe.model.tie_embeddings:
+    load_weights(model, cfg, tensors.get, str(folder))
+    return model, recipe
+
+
+def load_weights(model, cfg: HFConfig, get: Callable[[str], torch.Tensor], where: str) -> None:
+    """Fill `model` from the HF-named tensors that `get` serves, by the architecture's rules."""
+    arch = arch_of(cfg)
+    state = arch.load(cfg, model, get, where) if arch.load else gather(arch.rules(cfg), get, model.state_dict(), where)
+    if model.config.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
+    expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ZooError(f"internal: the {cfg.data['model_type']} rules leave zoo tensor {missing[0]!r} unset")
     model.load_state_dict(state, strict=True)
-    return model, recipe
 
 
 def tokenizer_files(folder: Path) -> dict[str, bytes]:
@@ -450,13 +752,22 @@ def tokenizer_files(folder: Path) -> dict[str, bytes]:
 
 def convert_hf(src: str | Path, out: str | Path, dtype: str | None = None, max_seq_len: int | None = None) -> Path:
     """Write the zoo checkpoint of a Hugging Face folder (recipe, weights, tokenizer.json)."""
-    from zoo.io.checkpoint import save
-
     src = Path(src)
     model, _ = from_hf(src, dtype, max_seq_len)
     cfg = HFConfig.read(src)
-    return save(model, out, meta={"source": {"format": "hf", "path": str(src), "model_type": cfg.data["model_type"]}},
-                files=tokenizer_files(src))
+    files = tokenizer_files(src)
+    return save_converted(model, out, files, {"format": "hf", "path": str(src), "model_type": cfg.data["model_type"]})
+
+
+def save_converted(model, out: str | Path, files: dict[str, str | bytes], source: dict[str, Any]) -> Path:
+    """zoo.save an imported model; with a tokenizer.json its recipe's data.tokenizer points at that file."""
+    from zoo.io.checkpoint import save
+
+    out = Path(out)
+    if TOKENIZER in files:
+        spec = {"kind": "file", "path": str(out.resolve() / TOKENIZER)}
+        model.recipe = model.recipe.replace(**{"data.tokenizer": spec})
+    return save(model, out, meta={"source": source}, files=files)
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -476,22 +787,26 @@ def exportable(recipe) -> None:
             raise CheckpointError(f"{key}: per-role overrides cannot be exported to Hugging Face")
     if m.layers:
         raise CheckpointError("model.layers: per-layer patterns cannot be exported to Hugging Face")
-    extra = {f.name for f in type(m.attention.config).__dataclass_fields__.values()} - {"qkv_bias", "o_bias"}
-    for key in sorted(extra):
-        default = type(m.attention.config).__dataclass_fields__[key].default
-        if getattr(m.attention.config, key) != default:
-            raise CheckpointError(f"model.attention.{key}: cannot be exported to a llama/mistral/qwen2 layout")
+    only_defaults(m.attention.config, {"qkv_bias", "o_bias"}, "model.attention")
+    if m.ffn.kind == "glu":
+        only_defaults(m.ffn.config, {"hidden", "activation", "bias"}, "model.ffn")
+
+
+def only_defaults(config: Any, allowed: set[str], key: str) -> None:
+    """Refuse a block option outside `allowed` that is not at its default (e.g. sub-norms, qk_norm)."""
+    for f in dataclasses.fields(config):
+        if f.name not in allowed and getattr(config, f.name) != f.default:
+            raise CheckpointError(f"{key}.{f.name}: cannot be exported to a transformers layout "
+                                  f"(only its default {f.default!r})")
 
 
 def default_arch(recipe) -> str:
+    """mixtral for a MoE FFN; else qwen2 for q/k/v-only biases, else llama."""
     m = recipe.model
-    if m.ffn.kind != "glu":
-        raise CheckpointError(f"model.ffn.kind: {m.ffn.kind!r} cannot be exported (dense layouts need 'glu')")
+    if m.ffn.kind == "moe":
+        return "mixtral"
     a = m.attention.config
     return "qwen2" if a.qkv_bias and not a.o_bias else "llama"
-
-
-EXPORTERS: dict[str, Callable[[Any], str]] = {}  # ffn kind -> default model_type, for non-dense layouts
 
 
 def export_hf(zoo_dir: str | Path, out: str | Path, arch: str | None = None) -> Path:
@@ -504,19 +819,13 @@ def export_hf(zoo_dir: str | Path, out: str | Path, arch: str | None = None) -> 
     model = load(zoo_dir)
     recipe = model.recipe
     exportable(recipe)
-    kind = recipe.model.ffn.kind
-    arch = arch or EXPORTERS.get(kind, default_arch)(recipe)
+    arch = arch or default_arch(recipe)
     if arch not in ARCHS or ARCHS[arch].config is None:
         writable = [k for k, a in ARCHS.items() if a.config is not None]
         raise CheckpointError(f"--arch {arch!r} cannot be written{did_you_mean(arch, writable)}; {one_of(writable)}")
     config = ARCHS[arch].config(recipe.model)
     cfg = HFConfig(config, "<export>")
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    tensors: dict[str, torch.Tensor] = {}
-    for rule in ARCHS[arch].rules(cfg):
-        pieces = state[rule.zoo].split([rows for _, rows in rule.parts])
-        for (name, _), t in zip(rule.parts, pieces):
-            tensors[name] = t.contiguous().clone()
+    tensors = scatter(ARCHS[arch].rules(cfg), {k: v.detach() for k, v in model.state_dict().items()})
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)

@@ -125,7 +125,8 @@ def prepare_inference(model: nn.Module, impl: str = "auto") -> nn.Module:
             continue  # expert projections run stacked through their MoE kernel backend
         linear, device = proj.linear, next(proj.parameters(), next(proj.buffers(), None)).device
         k = kept_count(proj.sparsify, proj.in_features)
-        if getattr(linear, "sparsify_inside", False) and hasattr(linear, "packed"):
+        per_row = hasattr(linear, "scale") and linear.scale.numel() > 1  # imported BitNet: keeps the torch path
+        if getattr(linear, "sparsify_inside", False) and hasattr(linear, "packed") and not per_row:
             proj.linear = TernaryLinear(linear, device, impl)
         elif isinstance(linear, nn.Linear) and k is not None:
             proj.linear = TopKLinear(linear.weight, linear.bias, k, impl)
