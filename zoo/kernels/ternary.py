@@ -69,7 +69,7 @@ def _dense_rows(xq: torch.Tensor, indices: torch.Tensor | None, in_features: int
 
 def finish(acc: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
            out_dtype: torch.dtype) -> torch.Tensor:
-    """row_scale · acc (+ bias) in out_dtype (computed in float32 at least): the epilogue every implementation shares."""
+    """row_scale · acc (+ bias) in out_dtype, computed in float32 at least: the epilogue all paths share."""
     wide = torch.promote_types(out_dtype, torch.float32)
     y = acc.to(wide) * row_scale.to(wide)[:, None]
     return (y if bias is None else y + bias.to(wide)).to(out_dtype)
