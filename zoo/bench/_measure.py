@@ -64,7 +64,7 @@ def time_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], device: torch.
 def bandwidth_gbs(device: torch.device, nbytes: int = 512 << 20) -> float:
     """Read bandwidth (GB/s) measured now: the sum of a buffer much larger than the cache."""
     buf = torch.ones(nbytes // 4, device=device)
-    return nbytes / time_ms(torch.sum, [(buf,)], device, repeat=7).best / 1e6
+    return nbytes / time_ms(torch.sum, [(buf,)], device, repeat=15).best / 1e6
 
 
 def row(name: str, shape: str, t: Timing, base: Timing, nbytes: int, gbs: float, **extra) -> dict:
