@@ -44,6 +44,8 @@ def test_ties_are_exact_k_and_go_to_the_lower_index():
 def test_k_zero_and_k_width():
     x = torch.randn(4, 9)
     assert torch.equal(TopK(9, 0)(x), torch.zeros_like(x))
+    assert torch.equal(TopK(9, 0, rescale=True)(x), torch.zeros_like(x))
+    assert torch.equal(TopK(9, 9, rescale=True)(x), x)
     assert torch.equal(TopK(9, 9)(x), x)
     assert TopK(9, 3).keep_fraction == pytest.approx(3 / 9)
 

@@ -50,9 +50,22 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return ((xw * s).round().clamp(-ACT_MAX - 1, ACT_MAX) / s).to(x.dtype)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward q, backward the identity to x: `x + (q - x).detach()` without its rounding error
+    (which in bfloat16 is far from negligible)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """q in the forward, identity gradient to x in the backward."""
-    return x + (q - x).detach()
+    return _StraightThrough.apply(x, q.detach())
 
 
 @dataclass(frozen=True)

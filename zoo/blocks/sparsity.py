@@ -77,7 +77,7 @@ def mask_input(x: torch.Tensor, mask: torch.Tensor, ste: bool = True, rescale: b
         wide = torch.promote_types(x.dtype, torch.float32)
         full = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide)
         kept = torch.linalg.vector_norm(y, dim=-1, keepdim=True, dtype=wide)
-        scale = (full / kept.clamp_min(torch.finfo(wide).tiny)).to(x.dtype)
+        scale = torch.where(kept > 0, full / kept, 1.0).to(x.dtype)  # K = 0: nothing to rescale
     return y * scale
 
 
