@@ -57,12 +57,13 @@ def random_route(T: int, E: int, k: int, experts_used: list[int], skew: float = 
     return Routing(gates.float(), experts, probs.float(), logits.float())
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_dropless_dispatch_equals_per_token_loop(seed):
+@pytest.mark.parametrize("seed, pad_limit", [(0, 1.0), (1, 1.0), (2, 100.0), (3, 100.0)])
+def test_dropless_dispatch_equals_per_token_loop(seed, pad_limit):
     g = random.Random(seed)
     torch.manual_seed(seed)
     E, k, T, D, H = g.randint(3, 7), g.choice([1, 2, 3]), g.randint(5, 29), g.choice([10, 14, 24]), g.randint(3, 11)
-    moe = build_moe({"kind": "moe", "num_experts": E, "top_k": k, "expert": {"kind": "glu", "hidden": H}}, D)
+    moe = build_moe({"kind": "moe", "num_experts": E, "top_k": k, "expert": {"kind": "glu", "hidden": H},
+                     "backend": {"kind": "torch", "pad_limit": pad_limit}}, D)
     x = torch.randn(T, D, dtype=torch.float64)
     used = g.sample(range(E), max(k, E - 2))  # at least one expert stays empty when E - 2 > k
     route = random_route(T, E, k, used)
@@ -114,11 +115,12 @@ def test_sigmoid_router():
     torch.testing.assert_close(r.probs.sum(-1), torch.ones(7))
 
 
-def test_capacity_mode_drops_exactly_the_pairs_over_capacity():
+@pytest.mark.parametrize("pad_limit", [1.0, 100.0])  # packed rows / groups padded to equal size
+def test_capacity_mode_drops_exactly_the_pairs_over_capacity(pad_limit):
     torch.manual_seed(4)
     E, k, T = 4, 2, 13
     moe = build_moe({"kind": "moe", "num_experts": E, "top_k": k, "capacity_factor": 0.5,
-                     "expert": {"kind": "glu", "hidden": 5}})
+                     "expert": {"kind": "glu", "hidden": 5}, "backend": {"kind": "torch", "pad_limit": pad_limit}})
     cap = math.ceil(0.5 * T * k / E)
     route = random_route(T, E, k, [2, 0, 3, 1], skew=3.0)
     x = torch.randn(T, 24, dtype=torch.float64)
@@ -196,20 +198,33 @@ def test_gradients_match_naive_reference_and_gradcheck():
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_backends_agree_and_grouped_mm_path_matches_float64():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backends_and_padded_layout_agree_with_gradients(dtype):
     torch.manual_seed(7)
     cfg = {"kind": "moe", "num_experts": 6, "top_k": 2, "expert": {"kind": "glu", "hidden": 12}}
-    backends = ("auto", *({"kind": "torch", "method": m} for m in ("padded_bmm", "grouped_mm", "loop")))
-    moes = [build_moe({**cfg, "backend": b}, 32, torch.float32) for b in backends]
-    ref = moes[0]
+    backends = ("auto", {"kind": "torch", "pad_limit": 100.0}, {"kind": "torch", "pad_limit": 1.0},
+                {"kind": "torch", "pad_limit": 1.0, "grouped_mm": False})
+    moes = [build_moe({**cfg, "backend": b}, 32, dtype) for b in backends]
+    assert moes[1].backend.rows_per_expert(torch.tensor([5, 1, 0, 2, 2, 2])) == 5  # always pads
+    for m in moes[1:]:
+        m.load_state_dict(moes[0].state_dict())
+    x = torch.randn(37, 32, dtype=dtype)
+    g = torch.randn(37, 32, dtype=dtype)
+    outs, grads = [], []
     for m in moes:
-        m.load_state_dict(ref.state_dict())
-    x = torch.randn(37, 32)
-    outs = [m(x) for m in moes]
-    for o in outs[1:]:
-        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
-    exact = ref.double()(x.double())
-    torch.testing.assert_close(outs[0].double(), exact, rtol=1e-4, atol=1e-5)
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(g)
+        outs.append(y)
+        grads.append([xi.grad, *(p.grad for p in m.parameters())])
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    for y, gr in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(y, outs[0], **tol)
+        for a, b in zip(gr, grads[0]):
+            torch.testing.assert_close(a, b, **tol)
+    if dtype == torch.float32:
+        exact = moes[0].double()(x.double())
+        torch.testing.assert_close(outs[0].double(), exact, rtol=1e-4, atol=1e-5)
 
 
 class PlainLinear(nn.Linear):
@@ -379,3 +394,20 @@ def test_moe_bitnet_qsparse_trains_and_freezes():
     before = model(idx).logits
     model.freeze()
     torch.testing.assert_close(model(idx).logits, before)
+
+
+def test_evaluate_reports_expert_load_and_router_entropy():
+    from zoo.eval.evaluate import evaluate
+
+    torch.manual_seed(12)
+    recipe = zoo.load_recipe(RECIPES / "tiny/moe.toml", ["model.n_layers=1", "model.d_model=32", "model.n_heads=2"])
+    model = zoo.build(recipe).eval()
+    x = torch.randint(0, 256, (2, 17))
+    report = evaluate(model, [(x[:, :-1], x[:, 1:])])
+    model(x[:, :-1])
+    stats = model.blocks[0].ffn.last_stats
+    (layer,) = report["expert_load"]
+    assert layer["module"] == "blocks.0.ffn"
+    assert layer["load"] == [round(float(v), 4) for v in stats["load"]]
+    assert layer["load_cv"] == pytest.approx(float(stats["load_cv"]))
+    assert layer["router_entropy"] == pytest.approx(float(stats["router_entropy"]))

@@ -9,17 +9,11 @@ recipe the backend cannot run. Other backends (`triton`, the `megablocks` plugin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from zoo.kernels.grouped import (
-    grouped_mm_loop,
-    grouped_mm_padded,
-    grouped_mm_torch,
-    padded_layout,
-    padding_factor,
-)
+from zoo.kernels.grouped import equal_groups, grouped_mm_equal, grouped_mm_loop, grouped_mm_torch
 from zoo.recipe.schema import Validator, param
 
 # What `auto` prefers on a CUDA device when a plugin or module registered it.
@@ -28,32 +22,34 @@ FAST_CUDA_BACKEND = "triton"
 
 @dataclass(frozen=True)
 class TorchBackendConfig:
-    """plain torch: a padded batched matmul when routing is balanced enough, else torch._grouped_mm
-    where the dtype and alignment allow, else one matmul per expert"""
+    """plain torch: a batched matmul over equal-sized (padded) groups while training with balanced
+    routing, else torch._grouped_mm where the dtype and alignment allow, else one matmul per expert"""
 
-    method: Literal["auto", "padded_bmm", "grouped_mm", "loop"] = param(
-        "auto", "how experts are multiplied ('auto': padded_bmm within pad_limit, else grouped_mm, else loop)")
-    pad_limit: float = param(1.25, "auto uses padded_bmm while E · largest group ≤ pad_limit · rows", ge=1)
+    pad_limit: float = param(1.25, "while training, pad every expert's rows to the largest group (zero rows, "
+                                   "one bmm) if that adds at most this factor of rows; 1 = never pad", ge=1)
+    grouped_mm: bool = param(True, "use torch._grouped_mm for unequal groups when it supports the operands "
+                                   "(false: one matmul per expert)")
 
 
 class TorchBackend:
     name = "torch"
 
     def __init__(self, cfg: TorchBackendConfig):
-        self.method, self.pad_limit = cfg.method, cfg.pad_limit
-        self._layout: tuple[torch.Tensor, Any] | None = None  # (offsets, padded layout) of the last call
+        self.pad_limit, self.use_grouped_mm = cfg.pad_limit, cfg.grouped_mm
+
+    def rows_per_expert(self, counts: torch.Tensor) -> int | None:
+        """Rows to pad each expert's group to, or None (packed). Only while recording gradients: on
+        CPU the backward of a batched matmul is what pays off, and evaluation then sees real rows only."""
+        if not torch.is_grad_enabled() or self.pad_limit <= 1:
+            return None
+        largest, rows = int(counts.max()), int(counts.sum())
+        return largest if 0 < counts.numel() * largest <= self.pad_limit * rows else None
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        method = self.method
-        if method == "auto":
-            method = "padded_bmm" if padding_factor(offsets, w.shape[0]) <= self.pad_limit else "grouped_mm"
-        if method == "padded_bmm":
-            if self._layout is None or self._layout[0] is not offsets:  # the projections of one forward share it
-                self._layout = (offsets, padded_layout(offsets))
-            return grouped_mm_padded(x, w, offsets, self._layout[1])
-        if method == "grouped_mm":
-            return grouped_mm_torch(x, w, offsets)
-        return grouped_mm_loop(x, w, offsets)
+        size = equal_groups(offsets)
+        if size is not None:
+            return grouped_mm_equal(x, w, size)
+        return (grouped_mm_torch if self.use_grouped_mm else grouped_mm_loop)(x, w, offsets)
 
 
 @dataclass(frozen=True)
@@ -75,9 +71,16 @@ class AutoBackend:
             self._fast = self.ctx.build(spec)
         return self._fast
 
+    def on(self, t: torch.Tensor) -> Any:
+        """The backend for tensors like `t`."""
+        return (self.fast() if t.is_cuda else None) or self.reference
+
+    def rows_per_expert(self, counts: torch.Tensor) -> int | None:
+        pad = getattr(self.on(counts), "rows_per_expert", None)
+        return pad(counts) if pad else None
+
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        backend = (self.fast() if x.is_cuda else None) or self.reference
-        return backend.grouped_mm(x, w, offsets)
+        return self.on(x).grouped_mm(x, w, offsets)
 
 
 def register(registry) -> None:

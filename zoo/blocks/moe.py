@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from zoo.blocks.router import Routing
-from zoo.kernels.moe_permute import combine, sort_tokens
+from zoo.kernels.moe_permute import RowLayout, combine, sort_tokens
 from zoo.model.context import BuildContext
 from zoo.model.projection import ExpertGroups
 from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
@@ -113,11 +113,11 @@ class MoE(nn.Module):
             rank = torch.arange(order.numel(), device=x.device) - start[expert[order]]
             order = order[rank < cap]
             counts = counts.clamp(max=cap)
-        slot = torch.full_like(expert, order.numel())
-        slot[order] = torch.arange(order.numel(), device=x.device)
-        with self.groups.sorted_rows(torch.cumsum(counts, 0).to(torch.int32), expert[order]):
-            rows = self.experts(sort_tokens(x, order, slot, k))  # [N, D], N = Σ counts
-        y = combine(rows, route.weights, order, slot)
+        pad_to = getattr(self.backend, "rows_per_expert", None)  # equal-sized groups, if the backend wants them
+        layout = RowLayout.build(expert, order, counts, pad_to(counts) if pad_to else None)
+        with self.groups.sorted_rows(layout.offsets, layout.row_expert):
+            rows = self.experts(sort_tokens(x, layout, k))  # [R, D]: R = Σ counts (+ padding rows)
+        y = combine(rows, route.weights, layout)
         self.last_stats = self.statistics(route, counts, T * k - order.numel())
         return y
 

@@ -44,6 +44,7 @@ def run(args) -> int:
     rows += [[f"  {role}", f"{v:.3f}"] for role, v in report["sparsity"]["by_role"].items()]
     for e in report["expert_load"]:
         loads = " ".join(f"{v:.2f}" for v in e["load"])
-        rows.append([f"expert load {e['module']}", f"{loads}  (cv {e['load_cv']:.2f})"])
+        rows.append([f"expert load {e['module']}", f"{loads}  (cv {e['load_cv']:.2f}, router entropy "
+                                                    f"{e['router_entropy']:.2f} nats)"])
     print_table(rows)
     return 0

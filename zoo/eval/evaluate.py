@@ -19,6 +19,7 @@ def sparsity_summary(model, inputs: list[torch.Tensor]) -> dict:
 def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32") -> dict:
     """Everything `zoo eval` reports for `model` on `batches` of (inputs, targets)."""
     tokens_per_expert: dict[str, torch.Tensor] = {}
+    entropy: dict[str, list[float]] = {}  # per forward: (mean router entropy, tokens)
     hooks = []
     for name, module in model.named_modules():
         if hasattr(module, "last_stats"):  # a routed FFN: its per-forward statistics
@@ -26,6 +27,10 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], precision:
             def add(mod, args, out, name=name):
                 counts = mod.last_stats["tokens_per_expert"].detach().cpu().double()
                 tokens_per_expert[name] = tokens_per_expert.get(name, 0) + counts
+                tokens = args[0].numel() / args[0].shape[-1]
+                acc = entropy.setdefault(name, [0.0, 0.0])
+                acc[0] += float(mod.last_stats["router_entropy"]) * tokens
+                acc[1] += tokens
             hooks.append(module.register_forward_hook(add))
     was_training = model.training
     model.eval()
@@ -45,7 +50,8 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], precision:
     for name, counts in tokens_per_expert.items():
         load = counts / counts.sum().clamp(min=1)
         experts.append({"module": name, "load": [round(float(v), 4) for v in load],
-                        "load_cv": float(load.std(unbiased=False) / load.mean()), "max_load": float(load.max())})
+                        "load_cv": float(load.std(unbiased=False) / load.mean()), "max_load": float(load.max()),
+                        "router_entropy": entropy[name][0] / max(entropy[name][1], 1)})
     return {
         "val_loss": loss,
         "val_ppl": perplexity(loss),

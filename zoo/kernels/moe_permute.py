@@ -1,59 +1,98 @@
 """Moving MoE rows between token order and expert order, with gather-only backward passes.
 
-Pair p = (token p // k, choice p % k). `order` [N] lists the kept pairs sorted by expert (row r
-of the expert-sorted input is pair order[r]); `slot` [T·k] is its inverse: the row of pair p,
-or N for a pair dropped over capacity. Both directions are index_select in forward and in
-backward (a permutation's adjoint is its inverse), so nothing accumulates with atomics.
+Pair p = (token p // k, choice p % k). The experts see R rows sorted by expert: expert e owns
+rows offsets[e-1]:offsets[e]. A `RowLayout` maps both ways: `row_of_pair` [T·k] (a dropped
+pair has none) and `pair_of_row` [R] (a padding row has none; padding exists only when the
+backend asked for equal-sized groups). Forward and backward are both gathers (a permutation's
+adjoint is its inverse), so nothing accumulates with atomics and results are deterministic.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 
 
-def _zero_row_if_dropped(rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """`rows` with a zero row N appended when some pair was dropped (slot N), else `rows` itself."""
-    return F.pad(rows, (0, 0, 0, 1)) if rows.shape[0] < slot.numel() else rows
+@dataclass
+class RowLayout:
+    """Where each (token, expert) pair sits among the experts' rows, and back."""
+
+    row_of_pair: torch.Tensor  # [T·k] row of pair p (any valid index where dropped)
+    dropped: torch.Tensor  # pairs without a row (over capacity)
+    pair_of_row: torch.Tensor  # [R] pair of row r (any valid index where padding)
+    padding: torch.Tensor  # rows without a pair
+    offsets: torch.Tensor  # [E] int32 cumulative rows per expert
+    row_expert: torch.Tensor  # [R] expert of each row
+
+    @classmethod
+    def build(cls, expert: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, rows_per_expert: int | None,
+              ) -> RowLayout:
+        """`order`: the kept pairs sorted by expert; `counts`: kept pairs per expert;
+        `rows_per_expert`: pad every expert's group to this many rows (None: packed)."""
+        dev, E, n = expert.device, counts.numel(), order.numel()
+        sorted_expert = expert[order]
+        if rows_per_expert is None:
+            rows = torch.arange(n, device=dev)
+            sizes = counts
+        else:
+            start = torch.cumsum(counts, 0) - counts
+            rows = sorted_expert * rows_per_expert + torch.arange(n, device=dev) - start[sorted_expert]
+            sizes = torch.full_like(counts, rows_per_expert)
+        R = int(sizes.sum())
+        row_of_pair = torch.zeros_like(expert)
+        row_of_pair[order] = rows
+        has_row = torch.zeros(expert.numel(), dtype=torch.bool, device=dev)
+        has_row[order] = True
+        pair_of_row = torch.zeros(R, dtype=order.dtype, device=dev)
+        pair_of_row[rows] = order
+        has_pair = torch.zeros(R, dtype=torch.bool, device=dev)
+        has_pair[rows] = True
+        return cls(row_of_pair, (~has_row).nonzero().squeeze(1), pair_of_row, (~has_pair).nonzero().squeeze(1),
+                   torch.cumsum(sizes, 0).to(torch.int32), torch.repeat_interleave(torch.arange(E, device=dev), sizes))
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x[index] with the rows listed in `zero` set to 0."""
+    out = x.index_select(0, index)
+    return out.index_fill_(0, zero, 0) if zero.numel() else out
 
 
 class _SortTokens(torch.autograd.Function):
-    """rows[r] = x[order[r] // k]; backward: dx[t] = Σ_j drows[slot[t·k + j]] (dropped pairs add 0)."""
+    """rows[r] = x[pair_of_row[r] // k]; backward: dx[t] = Σ_j drows[row_of_pair[t·k + j]]."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, slot: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(slot)
-        ctx.k = k
-        return x.index_select(0, order // k)
+    def forward(ctx, x: torch.Tensor, layout: RowLayout, k: int) -> torch.Tensor:
+        ctx.layout, ctx.k = layout, k
+        return _gather(x, layout.pair_of_row // k, layout.padding)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (slot,) = ctx.saved_tensors
-        rows = _zero_row_if_dropped(grad, slot)
-        return rows.index_select(0, slot).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+        layout = ctx.layout
+        pairs = _gather(grad, layout.row_of_pair, layout.dropped)
+        return pairs.view(-1, ctx.k, grad.shape[-1]).sum(1), None, None
 
 
 class _UnsortRows(torch.autograd.Function):
-    """pairs[p] = rows[slot[p]] (zeros for a dropped pair); backward: drows[r] = dpairs[order[r]]."""
+    """pairs[p] = rows[row_of_pair[p]] (0 if dropped); backward: drows[r] = dpairs[pair_of_row[r]]."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, order: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(order)
-        return _zero_row_if_dropped(rows, slot).index_select(0, slot)
+    def forward(ctx, rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+        ctx.layout = layout
+        return _gather(rows, layout.row_of_pair, layout.dropped)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (order,) = ctx.saved_tensors
-        return grad.index_select(0, order), None, None
+        return _gather(grad, ctx.layout.pair_of_row, ctx.layout.padding), None
 
 
-def sort_tokens(x: torch.Tensor, order: torch.Tensor, slot: torch.Tensor, k: int) -> torch.Tensor:
-    """The expert-sorted input rows [N, D] of tokens x [T, D]."""
-    return _SortTokens.apply(x, order, slot, k)
+def sort_tokens(x: torch.Tensor, layout: RowLayout, k: int) -> torch.Tensor:
+    """The experts' input rows [R, D] from tokens x [T, D] (padding rows are zero)."""
+    return _SortTokens.apply(x, layout, k)
 
 
-def combine(rows: torch.Tensor, gates: torch.Tensor, order: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """y[t] = Σ_j gates[t, j] · rows[slot[t·k + j]]: expert outputs [N, D] back in token order, weighted."""
+def combine(rows: torch.Tensor, gates: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """y[t] = Σ_j gates[t, j] · rows[row_of_pair[t·k + j]]: expert outputs back in token order, weighted."""
     T, k = gates.shape
-    pairs = _UnsortRows.apply(rows, order, slot).view(T, k, rows.shape[-1])
+    pairs = _UnsortRows.apply(rows, layout).view(T, k, rows.shape[-1])
     return torch.bmm(gates.to(rows.dtype).unsqueeze(1), pairs).squeeze(1)
