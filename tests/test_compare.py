@@ -33,9 +33,11 @@ def test_compare_rows_show_only_differing_keys_and_aggregate_seeds(runs):
     assert silu["val_loss"] == pytest.approx((s0["val_loss"] + s1["val_loss"]) / 2)
     assert silu["val_loss_std"] == pytest.approx(abs(s0["val_loss"] - s1["val_loss"]) / 2 ** 0.5)
     assert relu["val_loss_std"] is None and relu["total_params"] == s0["accounting"]["total_params"]
+    assert silu["settings"] == {"model.ffn.activation.kind": "silu"}
     headers, cells = table(rows)
-    assert headers[:3] == ["run", "seeds", "model.ffn.activation.kind"] and "±" in cells[[r["run"] for r in rows]
-                                                                                          .index(silu["run"])][6]
+    row = cells[[r["run"] for r in rows].index(silu["run"])]
+    assert headers[:2] == ["run", "seeds"] and "±" in row[headers.index("val")]
+    assert row[-1] == "ffn.activation.kind=silu"
 
 
 def test_cli_compare_json_and_plot(runs, tmp_path, capsys):

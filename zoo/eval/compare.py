@@ -5,14 +5,17 @@ A row is one run, or the mean ± std of runs whose recipes differ only in `train
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from zoo.errors import ZooError
-from zoo.recipe.loader import read_toml
+from zoo.recipe.recipe import load_recipe
+from zoo.recipe.schema import BlockSpec, to_plain
 from zoo.train.loop import METRICS, RECIPE_FILE, SUMMARY, flatten
 
 METRIC_KEYS = ("total_params", "activated_params", "flops_per_token", "train_loss", "val_loss", "val_ppl",
@@ -28,10 +31,8 @@ class Run:
     recipe: dict
     summary: dict
     curve: list[tuple[int, float]] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return self.path.name
+    settings: dict = field(default_factory=dict)
+    label: str = ""
 
     def metrics(self) -> dict[str, float | None]:
         s, acc = self.summary, self.summary["accounting"]
@@ -40,6 +41,28 @@ class Run:
                 "flops_per_token": acc["flops_per_token"], "train_loss": s["train_loss"], "val_loss": s["val_loss"],
                 "val_ppl": s["val_ppl"], "sparsity": measured, "train_tokens_per_s": s["train_tokens_per_s"],
                 "decode_tokens_per_s": s["decode_tokens_per_s"], "tokens": s["tokens"]}
+
+
+def explicit(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """The settings of a validated recipe that are not defaults, flattened; block kinds always."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, BlockSpec):
+        out[prefix + "kind"] = obj.kind
+        out.update(explicit(obj.config, prefix))
+        for role, spec in obj.roles.items():
+            out.update(explicit(spec, f"{prefix}roles.{role}."))
+        return out
+    for f in dataclasses.fields(obj):
+        if not f.init or f.metadata.get("internal"):
+            continue
+        v = getattr(obj, f.name)
+        if isinstance(v, BlockSpec) or (dataclasses.is_dataclass(v) and not isinstance(v, type)):
+            out.update(explicit(v, f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if v != default:
+            out[prefix + f.name] = to_plain(v)
+    return out
 
 
 def load_run(path: str | Path) -> Run:
@@ -53,7 +76,8 @@ def load_run(path: str | Path) -> Run:
         rec = json.loads(line) if line.strip() else {}
         if rec.get("split") == "val":
             curve.append((rec["tokens"], rec["val_loss"]))
-    return Run(path, flatten(read_toml(path / RECIPE_FILE)), summary, curve)
+    recipe = load_recipe(path / RECIPE_FILE)
+    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name)
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
@@ -68,6 +92,10 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             raise ZooError(f"{p}: not a run folder (no {RECIPE_FILE}) nor a folder of finished runs")
     if not runs:
         raise ZooError("no runs to compare")
+    names = [r.label for r in runs]
+    for r in runs:  # sweeps name their runs seed-0, seed-1...: add the parent folder when names repeat
+        if names.count(r.label) > 1:
+            r.label = f"{r.path.parent.name}/{r.path.name}"
     return runs
 
 
@@ -87,11 +115,15 @@ def compare(runs: list[Run]) -> list[dict]:
     reps = [g[0].recipe for g in groups.values()]
     keys = sorted({k for rec in reps for k in rec} - set(IGNORED))
     differing = [k for k in keys if len({json.dumps(rec.get(k), default=str) for rec in reps}) > 1]
+    settings = [g[0].settings for g in groups.values()]
+    salient = [k for k in sorted({k for st in settings for k in st} - set(IGNORED))
+               if len({json.dumps(st.get(k), default=str) for st in settings}) > 1]
     rows = []
     for g in groups.values():
         row = {"run": g[0].label if len(g) == 1 else f"{g[0].label} (+{len(g) - 1})",
                "runs": [str(r.path) for r in g], "seeds": sorted(r.recipe.get("train.seed", 0) for r in g),
-               "differences": {k: g[0].recipe.get(k) for k in differing}}
+               "differences": {k: g[0].recipe.get(k) for k in differing},
+               "settings": {k: g[0].settings[k] for k in salient if k in g[0].settings}}
         for m in METRIC_KEYS:
             mean, std = _mean_std([r.metrics()[m] for r in g])
             row[m] = mean
@@ -112,18 +144,17 @@ def _fmt(v: float | None, std: float | None, digits: int) -> str:
 
 COLUMNS = [("params", "total_params", 0), ("act.params", "activated_params", 0), ("FLOPs/tok", "flops_per_token", 0),
            ("train", "train_loss", 3), ("val", "val_loss", 3), ("ppl", "val_ppl", 2), ("sparsity", "sparsity", 2),
-           ("train tok/s", "train_tokens_per_s", 0), ("decode tok/s", "decode_tokens_per_s", 0)]
+           ("train tok/s", "train_tokens_per_s", 1), ("decode tok/s", "decode_tokens_per_s", 1)]
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Headers and cells for printing: run, its differing keys, then the metrics."""
-    diff_keys = list(rows[0]["differences"]) if rows else []
-    headers = ["run", "seeds", *diff_keys, *(h for h, _, _ in COLUMNS)]
+    """Headers and cells for printing: run, seeds, the metrics, then its non-default settings that differ."""
+    headers = ["run", "seeds", *(h for h, _, _ in COLUMNS), "differs in (non-default settings)"]
     cells = []
     for r in rows:
-        diffs = ["-" if r["differences"][k] is None else str(r["differences"][k]) for k in diff_keys]
-        cells.append([r["run"], ",".join(map(str, r["seeds"])), *diffs,
-                      *(_fmt(r[k], r[k + "_std"], d) for _, k, d in COLUMNS)])
+        settings = " ".join(f"{k.removeprefix('model.')}={v}" for k, v in r["settings"].items()) or "-"
+        cells.append([r["run"], ",".join(map(str, r["seeds"])),
+                      *(_fmt(r[k], r[k + "_std"], d) for _, k, d in COLUMNS), settings])
     return headers, cells
 
 
