@@ -36,10 +36,12 @@ TYPES = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q8_0, "attn_output": Q.
          "ffn_up": Q.Q4_0, "attn_norm": Q.F32, "ffn_norm": Q.F32}
 
 
-def write_gguf(path, hf_model, tokenizer=None, tie=False, down=(Q.Q4_K, Q.Q6_K), extra=None):
-    """Write `hf_model` as llama.cpp would; returns {hf name: the dequantized reference in HF layout}."""
+def write_gguf(path, hf_model, tokenizer=None, tie=False, down=(Q.Q4_K, Q.Q6_K), extra=None, arch="llama"):
+    """Write `hf_model` as llama.cpp would; returns {hf name: the dequantized reference in HF layout}.
+
+    llama: q/k rows permuted for the interleaved RoPE; qwen2: not permuted, q/k/v biases in F32."""
     rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(64)
     w.add_embedding_length(D)
     w.add_block_count(2)
@@ -85,7 +87,9 @@ def write_gguf(path, hf_model, tokenizer=None, tie=False, down=(Q.Q4_K, Q.Q6_K),
                             ("ffn_down", "mlp.down_proj", None), ("attn_norm", "input_layernorm", None),
                             ("ffn_norm", "post_attention_layernorm", None)):
             qtype = down[i] if g == "ffn_down" else TYPES[g]
-            put(f"blk.{i}.{g}.weight", f"model.layers.{i}.{h}.weight", qtype, heads)
+            put(f"blk.{i}.{g}.weight", f"model.layers.{i}.{h}.weight", qtype, heads if arch == "llama" else None)
+            if arch == "qwen2" and g in ("attn_q", "attn_k", "attn_v"):
+                put(f"blk.{i}.{g}.bias", f"model.layers.{i}.{h}.bias", Q.F32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -111,6 +115,19 @@ def test_gguf_matches_the_dequantized_reference(tmp_path, tie, down):
         hf.tie_weights()
     model, recipe = zoo.from_gguf(tmp_path / "m.gguf")
     assert recipe.model.tie_embeddings == tie and recipe.model.position.config.theta == 5000.0
+    assert_same_function(model, hf, VOCAB)
+
+
+def test_qwen2_gguf_with_biases(tmp_path):
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=2,
+                                   num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=64,
+                                   rope_theta=5000.0, rms_norm_eps=1e-5)
+    hf = transformers.Qwen2ForCausalLM(cfg).float().eval()
+    randomize(hf, seed=2)
+    ref = write_gguf(tmp_path / "q.gguf", hf, down=(Q.Q6_K, Q.Q4_K), arch="qwen2")
+    hf.load_state_dict({**hf.state_dict(), **ref}, strict=True)
+    model, recipe = zoo.from_gguf(tmp_path / "q.gguf")
+    assert recipe.model.attention.config.qkv_bias
     assert_same_function(model, hf, VOCAB)
 
 

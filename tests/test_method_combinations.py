@@ -50,6 +50,9 @@ def test_measured_sparsity_topk_and_relu2_zeros():
     assert roles["qkv"] == pytest.approx(0.5) and roles["up_gate"] == pytest.approx(0.5)
     assert roles["down"] >= 0.5
     assert {r["layer"] for r in table.rows()} == {0, 1}
+    layers = table.by_layer()
+    assert set(layers) == {0, 1} and layers[0]["qkv"] == pytest.approx(0.5)
+    assert min(layers[0]["down"], layers[1]["down"]) <= roles["down"] <= max(layers[0]["down"], layers[1]["down"])
     paper = table.paper()
     assert list(paper) == ["QKV", "Out", "Up", "Gate", "Down", "Overall"]
     assert paper["Up"] == paper["Gate"]

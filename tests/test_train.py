@@ -109,3 +109,23 @@ def test_cli_train_and_its_errors(tmp_path, capsys):
     assert out["steps"] == 2
     assert main(["train", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")]) == 2
     assert "missing.toml: file not found" in capsys.readouterr().err
+
+
+def test_moe_aux_losses_are_logged_separately_and_bf16_runs(tmp_path):
+    moe = {"kind": "moe", "num_experts": 4, "top_k": 2, "expert": {"kind": "glu", "hidden": 32},
+           "aux_loss": 0.01, "z_loss": 0.001}
+    r = tiny_run(tmp_path, **{"model.ffn": moe, "train.steps": 2, "train.precision": "bf16", "train.eval_every": 0})
+    s = train(r, tmp_path / "run", progress=False)
+    aux = records(tmp_path / "run")[0]["aux"]
+    assert set(aux) == {"moe_lb", "moe_z"} and all(v > 0 for v in aux.values())
+    assert s["val_loss"] > 0
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(zoo.ZooError, match="needs the tensorboard package"):
+        train(tiny_run(tmp_path, **{"train.tensorboard": True}), tmp_path / "run", progress=False)

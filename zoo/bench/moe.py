@@ -19,6 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--hidden", type=int, default=1024, help="expert hidden width")
     p.add_argument("--backend", default="auto", help="kernel-backend kind of the MoE layer")
     p.add_argument("--repeats", type=int, default=5, help="timed fwd+bwd rounds (the best is kept)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -72,6 +73,8 @@ def bandwidth() -> float:
 
 def run(args) -> int:
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     T, D, E, k, H = args.tokens, args.d_model, args.experts, args.top_k, args.hidden
     moe = ffn(args, {"kind": "moe", "num_experts": E, "top_k": k, "backend": args.backend,
                      "expert": {"kind": "glu", "hidden": H}})

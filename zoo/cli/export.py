@@ -7,7 +7,7 @@ def add_parser(sub):
     p = sub.add_parser("export", help="write a zoo checkpoint in another format (Hugging Face)")
     fmt = p.add_subparsers(dest="format", metavar="FORMAT", parser_class=type(p))
     hf = fmt.add_parser("hf", help="a Hugging Face folder that transformers loads (dense llama/mistral/qwen2, mixtral)")
-    hf.add_argument("src", metavar="ZOO_DIR", help="zoo checkpoint folder")
+    hf.add_argument("src", metavar="ZOO_DIR", help="zoo checkpoint folder, or a run folder (its newest checkpoint)")
     hf.add_argument("out", metavar="OUT", help="new folder to write (must not exist)")
     hf.add_argument("--arch", default=None, help="model_type to write (default: chosen from the recipe)")
     p.set_defaults(format=None)

@@ -10,9 +10,10 @@ from zoo.model.accounting import account
 
 
 def sparsity_summary(model, inputs: list[torch.Tensor]) -> dict:
-    """Measured activation sparsity on `inputs` (token ids): overall, per role, and the paper's columns."""
+    """Measured activation sparsity on `inputs` (token ids): overall, per role, the paper's columns, per layer."""
     table = measure_sparsity(model, inputs)
-    return {"overall": table.overall(), "by_role": table.by_role(), "paper": table.paper()}
+    return {"overall": table.overall(), "by_role": table.by_role(), "paper": table.paper(),
+            "by_layer": table.by_layer()}
 
 
 @torch.no_grad()

@@ -58,6 +58,19 @@ class SparsityTable:
             total[role] = total.get(role, 0) + s.total
         return {r: zeros[r] / total[r] for r in sorted(total) if total[r]}
 
+    def by_layer(self) -> dict[int | None, dict[str, float]]:
+        """Sparsity per layer and role ({layer: {role: sparsity}}); layer None: projections outside blocks."""
+        zeros: dict[tuple, int] = {}
+        total: dict[tuple, int] = {}
+        for s in self.sites.values():
+            zeros[s.layer, s.role] = zeros.get((s.layer, s.role), 0) + s.zeros
+            total[s.layer, s.role] = total.get((s.layer, s.role), 0) + s.total
+        out: dict[int | None, dict[str, float]] = {}
+        for (layer, role), n in total.items():
+            if n:
+                out.setdefault(layer, {})[role] = zeros[layer, role] / n
+        return out
+
     def overall(self) -> float:
         """Parameter-weighted sparsity: the fraction of projection weights not read per token."""
         seen = [s for s in self.sites.values() if s.total]

@@ -810,12 +810,16 @@ def default_arch(recipe) -> str:
 
 
 def export_hf(zoo_dir: str | Path, out: str | Path, arch: str | None = None) -> Path:
-    """Write a Hugging Face folder (config.json, model.safetensors, tokenizer.json) that transformers loads."""
-    from zoo.io.checkpoint import load
+    """Write a Hugging Face folder (config.json, model.safetensors, tokenizer.json) that transformers loads.
 
-    zoo_dir, out = Path(zoo_dir), Path(out)
+    `zoo_dir` is a checkpoint folder, or a run folder (its newest checkpoint)."""
+    from zoo.io.checkpoint import load
+    from zoo.train.state import resolve_checkpoint
+
+    out = Path(out)
     if out.exists():
         raise CheckpointError(f"{out}: already exists; choose a new output folder")
+    zoo_dir = resolve_checkpoint(zoo_dir)
     model = load(zoo_dir)
     recipe = model.recipe
     exportable(recipe)
