@@ -31,6 +31,21 @@ def apply_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def device_arg(name: str) -> str:
+    """argparse type of --device: a device torch knows and this machine has (else a one-line usage error)."""
+    import argparse
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: no CUDA device on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{name!r}: the benchmarks run on cpu or cuda")
+    return name
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

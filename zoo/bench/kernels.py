@@ -8,7 +8,17 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from zoo.bench._measure import add_threads_argument, apply_threads, bandwidth_gbs, copies, machine, report, row, time_ms
+from zoo.bench._measure import (
+    add_threads_argument,
+    apply_threads,
+    bandwidth_gbs,
+    copies,
+    device_arg,
+    machine,
+    report,
+    row,
+    time_ms,
+)
 from zoo.kernels.moe_matmul import grouped_matmul, sort_by_expert
 from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul
 from zoo.kernels.topk_matmul import topk_matmul
@@ -22,7 +32,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
     p.add_argument("--only", action="append", choices=["topk", "ternary", "moe", "moe-backends"],
                    help="run only these kernels (moe-backends: CUDA only)")
     p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.4], help="top-K keep fractions")
