@@ -21,6 +21,16 @@ class Timing:
     median: float
 
 
+def add_threads_argument(p) -> None:
+    """--threads: CPU threads for the run (on a CPU shared with other jobs, 1 thread gives steadier ratios)."""
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+
+
+def apply_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def device_arg(name: str) -> str:
     """argparse type of --device: a device torch knows and this machine has (else a one-line usage error)."""
     import argparse
@@ -69,7 +79,7 @@ def time_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], device: torch.
 def bandwidth_gbs(device: torch.device, nbytes: int = 512 << 20) -> float:
     """Read bandwidth (GB/s) measured now: the sum of a buffer much larger than the cache."""
     buf = torch.ones(nbytes // 4, device=device)
-    return nbytes / time_ms(torch.sum, [(buf,)], device, repeat=7).best / 1e6
+    return nbytes / time_ms(torch.sum, [(buf,)], device, repeat=15).best / 1e6
 
 
 def row(name: str, shape: str, t: Timing, base: Timing, nbytes: int, gbs: float, **extra) -> dict:
