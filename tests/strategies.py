@@ -193,7 +193,13 @@ def _near_miss(word: str) -> st.SearchStrategy[str]:
 def _out_of_range(v: Any) -> st.SearchStrategy:
     if isinstance(v, bool) or not isinstance(v, int | float):
         return JUNK
-    return st.sampled_from([-v, v - 10**6, v * 10**9, 0, -1, 2**64, -(2**64), v + 0.5, 1e308 * 10, 10**400])
+    candidates = [0, -1, 2**64, -(2**64), 1e308 * 10, 10**400]
+    for make in (lambda: -v, lambda: v - 10**6, lambda: v * 10**9, lambda: v + 0.5):
+        try:
+            candidates.append(make())
+        except OverflowError:  # v is already an integer beyond any float
+            pass
+    return st.sampled_from(candidates)
 
 
 @st.composite

@@ -56,7 +56,11 @@ def run_recipe(recipe: zoo.Recipe, *, strict: bool = False) -> str:
     model = zoo.build(recipe)
     t = min(cfg.max_seq_len, 8)
     idx = torch.randint(0, cfg.vocab_size, (2, t))
-    out = model(idx, idx)
+    try:
+        out = model(idx, idx)
+    except zoo.ZooError as err:  # a valid recipe this machine cannot run (e.g. Triton kernels without CUDA)
+        assert "\n" not in str(err) and not isinstance(err, zoo.RecipeError), str(err)
+        return "needs another device"
     assert out.logits.shape == (2, t, cfg.vocab_size)
     if not strict:
         return "ran"
