@@ -193,6 +193,7 @@ def test_transforms_replayed_after_build(tiny_recipe, tmp_path, monkeypatch):
         self.norm = torch.nn.Identity()
 
     monkeypatch.setattr(Transformer, "drop_final_norm", drop_final_norm, raising=False)
+    monkeypatch.setattr(Transformer, "TRANSFORMS", (*Transformer.TRANSFORMS, "drop_final_norm"))
     model = zoo.build(tiny_recipe())
     model.drop_final_norm()
     model.zoo_transforms = ["drop_final_norm"]

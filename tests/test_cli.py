@@ -47,7 +47,7 @@ def test_show_block_fields_from_dataclass(cli):
         assert text in r.out
     info = json.loads(cli("show", "norm.rmsnorm", "--json").out)
     assert info["fields"] == [{"name": "eps", "type": "float", "default": 1e-6, "required": False,
-                               "bounds": "> 0, <= 1", "doc": "added to the mean square"}]
+                               "bounds": ">= 1e-12, <= 1", "doc": "added to the mean square"}]
 
 
 def test_show_unknown_block(cli):
@@ -150,3 +150,12 @@ def test_paper_7b_builds_without_allocating():
     data = json.loads(p.stdout)
     assert 6.5e9 < data["total_params"] < 7e9
     assert int(p.stderr.strip().splitlines()[-1]) < 2 * 1024 * 1024  # ru_maxrss in KiB: under 2 GiB
+
+
+@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.toml")))
+def test_every_shipped_recipe_builds_on_meta(cli, recipe):
+    r = cli("build", RECIPES / recipe, "--json")
+    assert r.code == 0, r.err
+    data = json.loads(r.out)
+    assert data["total_params"] == data["embedding_params"] + data["non_embedding_params"]
+    assert 0 < data["activated_params"] <= data["non_embedding_params"] and data["flops_per_token"] > 0

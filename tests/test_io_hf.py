@@ -279,7 +279,7 @@ def test_bitnet_quantized_import(tmp_path, linear_class, mode):
         assert_same_function(model.double(), ref.double(), TINY["vocab_size"])
         from zoo.kernels.prepare import prepare_inference
 
-        assert_same_function(prepare_inference(model), ref, TINY["vocab_size"])  # per-row β: kept on the torch path
+        assert_same_function(prepare_inference(model), ref, TINY["vocab_size"])  # per-row β
 
 
 @needs_bitnet

@@ -75,6 +75,19 @@ def test_prepared_model_saves_an_ordinary_checkpoint(tmp_path):
         assert torch.allclose(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_moe_qsparse_model_prepared_matches():
+    """Attention projections get TopKLinear; the stacked expert projections keep their grouped path."""
+    overrides = [*SHAPE[:3], SHAPE[4], "model.ffn.expert.hidden=24", *TOPK]
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/moe.toml", overrides))
+    torch.manual_seed(0)
+    before = logits_two_ways(model.eval())
+    prepare_inference(model)
+    assert sum(isinstance(m, TopKLinear) for m in model.modules()) == 2 * 2  # qkv and o of each layer
+    torch.manual_seed(0)
+    for a, b in zip(logits_two_ways(model), before):
+        assert rel(a, b) < 1e-5
+
+
 def test_dense_model_is_left_alone():
     model = build([])
     prepare_inference(model)

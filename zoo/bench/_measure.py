@@ -21,6 +21,31 @@ class Timing:
     median: float
 
 
+def add_threads_argument(p) -> None:
+    """--threads: CPU threads for the run (on a CPU shared with other jobs, 1 thread gives steadier ratios)."""
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+
+
+def apply_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def device_arg(name: str) -> str:
+    """argparse type of --device: a device torch knows and this machine has (else a one-line usage error)."""
+    import argparse
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: no CUDA device on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{name!r}: the benchmarks run on cpu or cuda")
+    return name
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -54,7 +79,7 @@ def time_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], device: torch.
 def bandwidth_gbs(device: torch.device, nbytes: int = 512 << 20) -> float:
     """Read bandwidth (GB/s) measured now: the sum of a buffer much larger than the cache."""
     buf = torch.ones(nbytes // 4, device=device)
-    return nbytes / time_ms(torch.sum, [(buf,)], device, repeat=7).best / 1e6
+    return nbytes / time_ms(torch.sum, [(buf,)], device, repeat=15).best / 1e6
 
 
 def row(name: str, shape: str, t: Timing, base: Timing, nbytes: int, gbs: float, **extra) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from zoo.bench._measure import Timing, machine, report, time_ms
+from zoo.bench._measure import Timing, add_threads_argument, apply_threads, machine, report, time_ms
 from zoo.kernels.prepare import prepare_inference
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "paper" / "300m.toml"
@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", type=int, default=8, help="prompt length before decoding")
     p.add_argument("--only", nargs="+", default=None, choices=[v[0] for v in VARIANTS[1:]],
                    help="variants besides the dense twin")
+    add_threads_argument(p)
 
 
 def decode_ms(model: torch.nn.Module, prompt: int, tokens: int) -> Timing:
@@ -47,6 +48,7 @@ def decode_ms(model: torch.nn.Module, prompt: int, tokens: int) -> Timing:
 
 
 def run(args) -> int:
+    apply_threads(args)
     overrides = ["model.max_seq_len=256", *args.overrides]
     results, base = [], None
     for name, extra, freeze in VARIANTS:

@@ -8,7 +8,17 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from zoo.bench._measure import bandwidth_gbs, copies, machine, report, row, time_ms
+from zoo.bench._measure import (
+    add_threads_argument,
+    apply_threads,
+    bandwidth_gbs,
+    copies,
+    device_arg,
+    machine,
+    report,
+    row,
+    time_ms,
+)
 from zoo.kernels.moe_matmul import grouped_matmul, sort_by_expert
 from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul
 from zoo.kernels.topk_matmul import topk_matmul
@@ -22,8 +32,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--only", action="append", choices=["topk", "ternary", "moe"], help="run only these kernels")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
+    p.add_argument("--only", action="append", choices=["topk", "ternary", "moe", "moe-backends"],
+                   help="run only these kernels (moe-backends: CUDA only)")
     p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.4], help="top-K keep fractions")
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES),
                    help="weight dtypes of the top-K kernel")
@@ -32,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shapes to run (default all)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per MoE call (default 128 on CPU, 4096 on CUDA)")
     p.add_argument("--repeat", type=int, default=20, help="timed calls per measurement (the fastest counts)")
+    add_threads_argument(p)
 
 
 def cold(make, nbytes: int) -> list:
@@ -130,6 +143,34 @@ def bench_moe(args, device, gbs) -> list[dict]:
     return rows
 
 
+def bench_moe_backends(args, device, gbs) -> list[dict]:
+    """CUDA: every other registered MoE kernel backend (torch._grouped_mm, megablocks when installed) on the
+    same expert-sorted rows, forward, against the same dense matmul; the `triton` row is ours."""
+    from zoo.registry import get_registry
+
+    registry, rows = get_registry(), []
+    tokens, dtype = args.tokens or 4096, torch.bfloat16
+    for name, d_model, hidden, experts, top_k in _shapes(args, MOE_SHAPES):
+        routes = torch.rand(tokens, experts, device=device).topk(top_k, -1).indices
+        _, _, offsets = sort_by_expert(routes, experts)
+        x = torch.randn(tokens * top_k, d_model, device=device, dtype=dtype)
+        w = torch.randn(experts, hidden, d_model, device=device, dtype=dtype)  # the MoE block's [E, out, in]
+        wd = torch.randn(d_model, hidden, device=device, dtype=dtype)
+        base = time_ms(torch.matmul, [(x, wd)], device, args.repeat)
+        nbytes = (w.numel() + x.numel() + x.shape[0] * hidden) * dtype.itemsize
+        for kind in sorted(set(registry.kinds("kernel-backend")) - {"auto"}):
+            entry = registry.get("kernel-backend", kind)
+            try:
+                backend = entry.factory(entry.config(), None)
+                t = time_ms(backend.grouped_mm, [(x, w, offsets[1:].to(torch.int32))], device, args.repeat)
+            except Exception as err:  # a backend that cannot run here is reported, not fatal
+                rows.append({"kernel": f"moe-backend {kind}", "shape": name, "error": f"{type(err).__name__}: {err}"})
+                continue
+            rows.append(row(f"moe-backend {kind}", f"{name} T{tokens} {d_model}->{hidden} E{experts} k{top_k} bfloat16",
+                            t, base, nbytes, gbs, TFLOPs=round(2 * x.shape[0] * d_model * hidden / t.best / 1e9, 3)))
+    return rows
+
+
 def _shapes(args, table):
     return [s for s in table if not args.shapes or s[0] in args.shapes]
 
@@ -138,15 +179,17 @@ def _batches(args, device) -> list[int]:
     return args.batch or ([1, 8] if device.type == "cuda" else [1])
 
 
-KERNELS = {"topk": bench_topk, "ternary": bench_ternary, "moe": bench_moe}
+KERNELS = {"topk": bench_topk, "ternary": bench_ternary, "moe": bench_moe, "moe-backends": bench_moe_backends}
+CUDA_ONLY = {"moe-backends"}
 
 
 def measure(args) -> tuple[dict, list[dict]]:
     """(header facts, result rows) of the kernels named by args.only (default all)."""
+    apply_threads(args)
     device = torch.device(args.device)
     gbs = bandwidth_gbs(device)
     results = []
-    for name in args.only or list(KERNELS):
+    for name in args.only or [k for k in KERNELS if device.type == "cuda" or k not in CUDA_ONLY]:
         results += KERNELS[name](args, device, gbs)
     header = {"machine": machine(device), "torch": torch.__version__, "bandwidth_GBs": round(gbs, 1),
               "note": "ms = fastest of --repeat calls (median beside it); speedup = baseline_ms / ms; "

@@ -33,11 +33,11 @@ def _matmul_flops() -> float:
 
 
 def run(args) -> int:
+    recipe = zoo.load_recipe(args.recipe, args.overrides)  # before the slow import: a bad recipe fails at once
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from zoo.io.hf import llama_config
 
-    recipe = zoo.load_recipe(args.recipe, args.overrides)
     torch.manual_seed(0)
     ours = zoo.build(recipe)
     cfg = {k: v for k, v in llama_config(recipe.model).items() if k not in ("architectures", "model_type", "dtype")}

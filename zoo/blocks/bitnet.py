@@ -73,8 +73,8 @@ class BitNetConfig:
     """BitNet b1.58: ternary absmean weights, per-token absmax int8 activations, straight-through"""
 
     input_norm: bool = param(True, "RMSNorm inside the projection, right before activation quantization")
-    norm_eps: float = param(1e-6, "eps of that RMSNorm", gt=0, le=1)
-    eps: float = param(1e-5, "ε in β = mean|W| + ε", gt=0, le=1)
+    norm_eps: float = param(1e-6, "eps of that RMSNorm", ge=1e-12, le=1)
+    eps: float = param(1e-5, "ε in β = mean|W| + ε", ge=1e-12, le=1)
     scale: Literal["matrix", "row"] = param(
         "matrix", "one β per matrix (BitNet b1.58), or one per output row (e.g. imported checkpoints whose "
                   "fused q/k/v or gate/up projections each had their own β)")

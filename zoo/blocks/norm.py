@@ -14,7 +14,7 @@ from zoo.recipe.schema import param
 class RMSNormConfig:
     """x / rms(x) * g"""
 
-    eps: float = param(1e-6, "added to the mean square", gt=0, le=1)
+    eps: float = param(1e-6, "added to the mean square", ge=1e-12, le=1)
 
 
 class RMSNorm(nn.Module):
@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
 class LayerNormConfig:
     """(x - mean) / std * g + b"""
 
-    eps: float = param(1e-5, "added to the variance", gt=0, le=1)
+    eps: float = param(1e-5, "added to the variance", ge=1e-12, le=1)
     bias: bool = param(True, "learn an additive bias")
 
 

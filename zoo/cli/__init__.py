@@ -1,7 +1,8 @@
 """`zoo` command line. Each module in this package is one subcommand, found automatically:
 it defines `add_parser(subparsers)` returning its parser, and `run(args) -> int`.
 
-Exit codes: 0 success, 2 user error (one line on stderr; ZOO_DEBUG=1 shows the traceback),
+Exit codes: 0 success, 2 user error or an OS error such as a missing path or a full disk (one line on
+stderr; ZOO_DEBUG=1 shows the traceback),
 1 internal error.
 """
 
@@ -72,8 +73,15 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # `zoo list | head`: stop quietly, and keep Python's exit flush from complaining
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # the environment, not a bug: a path the OS rejects, a full disk, no permission
+        if debug:
+            traceback.print_exc()
+        where = f": {err.filename}" if err.filename else ""
+        print(f"zoo: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except Exception:  # a bug in zoo or a plugin, not the user's mistake: show everything
         traceback.print_exc()
         print("zoo: internal error (the traceback above is a bug; please report it)", file=sys.stderr)

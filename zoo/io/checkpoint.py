@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
+        time.sleep(float(os.environ.get("ZOO_TEST_CHECKPOINT_PAUSE", 0)))  # tests kill a process here
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -137,6 +139,20 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _check_size(path: Path, skeleton: nn.Module) -> None:
+    """Refuse a recipe whose model is far larger than the weights file, before allocating it.
+
+    `skeleton` is the model on the meta device. Packed inference weights (e.g. 2-bit ternary) can
+    be up to 16x smaller than the model as built, hence the generous bound; the exact tensor-by-
+    tensor check follows after building.
+    """
+    need = sum(t.numel() * t.element_size() for t in [*skeleton.parameters(), *skeleton.buffers()])
+    have = (path / WEIGHTS).stat().st_size
+    if need > 32 * have + (64 << 20):
+        raise CheckpointError(f"{path / RECIPE}: describes a model of {need:,} bytes, but {WEIGHTS} holds "
+                              f"{have:,} bytes: the recipe does not belong to these weights")
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", registry=None) -> nn.Module:
     """Rebuild the model saved in folder `path`; any mismatch raises CheckpointError."""
     from zoo.model.build import build
@@ -150,12 +166,17 @@ def load(path: str | Path, device: str | torch.device = "cpu", registry=None) ->
                               f"({meta['sha256'][:12]}…): the file is corrupt or was changed")
     try:
         recipe = load_recipe(path / RECIPE)
+        _check_size(path, build(recipe, device="meta", registry=registry))
         model = build(recipe, device=device, registry=registry)
+    except CheckpointError:
+        raise
     except ZooError as err:
         raise CheckpointError(f"{path}: its recipe cannot be built here: {err}") from None
+    allowed = getattr(model, "TRANSFORMS", ())
     for transform in meta.get("transforms", []):
-        if not callable(getattr(model, str(transform), None)):
-            raise CheckpointError(f"{path / META}: transform {transform!r} is not a method of this zoo's model")
+        if transform not in allowed:
+            raise CheckpointError(f"{path / META}: transform {transform!r} is not one this zoo replays "
+                                  f"({', '.join(allowed) or 'none'})")
         getattr(model, transform)()
     expected = model.state_dict()
     aliases = meta.get("aliases", {})
@@ -181,7 +202,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", registry=None) ->
     except SafetensorError as err:
         raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({err})") from None
     for alias, name in aliases.items():
-        state.setdefault(alias, state[name])
+        target = state.get(name)
+        want = expected.get(alias)
+        if target is None or want is None or target.shape != want.shape or target.dtype != want.dtype:
+            raise CheckpointError(f"{path / META}: alias {alias!r} -> {name!r} does not name two tensors "
+                                  "of the same shape and dtype in its recipe")
+        state.setdefault(alias, target)
     model.load_state_dict(state, strict=True)
     model.recipe = recipe
     return model

@@ -70,7 +70,8 @@ class TopKLinear(nn.Module):
 
 
 class TernaryLinear(nn.Module):
-    """A frozen BitNet projection: norm, optional top-K, int8 per-token activations × ternary weight · β."""
+    """A frozen BitNet projection: norm, optional top-K, int8 per-token activations × ternary weight · β
+    (β one per matrix or one per output row)."""
 
     sparsify_inside = True
 
@@ -97,13 +98,14 @@ class TernaryLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         xq, s = quantize_rows(rows)
         k = None if sparsify is None else kept_count(sparsify, self.in_features)
-        row_scale = self.scale.float() / s
+        idx = None
         if self.triton and k is not None and gather_pays(rows.shape[0], k / self.in_features):
-            vals, idx = top_entries(rows, k)
-            y = ternary_matmul(xq.gather(-1, idx), self.ternary_weight(), row_scale, idx, self.bias, x.dtype,
-                               impl=self.impl)
-        else:
-            y = ternary_matmul(xq, self.ternary_weight(), row_scale, None, self.bias, x.dtype, impl=self.impl)
+            idx = top_entries(rows, k)[1]
+            xq = xq.gather(-1, idx)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        y = ternary_matmul(xq, self.ternary_weight(), 1 / s, idx, None, wide, impl=self.impl)
+        y = y * self.scale.to(wide).reshape(-1)  # β: one per matrix, or one per output row
+        y = (y if self.bias is None else y + self.bias.to(wide)).to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -118,15 +120,14 @@ def prepare_inference(model: nn.Module, impl: str = "auto") -> nn.Module:
     Call it after moving the model to its device and dtype, and after `freeze()` for BitNet.
     `impl` forces the kernels' implementation ('auto': Triton on CUDA, torch on CPU).
     """
-    from zoo.model.projection import Projection
+    from zoo.model.projection import ExpertProjection, Projection
 
     for proj in model.modules():
-        if not isinstance(proj, Projection):
-            continue
+        if not isinstance(proj, Projection) or isinstance(proj, ExpertProjection):
+            continue  # expert projections run stacked through their MoE kernel backend
         linear, device = proj.linear, next(proj.parameters(), next(proj.buffers(), None)).device
         k = kept_count(proj.sparsify, proj.in_features)
-        per_row = hasattr(linear, "scale") and linear.scale.numel() > 1  # imported BitNet: keeps the torch path
-        if getattr(linear, "sparsify_inside", False) and hasattr(linear, "packed") and not per_row:
+        if getattr(linear, "sparsify_inside", False) and hasattr(linear, "packed"):
             proj.linear = TernaryLinear(linear, device, impl)
         elif isinstance(linear, nn.Linear) and k is not None:
             proj.linear = TopKLinear(linear.weight, linear.bias, k, impl)

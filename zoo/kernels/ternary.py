@@ -69,9 +69,10 @@ def _dense_rows(xq: torch.Tensor, indices: torch.Tensor | None, in_features: int
 
 def finish(acc: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
            out_dtype: torch.dtype) -> torch.Tensor:
-    """row_scale · acc (+ bias) in out_dtype: the epilogue every implementation shares."""
-    y = acc.to(torch.float32) * row_scale.to(torch.float32)[:, None]
-    return (y if bias is None else y + bias.float()).to(out_dtype)
+    """row_scale · acc (+ bias) in out_dtype, computed in float32 at least: the epilogue all paths share."""
+    wide = torch.promote_types(out_dtype, torch.float32)
+    y = acc.to(wide) * row_scale.to(wide)[:, None]
+    return (y if bias is None else y + bias.to(wide)).to(out_dtype)
 
 
 def ternary_matmul_reference(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch.Tensor,
@@ -113,5 +114,6 @@ def ternary_matmul(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch.Ten
 
 def quantize_rows(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """BitNet per-token absmax int8: (round(x·s) clamped to [-128, 127], s = 127 / max|x|)."""
-    s = 127.0 / x.abs().amax(-1, keepdim=True).float().clamp(min=eps)
-    return (x.float() * s).round().clamp(-128, 127).to(torch.int8), s.squeeze(-1)
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    s = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=eps)
+    return (x * s).round().clamp(-128, 127).to(torch.int8), s.squeeze(-1)

@@ -12,6 +12,9 @@ from zoo.errors import PluginError, RecipeError, ZooError
 from zoo.model.config import ModelConfig
 from zoo.recipe.schema import BlockSpec, Invalid
 
+# Slots whose factories return a torch module (docs/architecture.md); anything else is the plugin's bug.
+MODULE_SLOTS = frozenset({"norm", "position", "attention", "ffn", "activation", "weights", "sparsity", "router"})
+
 
 @dataclass(frozen=True)
 class BuildContext:
@@ -45,7 +48,7 @@ class BuildContext:
         """Call the factory registered for spec's slot and kind (its `Invalid(key, msg)` -> RecipeError)."""
         entry = self.registry.get(spec.slot, spec.kind)
         try:
-            return entry.factory(spec.config, self, *args, **kwargs)
+            block = entry.factory(spec.config, self, *args, **kwargs)
         except Invalid as err:  # a check that needed build-time shapes
             raise self.error(spec, err.message, err.key) from None
         except ZooError:
@@ -53,10 +56,11 @@ class BuildContext:
         except Exception as err:
             if entry.plugin.name == "builtins":
                 raise
-            raise PluginError(
-                f"plugin {entry.plugin.name!r} ({entry.plugin.dist}): building {spec.slot}.{spec.kind} "
-                f"at {spec.path or '?'} failed: {type(err).__name__}: {err}"
-            ) from err
+            raise entry.failure("building", spec.path, err) from err
+        if spec.slot in MODULE_SLOTS and not isinstance(block, nn.Module):
+            raise PluginError(f"plugin {entry.plugin.name!r} ({entry.plugin.dist}): {spec.slot}.{spec.kind} at "
+                              f"{spec.path or '?'} returned {type(block).__name__}, not a torch.nn.Module")
+        return block
 
     def build_optional(self, spec: BlockSpec | None, *args: Any) -> nn.Module:
         """The block of `spec`, or identity when the recipe left this optional block out."""

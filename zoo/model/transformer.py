@@ -60,6 +60,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A decoder-only language model assembled from the recipe's registered blocks."""
 
+    TRANSFORMS = ("freeze",)  # the only methods a checkpoint's meta.json may ask zoo.load to replay
+
     def __init__(self, cfg: ModelConfig, registry, source: str = ""):
         super().__init__()
         self.config = cfg

@@ -59,18 +59,56 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+MAX_DEPTH = 32  # tables and arrays nested deeper than this are surely a mistake (and would exhaust the stack)
+
+
+def parse_toml(text: str, file: str) -> dict:
+    """TOML text -> data; malformed or absurdly nested text is a RecipeError naming `file`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"malformed TOML: {err}", file=file) from None
+    except RecursionError:
+        data = None
+    deep = _too_deep(data)
+    if data is None or deep is not None:
+        raise RecipeError(f"arrays or tables nested deeper than {MAX_DEPTH} levels", file=file, path=deep)
+    return data
+
+
+def _too_deep(data: Any) -> str | None:
+    """The key path of a value nested deeper than MAX_DEPTH, else None (iterative: no recursion)."""
+    stack = [(data, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return path or None
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            stack.append((v, f"{path}[{k}]" if isinstance(node, list) else f"{path}.{k}" if path else str(k),
+                          depth + 1))
+    return None
+
+
 def read_toml(path: Path) -> dict:
     """One TOML file as plain data; RecipeError naming the file (and line/column) when it cannot be read."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError("file not found", file=str(path)) from None
+    except IsADirectoryError:
+        raise RecipeError("is a folder, expected a .toml recipe file", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"cannot read: {err}", file=str(path)) from None
+    return parse_toml(text, str(path))
+
+
+def is_file(path: Path) -> bool:
+    """Path.is_file, but a name the OS rejects (too long, NUL byte) is simply not a file."""
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise RecipeError(f"malformed TOML: {err}", file=str(path)) from None
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = (), *,
@@ -93,7 +131,7 @@ def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = (), *,
     if not isinstance(parent, str):
         raise RecipeError("expected a path string (relative to this file)", file=str(path), path="extends")
     target = path.parent / parent
-    if not target.is_file():
+    if not is_file(target):
         raise RecipeError(f"extends {parent!r}, which does not exist ({target})", file=str(path), path="extends")
     base = read_with_extends(target, (*_stack, real), origins=origins)
     if origins is not None:
@@ -108,8 +146,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not all(keys):
         raise RecipeError(f"override {item!r} is not of the form key.path=value", file=OVERRIDES)
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+        value = parse_toml(f"v = {raw.strip()}", OVERRIDES)["v"]
+    except RecipeError as err:
+        if "nested deeper" in err.reason:
+            raise
         value = raw.strip()
     return keys, value
 
@@ -142,6 +182,9 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None, *,
     out = copy.deepcopy(data)
     for keys, value in items:
         steps = _steps(keys.split(".") if isinstance(keys, str) else list(keys))
+        if len(steps) > MAX_DEPTH:
+            raise RecipeError(f"key path nested deeper than {MAX_DEPTH} levels", file=OVERRIDES,
+                              path=_dotted(steps[:MAX_DEPTH]) + ".…")
         node: Any = out
         for i, step in enumerate(steps):
             here = _dotted(steps[: i + 1])

@@ -11,7 +11,7 @@ import tomli_w
 
 from zoo.errors import RecipeError
 from zoo.model.config import LAYER_SLOTS, ModelConfig
-from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, origin_of, read_with_extends, tomllib
+from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, origin_of, parse_toml, read_with_extends
 from zoo.recipe.schema import BlockSpec, Validator, param, slot_field, to_plain
 from zoo.train.config import DataConfig, TrainConfig
 
@@ -95,9 +95,6 @@ def recipe_from_dict(data: dict, source: str = "<dict>", registry: Any = None,
 def read_recipe_data(path: str | Path, overrides: list[str] | dict[str, Any] | None = None,
                      origins: dict[str, str] | None = None) -> dict:
     """A recipe file as plain data: `extends` resolved and overrides applied, not yet validated."""
-    path = Path(path)
-    if path.is_dir():
-        raise RecipeError("is a folder, expected a .toml recipe file", file=str(path))
     return apply_overrides(read_with_extends(path, origins=origins), overrides, origins=origins)
 
 
@@ -110,10 +107,7 @@ def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None =
 
 def loads_recipe(text: str, source: str = "<string>") -> Recipe:
     """Validate a recipe given as TOML text (no `extends`)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise RecipeError(f"malformed TOML: {err}", file=source) from None
+    data = parse_toml(text, source)
     if "extends" in data:
         raise RecipeError("extends needs a file on disk; use load_recipe", file=source, path="extends")
     return recipe_from_dict(data, source=source)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
-from zoo.errors import RecipeError, UnknownNameError, did_you_mean, one_of
+from zoo.errors import RecipeError, UnknownNameError, ZooError, did_you_mean, one_of
 from zoo.recipe.loader import deep_merge
 from zoo.recipe.loader import join_key as _join
 
@@ -107,6 +108,36 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def unsupported_field(cls: type) -> str | None:
+    """What makes config dataclass `cls` unusable in a recipe ('field x has type set, ...'), or None."""
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception as err:  # a forward reference to a name that does not exist, ...
+        return f"its type hints cannot be resolved ({type(err).__name__}: {err})"
+    for f in dataclasses.fields(cls):
+        if f.init and not f.metadata.get("internal") and not f.metadata.get("slot"):
+            bad = _unsupported_type(hints[f.name])
+            if bad:
+                return f"field {f.name!r} has type {bad}, which a TOML recipe cannot hold"
+    return None
+
+
+def _unsupported_type(tp: Any) -> str | None:
+    """The part of type `tp` that Validator.value cannot validate, or None (mirrors its cases)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _unsupported_type(args[0])
+    if tp in (Any, bool, int, float, str, type(None)) or origin is Literal:
+        return None
+    if origin in (Union, types.UnionType, tuple, list, dict):
+        inner = args[1:] if origin is dict else args
+        return next((bad for a in inner if a is not Ellipsis and (bad := _unsupported_type(a))), None)
+    if dataclasses.is_dataclass(tp):
+        problem = unsupported_field(tp)
+        return f"{tp.__name__} ({problem})" if problem else None
+    return getattr(tp, "__name__", None) or str(tp)
+
+
 @dataclass
 class Validator:
     """Carries the file name and the registry through one validation."""
@@ -186,8 +217,15 @@ class Validator:
         except UnknownNameError as err:
             raise self.error(_join(path, "kind"), str(err)) from None
         roles_ok = allow_roles and slot in ROLE_SLOTS
-        config = self.dataclass(entry.config, {k: v for k, v in data.items() if k != "kind"}, path,
-                                ignore=("roles",) if roles_ok else ())
+        try:
+            config = self.dataclass(entry.config, {k: v for k, v in data.items() if k != "kind"}, path,
+                                    ignore=("roles",) if roles_ok else ())
+        except ZooError:
+            raise
+        except Exception as err:  # a plugin's check() with a bug: name the plugin, not a traceback
+            if entry.plugin.name == "builtins":
+                raise
+            raise entry.failure("validating", path, err) from err
         roles = {}
         if roles_ok and "roles" in data:
             table = data["roles"]
@@ -230,8 +268,13 @@ class Validator:
         if origin in (tuple, list):
             if not isinstance(v, list | tuple):
                 raise self.error(path, f"expected an array, got {_describe(v)}")
-            args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
-            return tuple(self.value(args[0], x, f"{path}[{i}]") for i, x in enumerate(v))
+            args = typing.get_args(tp)
+            if origin is tuple and args and Ellipsis not in args:  # fixed length, a type per position
+                if len(v) != len(args):
+                    raise self.error(path, f"expected an array of {len(args)} values, got {len(v)}")
+            else:
+                args = (args or (Any,))[:1] * len(v)
+            return tuple(self.value(a, x, f"{path}[{i}]") for i, (a, x) in enumerate(zip(args, v)))
         if origin is dict:
             if not isinstance(v, dict):
                 raise self.error(path, f"expected a table, got {_describe(v)}")
@@ -250,7 +293,7 @@ class Validator:
         if tp is float:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise self.error(path, f"expected a number, got {_describe(v)}")
-            if not math.isfinite(v):
+            if isinstance(v, int) and abs(v) > sys.float_info.max or not math.isfinite(v):
                 raise self.error(path, f"expected a finite number, got {v}")
             return float(v)
         if tp is str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zoo.errors import PluginCollisionError, PluginError, UnknownNameError, did_you_mean, one_of
+from zoo.recipe.schema import unsupported_field
 
 # The slots every zoo knows; plugins may add more with `registry.add_slot`.
 CORE_SLOTS = {
@@ -50,6 +51,11 @@ class Entry:
     factory: Callable[..., Any]
     doc: str
     plugin: PluginInfo
+
+    def failure(self, doing: str, path: str, err: Exception) -> PluginError:
+        """The error for this entry's code raising while `doing` (e.g. "building") the block at `path`."""
+        return PluginError(f"plugin {self.plugin.name!r} ({self.plugin.dist}): {doing} {self.slot}.{self.kind} "
+                           f"at {path or '?'} failed: {type(err).__name__}: {err}")
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,9 @@ class Registry:
             raise PluginError(f"plugin {who.name!r}: {slot}.{kind} config must be a dataclass, got {config!r}")
         if not config.__dataclass_params__.frozen:
             raise PluginError(f"plugin {who.name!r}: {slot}.{kind} config {config.__name__} must be frozen")
+        problem = unsupported_field(config)
+        if problem:
+            raise PluginError(f"plugin {who.name!r}: {slot}.{kind} config {config.__name__}: {problem}")
         if "kind" in {f.name for f in dataclasses.fields(config)}:
             raise PluginError(f"plugin {who.name!r}: {slot}.{kind} config may not have a field named 'kind'")
         if not callable(factory):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.recipe.schema import param
+from zoo.recipe.schema import Invalid, param
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,11 @@ class AdamWConfig:
     betas: tuple[float, float] = param((0.9, 0.95), "Adam's beta1, beta2")
     eps: float = param(1e-8, "Adam's epsilon", gt=0)
     weight_decay: float = param(0.1, "decoupled weight decay on matrices", ge=0)
+
+    def check(self) -> None:
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise Invalid(f"betas[{i}]", f"must be >= 0 and < 1, got {beta}")
 
 
 def build_adamw(cfg: AdamWConfig, params) -> torch.optim.Optimizer:
