@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
+        time.sleep(float(os.environ.get("ZOO_TEST_CHECKPOINT_PAUSE", 0)))  # tests kill a process here
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,6 +96,14 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _record_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a killed process counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """metrics.jsonl (and TensorBoard when asked): one line per record, flushed as written."""
 
@@ -102,7 +111,7 @@ class MetricsLog:
         self.path = out / METRICS
         if keep_until is not None and self.path.exists():  # a resumed run rewrites what came after it
             lines = self.path.read_text(encoding="utf-8").splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= keep_until]
+            kept = [ln for ln in lines if _record_step(ln) <= keep_until]
             write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
@@ -138,16 +147,20 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
         raise RecipeError(f"{cfg.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}",
                           file=recipe.source or None, path="train.seq_len")
     out = prepare_out(out)
-    state, ckpt = TrainState(), None
+    state, ckpt, restart = TrainState(), None, False
     if resume:
         found = step_dirs(out)
-        if not found:
+        if not found and not (out / RECIPE_FILE).is_file():
             raise CheckpointError(f"--resume: {out} has no checkpoints/step-N to resume from")
-        ckpt = found[-1]
         change = _recipe_change(load_recipe(out / RECIPE_FILE), recipe)
         if change:
             raise ZooError(f"--resume: the recipe differs from the one {out} was trained with ({change}); "
                            "only train.steps may change")
+        if found:
+            ckpt = found[-1]
+        else:  # stopped before its first checkpoint was complete: start over, in the same folder
+            warnings.warn(f"--resume: {out} has no complete checkpoint yet; training from step 0", stacklevel=2)
+            resume, restart = False, True
     elif step_dirs(out) or (out / METRICS).exists():
         raise ZooError(f"--out {out} already holds a run: pass --resume to continue it, or choose another folder")
 
@@ -172,7 +185,7 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
     val = list(val_batches(data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
     sparsity_inputs = [x for x, _ in val[:2]]
     fwd = torch.compile(model) if cfg.compile else model
-    log = MetricsLog(out, state.step if resume else None, cfg.tensorboard)
+    log = MetricsLog(out, state.step if resume or restart else None, cfg.tensorboard)
     tok_json = data.tokenizer.to_json()
     params = [p for p in model.parameters() if p.requires_grad]
     last = stop_at if stop_at is not None else cfg.steps

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -88,8 +89,12 @@ def save_checkpoint(run_dir: Path, model, opt: torch.optim.Optimizer, state: Tra
         files["tokenizer.json"] = tokenizer_json
     path = save(model, Path(run_dir) / CHECKPOINTS / f"step-{state.step:08d}", files=files,
                 meta={"step": state.step, "tokens": state.tokens})
-    for old in step_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in step_dirs(run_dir)[:-keep_last]:  # renamed first: a half-deleted folder never looks like one
+        trash = old.with_name(f".{old.name}.old-deleting")
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    for stale in path.parent.glob(".step-*"):  # left by a process killed while writing or deleting
+        shutil.rmtree(stale, ignore_errors=True)
     return path
 
 
