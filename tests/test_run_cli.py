@@ -107,3 +107,12 @@ def test_bench_train_prints_the_ratio_against_transformers(cli):
     assert res.code == 0, res.err
     out = json.loads(res.out)
     assert out["params_zoo"] == out["params_transformers"] and out["ratio_throughput_zoo_over_transformers"] > 0
+
+
+def test_generate_uses_the_inference_form_of_bitnet_qsparse(tmp_path, cli):
+    r = tiny_run(tmp_path, **{"train.steps": 1, "train.eval_every": 0, "model.weights": {"kind": "bitnet158"},
+                              "model.sparsity": {"kind": "topk", "keep": 0.5}})
+    train(r, tmp_path / "run", progress=False)
+    res = cli("generate", tmp_path / "run", "--prompt", "the", "--max-new-tokens", "5", "--temperature", "0")
+    assert res.code == 0, res.err
+    assert res.out.startswith("the") and len(res.out.encode()) > len("the\n")

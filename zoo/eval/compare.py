@@ -166,16 +166,21 @@ def plot(runs: list[Run], rows: list[dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    color = {p: f"C{i % 10}" for i, row in enumerate(rows) for p in row["runs"]}  # seeds of a row share a colour
+    labelled = set()
     for r in runs:
         if r.curve:
             t, v = zip(*r.curve)
-            a.plot(t, v, marker=".", label=r.label)
+            c = color.get(str(r.path), "C0")
+            a.plot(t, v, marker=".", color=c, label=None if c in labelled else r.label.split("/")[0])
+            labelled.add(c)
     a.set_xlabel("training tokens")
     a.set_ylabel("validation loss (nats/token)")
     a.set_title("validation loss vs tokens")
     a.legend(fontsize=7)
     for row in rows:
-        b.errorbar(row["activated_params"], row["val_loss"], yerr=row["val_loss_std"] or 0, fmt="o", capsize=3)
+        b.errorbar(row["activated_params"], row["val_loss"], yerr=row["val_loss_std"] or 0, fmt="o", capsize=3,
+                   color=color[row["runs"][0]])
         b.annotate(row["run"], (row["activated_params"], row["val_loss"]), fontsize=7,
                    xytext=(4, 4), textcoords="offset points")
     b.set_xscale("log")
