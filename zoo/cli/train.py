@@ -17,6 +17,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     import json
+    import os
 
     from zoo.recipe.recipe import load_recipe
     from zoo.train.loop import train
@@ -24,5 +25,6 @@ def run(args) -> int:
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     recipe = load_recipe(args.recipe, overrides)
     summary = train(recipe, args.out, resume=args.resume, progress=not args.quiet)
-    print(json.dumps({k: summary[k] for k in ("steps", "tokens", "train_loss", "val_loss", "val_ppl")}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        print(json.dumps({k: summary[k] for k in ("steps", "tokens", "train_loss", "val_loss", "val_ppl")}))
     return 0

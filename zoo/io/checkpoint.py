@@ -44,10 +44,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """state_dict without tied duplicates, plus {alias: stored name} for the ties."""
+def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A state_dict without tied duplicates, plus {alias: stored name} for the ties."""
     tensors, aliases, by_storage = {}, {}, {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and key in by_storage:
             aliases[name] = by_storage[key]
@@ -58,13 +58,17 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = None,
-         files: dict[str, str | bytes] | None = None) -> Path:
-    """Write `model` (built by zoo.build) to folder `path`, atomically replacing what was there."""
+         files: dict[str, str | bytes] | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` (built by zoo.build) to folder `path`, atomically replacing what was there.
+
+    `weights` (default model.state_dict()) are the tensors to write, e.g. gathered from FSDP shards.
+    """
     path = Path(path)
     recipe = getattr(model, "recipe", None)
     if recipe is None:
         raise CheckpointError("zoo.save needs a model built by zoo.build (it has no .recipe)")
-    if any(t.is_meta for t in model.state_dict().values()):
+    weights = model.state_dict() if weights is None else weights
+    if any(t.is_meta for t in weights.values()):
         raise CheckpointError("zoo.save: the model is on the meta device (built for accounting); it has no weights")
     if path.exists() and not (path.is_dir() and ((path / META).is_file() or not any(path.iterdir()))):
         raise CheckpointError(f"{path} exists and is not a zoo checkpoint folder; refusing to replace it")
@@ -75,7 +79,7 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
     try:
-        tensors, aliases = _unique_tensors(model)
+        tensors, aliases = _unique_tensors(weights)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / RECIPE).write_text(recipe.to_toml(), encoding="utf-8")
         for name, content in (files or {}).items():

@@ -14,6 +14,7 @@ from zoo.model.config import LAYER_SLOTS, ModelConfig
 from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, origin_of, parse_toml, read_with_extends
 from zoo.recipe.schema import BlockSpec, Validator, param, slot_field, to_plain
 from zoo.train.config import DataConfig, TrainConfig
+from zoo.train.parallel import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Recipe:
     train: TrainConfig = param(None, "the training run")
     optim: BlockSpec = slot_field("optimizer", {"kind": "adamw"}, "the optimizer and its settings")
     data: DataConfig = param(None, "training and validation data")
+    parallel: ParallelConfig = param(None, "data parallelism when launched with torchrun")
     source: str = dataclasses.field(default="", compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict:

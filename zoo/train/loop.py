@@ -26,6 +26,7 @@ from zoo.io.checkpoint import load
 from zoo.model.accounting import account
 from zoo.model.build import build
 from zoo.recipe.recipe import Recipe, load_recipe
+from zoo.train.parallel import full, setup
 from zoo.train.state import TrainState, load_train_state, resolve_checkpoint, save_checkpoint, step_dirs
 
 METRICS, SUMMARY, RECIPE_FILE = "metrics.jsonl", "summary.json", "recipe.toml"
@@ -107,8 +108,10 @@ def _record_step(line: str) -> float:
 class MetricsLog:
     """metrics.jsonl (and TensorBoard when asked): one line per record, flushed as written."""
 
-    def __init__(self, out: Path, keep_until: int | None, tensorboard: bool):
-        self.path = out / METRICS
+    def __init__(self, out: Path, keep_until: int | None, tensorboard: bool, active: bool = True):
+        self.path, self.active = out / METRICS, active
+        if not active:  # a rank other than 0 of a distributed run
+            return
         if keep_until is not None and self.path.exists():  # a resumed run rewrites what came after it
             lines = self.path.read_text(encoding="utf-8").splitlines()
             kept = [ln for ln in lines if _record_step(ln) <= keep_until]
@@ -124,6 +127,8 @@ class MetricsLog:
             self.tb = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, record: dict) -> None:
+        if not self.active:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -132,6 +137,8 @@ class MetricsLog:
                     self.tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
 
     def close(self) -> None:
+        if not self.active:
+            return
         self.file.close()
         if self.tb is not None:
             self.tb.close()
@@ -140,12 +147,21 @@ class MetricsLog:
 def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int | None = None,
           progress: bool = True) -> dict:
     """Train `recipe` into run folder `out`; return the summary (or the state when stopped at `stop_at`)."""
-    from zoo.registry import get_registry
-
     cfg = recipe.train
     if cfg.seq_len > recipe.model.max_seq_len:
         raise RecipeError(f"{cfg.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}",
                           file=recipe.source or None, path="train.seq_len")
+    par = setup(recipe)
+    try:
+        return _train(recipe, out, par, resume, stop_at, progress)
+    finally:
+        par.close()
+
+
+def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | None, progress: bool) -> dict:
+    from zoo.registry import get_registry
+
+    cfg = recipe.train
     out = prepare_out(out)
     state, ckpt, restart = TrainState(), None, False
     if resume:
@@ -163,34 +179,37 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
             resume, restart = False, True
     elif step_dirs(out) or (out / METRICS).exists():
         raise ZooError(f"--out {out} already holds a run: pass --resume to continue it, or choose another folder")
+    par.barrier()  # every rank has looked at the folder before rank 0 writes to it
 
     data = load_data(recipe)
     torch.manual_seed(cfg.seed)
     model = build(recipe)
     if cfg.init_from and not resume:
         copy_weights(model, cfg.init_from, "train.init_from")
+    if resume:
+        copy_weights(model, ckpt, "--resume")
+    fwd = par.wrap(model)
     registry = get_registry()
     opt = registry.get("optimizer", recipe.optim.kind).factory(recipe.optim.config, model.parameters())
     for g in opt.param_groups:
         g["peak_lr"], g["peak_wd"] = g["lr"], g["weight_decay"]
     schedule = registry.get("schedule", cfg.schedule.kind).factory(cfg.schedule.config, cfg.steps)
     if resume:
-        copy_weights(model, ckpt, "--resume")
         state = load_train_state(ckpt, opt)
-    else:
+    elif par.main:
         write_atomic(out / RECIPE_FILE, recipe.to_toml())
 
     micro = cfg.batch_size // cfg.grad_accum
     windows = Windows(data.train, cfg.seq_len, cfg.seed)
     val = list(val_batches(data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
     sparsity_inputs = [x for x, _ in val[:2]]
-    fwd = torch.compile(model) if cfg.compile else model
-    log = MetricsLog(out, state.step if resume or restart else None, cfg.tensorboard)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+    log = MetricsLog(out, state.step if resume or restart else None, cfg.tensorboard, active=par.main)
     tok_json = data.tokenizer.to_json()
     params = [p for p in model.parameters() if p.requires_grad]
     last = stop_at if stop_at is not None else cfg.steps
     bar = tqdm(total=cfg.steps, initial=state.step, desc=recipe.name or "train", unit="step",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+               disable=not (progress and par.main), file=sys.stderr, dynamic_ncols=True)
     window = {"loss": 0.0, "n": 0, "aux": {}, "time": 0.0, "tokens": 0}
     val_loss = None
     model.train()
@@ -202,7 +221,7 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
                 g["lr"], g["weight_decay"] = g["peak_lr"] * lr_f, g["peak_wd"] * wd_f
             loss_sum, aux_sum = 0.0, {}
             for _ in range(cfg.grad_accum):
-                x, y = windows.batch(state.samples, micro)
+                x, y = (par.shard(t) for t in windows.batch(state.samples, micro))
                 state.samples += micro
                 with autocast(cfg.precision):
                     o = fwd(x, y)
@@ -210,9 +229,11 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
                 loss_sum += float(o.loss.detach()) / cfg.grad_accum
                 for k, v in o.aux_losses.items():
                     aux_sum[k] = aux_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            layer_norms = [math.sqrt(sum(float(p.grad.pow(2).sum()) for p in b.parameters() if p.grad is not None))
+            loss_sum, aux_sum = par.mean({"loss": loss_sum}).pop("loss"), par.mean(aux_sum)
+            layer_norms = [math.sqrt(sum(float(full(p.grad).pow(2).sum())
+                                         for p in b.parameters() if p.grad is not None))
                            for b in model.blocks] if cfg.layer_grad_norms else None
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+            gnorm = float(full(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))))
             if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
                 what = f"loss {loss_sum}" if not math.isfinite(loss_sum) else f"gradient norm {gnorm}"
                 kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
@@ -252,13 +273,19 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
                           "val_ppl": perplexity(val_loss), "sparsity": sparsity_summary(model, sparsity_inputs)}
                 log.write(record)
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or done or state.step == last:
-                ckpt = save_checkpoint(out, model, opt, state, tok_json, cfg.keep_last)
+                weights = par.full_state_dict(model)  # every rank takes part in gathering the shards
+                if par.main:
+                    ckpt = save_checkpoint(out, model, None if par.strategy == "fsdp" else opt, state, tok_json,
+                                           cfg.keep_last, weights=weights)
     finally:
         bar.close()
         log.close()
     if state.step < cfg.steps:
         return {"step": state.step, "checkpoint": str(ckpt)}
-    return write_summary(out, recipe, model, data, state, val)
+    if par.main:  # a sharded model cannot run forward on one rank alone: the summary measures the checkpoint
+        write_summary(out, recipe, load(ckpt) if par.strategy == "fsdp" else model, data, state, val)
+    par.barrier()
+    return json.loads((out / SUMMARY).read_text(encoding="utf-8"))
 
 
 def write_summary(out: Path, recipe: Recipe, model, data, state: TrainState, val) -> dict:

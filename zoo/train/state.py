@@ -73,10 +73,14 @@ def step_dirs(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(run_dir: Path, model, opt: torch.optim.Optimizer, state: TrainState,
-                    tokenizer_json: str | None, keep_last: int) -> Path:
-    """Write checkpoint `step-N` of the run atomically, then drop all but the newest `keep_last`."""
-    tensors, info = _optimizer_tensors(opt)
+def save_checkpoint(run_dir: Path, model, opt: torch.optim.Optimizer | None, state: TrainState,
+                    tokenizer_json: str | None, keep_last: int, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `step-N` of the run atomically, then drop all but the newest `keep_last`.
+
+    `opt=None` writes no optimizer state (FSDP runs: such a checkpoint cannot be resumed); `weights`
+    replaces model.state_dict() (the gathered tensors of a sharded model).
+    """
+    tensors, info = _optimizer_tensors(opt) if opt is not None else ({}, None)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -88,7 +92,7 @@ def save_checkpoint(run_dir: Path, model, opt: torch.optim.Optimizer, state: Tra
     if tokenizer_json is not None:
         files["tokenizer.json"] = tokenizer_json
     path = save(model, Path(run_dir) / CHECKPOINTS / f"step-{state.step:08d}", files=files,
-                meta={"step": state.step, "tokens": state.tokens})
+                meta={"step": state.step, "tokens": state.tokens}, weights=weights)
     for old in step_dirs(run_dir)[:-keep_last]:  # renamed first: a half-deleted folder never looks like one
         trash = old.with_name(f".{old.name}.old-deleting")
         os.replace(old, trash)
@@ -105,6 +109,9 @@ def load_train_state(ckpt: Path, opt: torch.optim.Optimizer) -> TrainState:
         tensors = st_load((ckpt / STATE_TENSORS).read_bytes())
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"{ckpt}: no readable training state, cannot resume from it ({err})") from None
+    if info.get("optimizer") is None:
+        raise CheckpointError(f"{ckpt}: written by FSDP training, it holds no optimizer state and cannot be "
+                              "resumed; start a new run from it with train.init_from")
     try:
         _restore_optimizer(opt, tensors, info["optimizer"])
     except (ValueError, KeyError) as err:
