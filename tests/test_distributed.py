@@ -40,7 +40,6 @@ def single(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("distributed")
     recipe_file = tmp / "recipe.toml"
     recipe_file.write_text(tiny_run(tmp, **SETTINGS).to_toml())
-    torch.set_num_threads(1)
     train(zoo.load_recipe(recipe_file), tmp / "single", progress=False)
     return recipe_file, tmp / "single"
 

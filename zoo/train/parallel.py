@@ -40,7 +40,7 @@ class Parallel:
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module to run forward/backward through (DDP wrapper, or the model sharded in place)."""
         if self.strategy == "ddp":
-            return nn.parallel.DistributedDataParallel(model)
+            return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # MoE: idle experts
         if self.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
