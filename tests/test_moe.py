@@ -13,6 +13,7 @@ from torch import nn
 
 import zoo
 from tests.conftest import RECIPES
+from tests.tiny import fit
 from zoo.blocks.router import Routing
 from zoo.recipe.recipe import recipe_from_dict
 
@@ -309,15 +310,8 @@ def test_tiny_recipes_train_and_round_trip(tmp_path, name):
     recipe = zoo.load_recipe(RECIPES / f"tiny/{name}.toml",
                              ["model.n_layers=2", "model.d_model=32", "model.n_heads=2"])
     model = zoo.build(recipe)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     idx = torch.randint(0, 256, (4, 33))
-    losses = []
-    for _ in range(6):
-        out = model(idx[:, :-1], idx[:, 1:])
-        opt.zero_grad()
-        out.total_loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses = fit(model, idx, steps=6, lr=3e-3)
     assert losses[-1] < losses[0]
     zoo.save(model, tmp_path / "ckpt")
     loaded = zoo.load(tmp_path / "ckpt")
@@ -381,15 +375,8 @@ def test_moe_bitnet_qsparse_trains_and_freezes():
     per_layer = 8 * 2 * 32 * 256
     assert zoo.account(model).by_role["expert_up_gate"] == {"params": 2 * per_layer,
                                                             "activated": 2 * per_layer * 2 / 8 * 0.5}
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     idx = torch.randint(0, 256, (4, 25))
-    losses = []
-    for _ in range(6):
-        out = model(idx[:, :-1], idx[:, 1:])
-        opt.zero_grad()
-        out.total_loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses = fit(model, idx, steps=6, lr=3e-3)
     assert losses[-1] < losses[0]
     before = model(idx).logits
     model.freeze()
