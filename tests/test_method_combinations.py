@@ -7,6 +7,7 @@ import torch
 
 import zoo
 from tests.conftest import RECIPES
+from tests.tiny import fit
 from zoo.eval.sparsity import measure_sparsity
 
 WEIGHTS = {"fp": [], "bitnet158": ["model.weights.kind=bitnet158"],
@@ -29,15 +30,7 @@ def tiny(*overrides):
 def test_combination_builds_and_learns(weights, sparsity, activation):
     torch.manual_seed(0)
     model = zoo.build(tiny(*WEIGHTS[weights], *SPARSITY[sparsity], *ACTIVATION[activation]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    idx = torch.randint(0, 32, (4, 16))
-    losses = []
-    for _ in range(20):
-        loss = model(idx[:, :-1], idx[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, torch.randint(0, 32, (4, 16)), steps=20, lr=1e-2)
     assert losses[-1] < losses[0] - 0.3, losses
 
 

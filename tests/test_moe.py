@@ -13,6 +13,7 @@ from torch import nn
 
 import zoo
 from tests.conftest import RECIPES
+from tests.tiny import fit
 from zoo.blocks.router import Routing
 from zoo.recipe.recipe import recipe_from_dict
 
@@ -309,15 +310,8 @@ def test_tiny_recipes_train_and_round_trip(tmp_path, name):
     recipe = zoo.load_recipe(RECIPES / f"tiny/{name}.toml",
                              ["model.n_layers=2", "model.d_model=32", "model.n_heads=2"])
     model = zoo.build(recipe)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     idx = torch.randint(0, 256, (4, 33))
-    losses = []
-    for _ in range(6):
-        out = model(idx[:, :-1], idx[:, 1:])
-        opt.zero_grad()
-        out.total_loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses = fit(model, idx, steps=6, lr=3e-3)
     assert losses[-1] < losses[0]
     zoo.save(model, tmp_path / "ckpt")
     loaded = zoo.load(tmp_path / "ckpt")
@@ -371,7 +365,7 @@ def test_experts_equal_dense_ffns_with_the_same_weights_and_sparsity(weights, sp
     torch.testing.assert_close(moe(x), ref, rtol=1e-10, atol=1e-12)
 
 
-def test_moe_bitnet_qsparse_trains_and_freezes():
+def test_moe_bitnet_qsparse_trains_and_freezes(tmp_path):
     torch.manual_seed(11)
     recipe = zoo.load_recipe(RECIPES / "tiny/moe-bitnet-qsparse.toml",
                              ["model.n_layers=2", "model.d_model=32", "model.n_heads=2"])
@@ -381,19 +375,22 @@ def test_moe_bitnet_qsparse_trains_and_freezes():
     per_layer = 8 * 2 * 32 * 256
     assert zoo.account(model).by_role["expert_up_gate"] == {"params": 2 * per_layer,
                                                             "activated": 2 * per_layer * 2 / 8 * 0.5}
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     idx = torch.randint(0, 256, (4, 25))
-    losses = []
-    for _ in range(6):
-        out = model(idx[:, :-1], idx[:, 1:])
-        opt.zero_grad()
-        out.total_loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses = fit(model, idx, steps=6, lr=3e-3)
     assert losses[-1] < losses[0]
     before = model(idx).logits
     model.freeze()
     torch.testing.assert_close(model(idx).logits, before)
+    up = model.blocks[0].ffn.experts.up_gate.linear  # packed 2-bit per expert, one β per expert
+    assert not any(n.endswith("weight") and p.dim() == 3 for n, p in up.named_parameters())
+    assert up.packed.dtype == torch.uint8 and up.packed.shape == (8, 32, 512 // 4) and up.scale.shape == (8, 1)
+    acc = zoo.account(model)
+    held = sum(b.numel() * b.element_size() for m in model.modules() if hasattr(m, "packed")
+               for b in (m.packed, m.scale))
+    assert acc.projection_bytes_inference == held
+    zoo.save(model, tmp_path / "frozen")
+    loaded = zoo.load(tmp_path / "frozen")
+    torch.testing.assert_close(loaded(idx).logits, before)
 
 
 def test_evaluate_reports_expert_load_and_router_entropy():

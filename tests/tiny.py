@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import torch
+
 import zoo
 from tests.conftest import RECIPES
 
@@ -31,3 +33,16 @@ def tiny_run(tmp_path: Path, **overrides) -> zoo.Recipe:
     return zoo.load_recipe(RECIPES / "tiny/dense.toml", {
         **TINY, "data.dataset": {"kind": "files", "paths": [str(corpus)]},
         **{k.replace("__", "."): v for k, v in overrides.items()}})
+
+
+def fit(model, idx, steps: int, lr: float) -> list[float]:
+    """AdamW on next-token prediction of `idx` for `steps` steps; the cross-entropy of each step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        out = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        out.total_loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    return losses

@@ -126,7 +126,7 @@ class BitLinear(nn.Module):
 
     def packed_nbytes(self) -> int:
         """Bytes of the inference storage: packed matrix, float32 β, bias."""
-        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        bias = 0 if self.bias is None else self.out_features * self.bias.element_size()
         scales = self.out_features if self.per_row else 1
         return self.in_features * -(-self.out_features // 4) + 4 * scales + bias
 

@@ -15,7 +15,7 @@ SETTINGS = ["train.batch_size=16", "train.seq_len=128", "train.eval_every=25", "
 def add_parser(sub):
     p = sub.add_parser("quickstart", help="train dense / Q-Sparse / MoE+Q-Sparse+BitNet tiny models and compare them")
     p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="where the runs go (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps per model (default: 100)")
+    p.add_argument("--steps", type=int, default=200, metavar="N", help="optimizer steps per model (default: 200)")
     p.add_argument("--recipes", nargs="+", metavar="TOML",
                    help=f"recipes to train instead of recipes/tiny/{{{','.join(DEFAULT)}}}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -92,11 +92,9 @@ def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
             held = nbytes(weight)
             storage["proj"] += held
             storage["fp32"] += 4 * (n + nb)
-            # packed form only where model.freeze() reaches the weights block (a projection with
-            # its own `freeze` owns its subtree, e.g. stacked experts stay latent)
+            # packed form where the weights block has one (stacked experts hold one per expert)
             packed = getattr(module.linear, "packed_nbytes", None)
-            freezes = callable(packed) and not callable(getattr(module, "freeze", None))
-            storage["inference"] += packed() if freezes else held
+            storage["inference"] += packed() * getattr(module, "num_experts", 1) if callable(packed) else held
             return
         own = params_of(module, recurse=False)
         totals["all"] += own

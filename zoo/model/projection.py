@@ -7,6 +7,7 @@ expert dimension ([E, out, in] for a weight matrix), so the experts run as one g
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -86,6 +87,7 @@ class ExpertProjection(Projection):
         super().__init__(role, sparsify, linear, in_features, out_features)
         self.groups = groups
         self.num_experts = groups.num_experts
+        self.stacked_buffers: set[str] = set()  # buffers with a leading expert dim (after `freeze`)
         for name, p in list(linear.named_parameters()):
             owner, _, leaf = name.rpartition(".")
             stacked = nn.Parameter(p.detach().unsqueeze(0).repeat(self.num_experts, *([1] * p.dim())).contiguous(),
@@ -113,13 +115,43 @@ class ExpertProjection(Projection):
             y = y + b[g.row_expert]
         return y.to(x.dtype)
 
+    @torch.no_grad()
     def freeze(self) -> None:
-        """Stacked expert weights keep their latent form: inference packing (BitNet's 2-bit
-        `freeze`) works on single matrices. The forward is the same either way."""
+        """Freeze each expert's weights block (BitNet: packed 2-bit storage + β) and stack the results.
+
+        The weights block's own `freeze` runs on a single-expert copy holding expert e's slice;
+        every tensor it leaves (parameters and buffers, e.g. `packed` [E, in, ceil(out/4)] and
+        `scale` [E, 1]) is stacked along the expert dimension again.
+        """
+        if not callable(getattr(self.linear, "freeze", None)) or self.stacked_buffers:
+            return
+        stacked = dict(self.linear.named_parameters())
+        single = copy.deepcopy(self.linear, memo={id(p): p[0].clone() for p in stacked.values()})
+        experts = []
+        for e in range(self.num_experts):
+            one = copy.deepcopy(single)
+            for name, p in stacked.items():
+                _set(one, name, nn.Parameter(p[e].clone(), requires_grad=p.requires_grad))
+            one.freeze()
+            experts.append(one)
+        for name in stacked:  # tensors the freeze dropped (BitNet's latent weight)
+            owner, _, leaf = name.rpartition(".")
+            delattr(self.linear.get_submodule(owner), leaf)
+        for name, p in experts[0].named_parameters():
+            param = nn.Parameter(torch.stack([dict(m.named_parameters())[name] for m in experts]),
+                                 requires_grad=p.requires_grad)
+            param.expert_dims = 1
+            _set(self.linear, name, param)
+        for name, _ in experts[0].named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            self.linear.get_submodule(owner).register_buffer(
+                leaf, torch.stack([dict(m.named_buffers())[name] for m in experts]))
+            self.stacked_buffers.add(name)
 
     def _per_expert(self, x: torch.Tensor, *extra: nn.Module) -> torch.Tensor:
         """Each expert's rows through the weights block with that expert's slice of the parameters."""
-        params = dict(self.linear.named_parameters())
+        buffers = dict(self.linear.named_buffers())
+        params = {**dict(self.linear.named_parameters()), **{n: buffers[n] for n in self.stacked_buffers}}
         ends = self.groups.offsets.tolist()
         starts = [0, *ends[:-1]]
         return torch.cat([functional_call(self.linear, {n: p[e] for n, p in params.items()}, (x[s:t], *extra))
@@ -127,3 +159,9 @@ class ExpertProjection(Projection):
 
     def extra_repr(self) -> str:
         return f"role={self.role}, {self.num_experts} × {self.in_features}->{self.out_features}"
+
+
+def _set(module: nn.Module, name: str, value: nn.Parameter) -> None:
+    """Set the parameter at dotted `name` inside `module`."""
+    owner, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(owner), leaf, value)
