@@ -195,7 +195,7 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
         g["peak_lr"], g["peak_wd"] = g["lr"], g["weight_decay"]
     schedule = registry.get("schedule", cfg.schedule.kind).factory(cfg.schedule.config, cfg.steps)
     if resume:
-        state = load_train_state(ckpt, opt)
+        state = load_train_state(ckpt, par.optimizer_loader(opt))
     elif par.main:
         write_atomic(out / RECIPE_FILE, recipe.to_toml())
 
@@ -273,10 +273,10 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
                           "val_ppl": perplexity(val_loss), "sparsity": sparsity_summary(model, sparsity_inputs)}
                 log.write(record)
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or done or state.step == last:
-                weights = par.full_state_dict(model)  # every rank takes part in gathering the shards
+                # every rank takes part in gathering the shards
+                weights, optim_state = par.full_state_dict(model), par.optimizer_state(opt)
                 if par.main:
-                    ckpt = save_checkpoint(out, model, None if par.strategy == "fsdp" else opt, state, tok_json,
-                                           cfg.keep_last, weights=weights)
+                    ckpt = save_checkpoint(out, model, optim_state, state, tok_json, cfg.keep_last, weights=weights)
     finally:
         bar.close()
         log.close()

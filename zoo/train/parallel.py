@@ -9,6 +9,7 @@ metrics, the progress bar and checkpoints. See docs/distributed.md.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,6 +70,28 @@ class Parallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> dict:
+        """opt.state_dict() as one process has it: FSDP2's sharded moments gathered (every rank, in one order)."""
+        sd = opt.state_dict()
+        return {"state": {i: {k: full(v) for k, v in sorted(sd["state"][i].items())} for i in sorted(sd["state"])},
+                "param_groups": sd["param_groups"]}
+
+    def optimizer_loader(self, opt: torch.optim.Optimizer) -> Callable[[dict], None]:
+        """A function loading a single-process opt.state_dict() into `opt` (moments sharded like their weights)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = [p for g in opt.param_groups for p in g["params"]]
+
+        def load(sd: dict) -> None:
+            for i, st in sorted(sd["state"].items()):  # every rank read the whole state: it keeps its slice
+                p = params[i]
+                if isinstance(p, DTensor):
+                    sd["state"][i] = {k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+                                      if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                                      for k, v in st.items()}
+            opt.load_state_dict(sd)
+        return load
 
     def barrier(self) -> None:
         if self.world > 1:

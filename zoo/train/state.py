@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +40,7 @@ class TrainState:
     elapsed: float = 0.0
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -51,7 +51,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict) -> None:
+def _restore_optimizer(load: Callable[[dict], None], tensors: dict[str, torch.Tensor], info: dict) -> None:
     state: dict[int, dict] = {}
     for name, t in tensors.items():
         if name.startswith("optim."):
@@ -61,7 +61,7 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = v
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in info["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    load({"state": state, "param_groups": groups})
 
 
 def step_dirs(run_dir: Path) -> list[Path]:
@@ -73,14 +73,14 @@ def step_dirs(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(run_dir: Path, model, opt: torch.optim.Optimizer | None, state: TrainState,
-                    tokenizer_json: str | None, keep_last: int, weights: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(run_dir: Path, model, optim_state: dict, state: TrainState, tokenizer_json: str | None,
+                    keep_last: int, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step-N` of the run atomically, then drop all but the newest `keep_last`.
 
-    `opt=None` writes no optimizer state (FSDP runs: such a checkpoint cannot be resumed); `weights`
-    replaces model.state_dict() (the gathered tensors of a sharded model).
+    `optim_state` is opt.state_dict() (of one process); `weights` replaces model.state_dict() (the
+    gathered tensors of a sharded model).
     """
-    tensors, info = _optimizer_tensors(opt) if opt is not None else ({}, None)
+    tensors, info = _optimizer_tensors(optim_state)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -102,18 +102,15 @@ def save_checkpoint(run_dir: Path, model, opt: torch.optim.Optimizer | None, sta
     return path
 
 
-def load_train_state(ckpt: Path, opt: torch.optim.Optimizer) -> TrainState:
-    """Restore optimizer and RNG state from checkpoint `ckpt`; return its counters."""
+def load_train_state(ckpt: Path, load_optimizer: Callable[[dict], None]) -> TrainState:
+    """Restore optimizer (through `load_optimizer`, e.g. opt.load_state_dict) and RNG state; return the counters."""
     try:
         info = json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))
         tensors = st_load((ckpt / STATE_TENSORS).read_bytes())
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"{ckpt}: no readable training state, cannot resume from it ({err})") from None
-    if info.get("optimizer") is None:
-        raise CheckpointError(f"{ckpt}: written by FSDP training, it holds no optimizer state and cannot be "
-                              "resumed; start a new run from it with train.init_from")
     try:
-        _restore_optimizer(opt, tensors, info["optimizer"])
+        _restore_optimizer(load_optimizer, tensors, info["optimizer"])
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"{ckpt}: its optimizer state does not fit this model ({err})") from None
     torch.set_rng_state(tensors["rng.torch"])
