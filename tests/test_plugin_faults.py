@@ -17,6 +17,7 @@ from torch import nn
 
 import zoo
 from tests.conftest import tiny
+from tests.tiny import Times
 from zoo.errors import PluginError
 from zoo.recipe import param
 from zoo.registry import PluginWarning
@@ -65,15 +66,6 @@ class BuggyCheck:
 
     def check(self) -> None:
         raise AttributeError("self.b")
-
-
-class Times(nn.Module):
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x):
-        return x * self.factor
 
 
 def module(name: str, register) -> types.ModuleType:

@@ -7,10 +7,10 @@ import warnings
 from dataclasses import dataclass
 
 import pytest
-from torch import nn
 
 import zoo
 import zoo.registry.plugins as plugins
+from tests.tiny import Times
 from zoo.errors import PluginCollisionError, PluginError, UnknownNameError
 from zoo.recipe import param
 from zoo.registry import PluginWarning, Registry, describe_config, load_registry
@@ -21,15 +21,6 @@ class TwiceConfig:
     """x * factor"""
 
     factor: float = param(2.0, "the multiplier", gt=0)
-
-
-class Times(nn.Module):
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x):
-        return x * self.factor
 
 
 def plugin_module(name: str, register=None, fail_import: bool = False) -> types.ModuleType:

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import zoo
 from tests.conftest import RECIPES
@@ -46,3 +47,14 @@ def fit(model, idx, steps: int, lr: float) -> list[float]:
         opt.step()
         losses.append(out.loss.item())
     return losses
+
+
+class Times(nn.Module):
+    """x * factor: the activation the fake plugins in the registry tests register."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
