@@ -36,16 +36,22 @@ def reference_topk(k):
     return mask
 
 
-@pytest.mark.parametrize("input_norm,bias", [(False, False), (True, True)])
-def test_forward_equals_the_formula_in_float64(input_norm, bias):
-    torch.manual_seed(0)
-    lin = BitLinear(37, 19, bias, input_norm=input_norm).double()
+def random_bitlinear(n_in: int, n_out: int, bias: bool, input_norm: bool) -> BitLinear:
+    """A float64 BitLinear with random weights, norm gain and bias (so no parameter is at its init)."""
+    lin = BitLinear(n_in, n_out, bias, input_norm=input_norm).double()
     with torch.no_grad():
         lin.weight.normal_(0, 0.05)
         if input_norm:
             lin.norm.weight.uniform_(0.5, 1.5)
         if bias:
             lin.bias.normal_()
+    return lin
+
+
+@pytest.mark.parametrize("input_norm,bias", [(False, False), (True, True)])
+def test_forward_equals_the_formula_in_float64(input_norm, bias):
+    torch.manual_seed(0)
+    lin = random_bitlinear(37, 19, bias, input_norm)
     x = torch.randn(3, 7, 37, dtype=torch.float64)
     g = lin.norm.weight if input_norm else None
     torch.testing.assert_close(lin(x), formula(x, lin.weight.detach(), g, bias=lin.bias), rtol=1e-12, atol=1e-12)
@@ -54,11 +60,7 @@ def test_forward_equals_the_formula_in_float64(input_norm, bias):
 @pytest.mark.parametrize("input_norm", [False, True])
 def test_quantized_topk_is_mask_of_real_input_applied_to_quantized_input(input_norm):
     torch.manual_seed(1)
-    lin = BitLinear(41, 23, False, input_norm=input_norm).double()
-    with torch.no_grad():
-        lin.weight.normal_(0, 0.05)
-        if input_norm:
-            lin.norm.weight.uniform_(0.5, 1.5)
+    lin = random_bitlinear(41, 23, False, input_norm)
     proj = Projection("qkv", TopK(41, 13), lin, 41, 23)
     x = torch.randn(5, 41, dtype=torch.float64)
     g = lin.norm.weight if input_norm else None
