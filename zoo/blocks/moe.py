@@ -1,7 +1,8 @@
 """Mixture-of-experts FFN: a router picks top_k of num_experts FFNs per token; dropless by default.
 
 Dispatch: sort the (token, expert) pairs by expert, run every expert on its contiguous slice
-of rows (one grouped matmul per projection), scatter the rows back weighted by their gates.
+of rows (one grouped matmul per projection; the first one gathers the token rows itself, see
+GatheredRows), scatter the rows back weighted by their gates.
 The experts are any registered FFN kind, built once by the projection factory with roles
 `expert_*` and stacked weights (see ExpertProjection), so weights and sparsity kinds apply.
 """
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from zoo.blocks.router import Routing
-from zoo.kernels.moe_permute import RowLayout, combine, sort_tokens
+from zoo.kernels.moe_permute import GatheredRows, RowLayout, combine
 from zoo.model.context import BuildContext
 from zoo.model.projection import ExpertGroups
 from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
@@ -116,7 +117,7 @@ class MoE(nn.Module):
         pad_to = getattr(self.backend, "rows_per_expert", None)  # equal-sized groups, if the backend wants them
         layout = RowLayout.build(expert, order, counts, pad_to(counts) if pad_to else None)
         with self.groups.sorted_rows(layout.offsets, layout.row_expert):
-            rows = self.experts(sort_tokens(x, layout, k))  # [R, D]: R = Σ counts (+ padding rows)
+            rows = self.experts(GatheredRows(x, layout, k))  # [R, D]: R = Σ counts (+ padding rows)
         y = combine(rows, route.weights, layout)
         self.last_stats = self.statistics(route, counts, T * k - order.numel())
         return y
