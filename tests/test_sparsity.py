@@ -41,6 +41,17 @@ def test_ties_are_exact_k_and_go_to_the_lower_index():
         assert torch.equal(mask, reference_mask(x, k))
 
 
+
+@pytest.mark.parametrize("block", [TopK(37, 15), TopK(24, 9, rescale=True), BlockTopK(32, 3, 8, rescale=True)])
+def test_entries_are_the_forward_output_non_zeros_in_index_order(block):
+    x = torch.randn(6, block.width, dtype=torch.float64)
+    x[0, :6] = 1.0  # ties at the threshold
+    values, idx = block.entries(x)
+    assert values.shape == idx.shape == (6, block.k)
+    assert (idx[:, 1:] > idx[:, :-1]).all()
+    dense = torch.zeros_like(x).scatter_(1, idx, values)
+    assert torch.allclose(dense, block(x), rtol=1e-12, atol=0)
+
 def test_k_zero_and_k_width():
     x = torch.randn(4, 9)
     assert torch.equal(TopK(9, 0)(x), torch.zeros_like(x))

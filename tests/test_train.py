@@ -129,3 +129,18 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
         pass
     with pytest.raises(zoo.ZooError, match="needs the tensorboard package"):
         train(tiny_run(tmp_path, **{"train.tensorboard": True}), tmp_path / "run", progress=False)
+
+
+def test_compile_true_trains_through_torch_compile_with_the_eager_losses(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    overrides = {"train.steps": 3, "train.eval_every": 0}
+    train(tiny_run(tmp_path, **overrides, **{"train.compile": True}), tmp_path / "compiled", progress=False)
+    assert counters["stats"]["unique_graphs"] > graphs  # the steps really ran a compiled graph
+    train(tiny_run(tmp_path, **overrides), tmp_path / "eager", progress=False)
+    compiled, eager = records(tmp_path / "compiled"), records(tmp_path / "eager")
+    assert [x["loss"] for x in compiled] == pytest.approx([x["loss"] for x in eager], rel=1e-4)
+    assert [x["grad_norm"] for x in compiled] == pytest.approx([x["grad_norm"] for x in eager], rel=1e-3)
+    torch._dynamo.reset()

@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from zoo.blocks.router import Routing
-from zoo.kernels.moe_permute import GatheredRows, RowLayout, combine
+from zoo.kernels.moe_permute import GatheredRows, RowLayout, combine, sort_tokens
 from zoo.model.context import BuildContext
 from zoo.model.projection import ExpertGroups
 from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
@@ -114,20 +115,32 @@ class MoE(nn.Module):
             rank = torch.arange(order.numel(), device=x.device) - start[expert[order]]
             order = order[rank < cap]
             counts = counts.clamp(max=cap)
-        pad_to = getattr(self.backend, "rows_per_expert", None)  # equal-sized groups, if the backend wants them
-        layout = RowLayout.build(expert, order, counts, pad_to(counts) if pad_to else None)
-        with self.groups.sorted_rows(layout.offsets, layout.row_expert):
-            rows = self.experts(GatheredRows(x, layout, k))  # [R, D]: R = Σ counts (+ padding rows)
+        sharded = self.groups.parallel  # experts split over ranks (expert parallelism), else None
+        layout = RowLayout.build(expert, order, counts, None if sharded else self.groups.padding(counts))
+        if sharded is None:  # [R, D] rows: R = Σ counts (+ padding rows), gathered by the first projection
+            with self.groups.sorted_rows(layout.offsets, layout.row_expert):
+                rows = self.experts(GatheredRows(x, layout, k))
+        else:  # each row to the rank holding its expert and back (padding, if any, on that rank)
+            rows = sharded.run(self.experts, sort_tokens(x, layout, k), counts)
         y = combine(rows, route.weights, layout)
         self.last_stats = self.statistics(route, counts, T * k - order.numel())
         return y
 
     def losses(self, route: Routing) -> dict[str, torch.Tensor]:
-        """Switch load balancing E·Σ f_i·P_i (f_i over all T·k choices) and the router z-loss."""
+        """Switch load balancing E·Σ f_i·P_i (f_i over all T·k choices) and the router z-loss.
+
+        In training under torch.distributed the token fractions f_i count the choices of every rank
+        (an all-reduce of E counts), so the mean over ranks of the loss is the single-process value
+        on the global batch; P_i stays this rank's mean router probability.
+        """
         out = {}
         if self.aux_coef > 0:
             p = route.probs.mean(0)
-            f = torch.bincount(route.experts.flatten(), minlength=self.num_experts).to(p.dtype) / route.experts.numel()
+            counts = torch.bincount(route.experts.flatten(), minlength=self.num_experts + 1)
+            counts[-1] = route.experts.numel()  # the choices made, summed along
+            if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(counts)
+            f = counts[:-1].to(p.dtype) / counts[-1]
             out["moe_lb"] = self.aux_coef * self.num_experts * (f * p).sum()
         if self.z_coef > 0:
             out["moe_z"] = self.z_coef * torch.logsumexp(route.logits, -1).square().mean()

@@ -15,13 +15,15 @@ from torch import nn
 
 from zoo.recipe.schema import Invalid, param
 
+FEW_ROWS = 8  # up to this many rows (decode) torch.kthvalue beats NumPy's per-call overhead on CPU
+
 
 def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of each row of `a` (last dim), shape [..., 1]; 1 <= k <= width."""
     width = a.shape[-1]
-    if a.device.type != "cpu":
+    if a.device.type != "cpu" or a.numel() <= FEW_ROWS * width:
         return a.kthvalue(width - k + 1, dim=-1, keepdim=True).values
-    # NumPy's introselect tracks no indices: ~10x faster than torch.kthvalue on CPU
+    # NumPy's introselect tracks no indices: ~2-10x faster than torch.kthvalue on CPU for many rows
     flat = a.reshape(-1, width)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()  # exact for bf16/fp16 values: the order is unchanged
@@ -71,14 +73,16 @@ class _MaskInput(torch.autograd.Function):
 def mask_input(x: torch.Tensor, mask: torch.Tensor, ste: bool = True, rescale: bool = False) -> torch.Tensor:
     """x ⊙ mask, straight-through when `ste`; `rescale` multiplies each token by ‖x‖₂ / ‖x ⊙ mask‖₂."""
     y = _MaskInput.apply(x, mask, ste)
-    if not rescale:
-        return y
-    with torch.no_grad():
-        wide = torch.promote_types(x.dtype, torch.float32)
-        full = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide)
-        kept = torch.linalg.vector_norm(y, dim=-1, keepdim=True, dtype=wide)
-        scale = torch.where(kept > 0, full / kept, 1.0).to(x.dtype)  # K = 0: nothing to rescale
-    return y * scale
+    return y * norm_ratio(x, y) if rescale else y
+
+
+@torch.no_grad()
+def norm_ratio(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """‖x‖₂ / ‖kept‖₂ per row ([..., 1], in x's dtype; 1 where nothing was kept): the rescale factor."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    full = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide)
+    part = torch.linalg.vector_norm(kept, dim=-1, keepdim=True, dtype=wide)
+    return torch.where(part > 0, full / part, 1.0).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,15 @@ class TopK(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mask_input(x, self.mask(x), self.ste, self.rescale)
+
+    @torch.no_grad()
+    def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept entries of rows x [N, width] as (values, indices) [N, k], indices ascending:
+        what `forward` keeps (same mask, same rescale), for sparse-input inference kernels."""
+        mask = self.mask(x)
+        idx = mask.nonzero()[:, -1].view(x.shape[0], self.k)  # the mask keeps exactly k per row
+        values = x.gather(-1, idx)
+        return (values * norm_ratio(x, values) if self.rescale else values), idx
 
     def extra_repr(self) -> str:
         return f"k={self.k}/{self.width}, ste={self.ste}, rescale={self.rescale}"

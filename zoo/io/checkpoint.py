@@ -91,7 +91,7 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
         info = {
             "format": FORMAT,
             "zoo_version": __version__,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": sum((weights[n] if n in weights else p).numel() for n, p in model.named_parameters()),
             "sha256": sha256(tmp / WEIGHTS),
             "aliases": aliases,
             "transforms": list(getattr(model, "zoo_transforms", [])),

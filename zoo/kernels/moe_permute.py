@@ -95,10 +95,15 @@ def sort_tokens(x: torch.Tensor, layout: RowLayout, k: int) -> torch.Tensor:
     return _SortTokens.apply(x, layout, k)
 
 
+def unsort_rows(rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """The experts' output rows [R, D] back in pair order [T·k, D] (0 for dropped pairs)."""
+    return _UnsortRows.apply(rows, layout)
+
+
 def combine(rows: torch.Tensor, gates: torch.Tensor, layout: RowLayout) -> torch.Tensor:
     """y[t] = Σ_j gates[t, j] · rows[row_of_pair[t·k + j]]: expert outputs back in token order, weighted."""
     T, k = gates.shape
-    pairs = _UnsortRows.apply(rows, layout).view(T, k, rows.shape[-1])
+    pairs = unsort_rows(rows, layout).view(T, k, rows.shape[-1])
     return torch.bmm(gates.to(rows.dtype).unsqueeze(1), pairs).squeeze(1)
 
 

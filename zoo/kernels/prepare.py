@@ -27,14 +27,24 @@ def kept_count(sparsify: nn.Module, width: int) -> int | None:
     return k if isinstance(k, int) and 0 < k < width else None
 
 
-def top_entries(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) [N, k] of the k largest |x| of each row (a top-K-sparse row's non-zeros)."""
+def top_entries(x: torch.Tensor, k: int, sparsify: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [N, k]: what the sparsity block keeps of each row of x, from its own selection
+    (`entries`, one pass) when it has one; else the k largest |x| of each row of `sparsify(x)`."""
+    if sparsify is not None and hasattr(sparsify, "entries"):
+        return sparsify.entries(x)
+    x = x if sparsify is None else sparsify(x)
     idx = x.abs().topk(k, dim=-1, sorted=False).indices
     return x.gather(-1, idx), idx
 
 
 class TopKLinear(nn.Module):
-    """y = x·Wᵀ (+ b) for inputs with at most k non-zeros per row, from Wt [in, out]."""
+    """y = sparsify(x)·Wᵀ (+ b) for a sparsity block keeping k inputs per row, from Wt [in, out].
+
+    It takes the projection's sparsity block (`sparsify_inside`) so that at decode the kept
+    entries are selected once, straight into the (values, indices) form the kernel reads.
+    """
+
+    sparsify_inside = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, k: int, impl: str = "auto"):
         super().__init__()
@@ -56,11 +66,13 @@ class TopKLinear(nn.Module):
             self.wt.copy_(state_dict.pop(prefix + "weight").t())
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(self.wt.dtype)
+    def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
         if gather_pays(rows.shape[0], self.k / self.in_features):
-            y = topk_matmul(*top_entries(rows, self.k), self.wt, self.bias, impl=self.impl)
+            values, idx = top_entries(rows, self.k, sparsify)
+            y = topk_matmul(values.to(self.wt.dtype), idx, self.wt, self.bias, impl=self.impl)
         else:
+            rows = (rows if sparsify is None else sparsify(rows)).to(self.wt.dtype)
             y = rows @ self.wt
             y = y if self.bias is None else y + self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)

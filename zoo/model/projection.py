@@ -57,13 +57,20 @@ class Projection(nn.Module):
 
 
 class ExpertGroups:
-    """Shared by the expert projections of one MoE layer: its backend and, during a forward,
-    where each expert's rows lie in the expert-sorted input (see `ExpertProjection`)."""
+    """Shared by the expert projections of one MoE layer: its backend, during a forward where each
+    expert's rows lie in the expert-sorted input (see `ExpertProjection`), and `parallel`: the
+    dispatcher when the experts are sharded over ranks (set by zoo.train.expert_parallel; None here)."""
 
     def __init__(self, num_experts: int, backend: Any):
         self.num_experts, self.backend = num_experts, backend
         self.offsets: torch.Tensor | None = None
         self.row_expert: torch.Tensor | None = None
+        self.parallel: Any = None
+
+    def padding(self, counts: torch.Tensor) -> int | None:
+        """Rows to pad every expert's group to when the backend wants equal-sized groups, else None."""
+        pad_to = getattr(self.backend, "rows_per_expert", None)
+        return pad_to(counts) if pad_to else None
 
     @contextmanager
     def sorted_rows(self, offsets: torch.Tensor, row_expert: torch.Tensor) -> Iterator[None]:

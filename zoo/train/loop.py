@@ -26,7 +26,7 @@ from zoo.io.checkpoint import load
 from zoo.model.accounting import account
 from zoo.model.build import build
 from zoo.recipe.recipe import Recipe, load_recipe
-from zoo.train.parallel import full, setup
+from zoo.train.parallel import setup
 from zoo.train.state import TrainState, load_train_state, resolve_checkpoint, save_checkpoint, step_dirs
 
 METRICS, SUMMARY, RECIPE_FILE = "metrics.jsonl", "summary.json", "recipe.toml"
@@ -77,10 +77,10 @@ def copy_weights(model, path: str | Path, what: str) -> Path:
 
 
 def _recipe_change(saved: Recipe, now: Recipe) -> str | None:
-    """The first key (other than train.steps) where `now` differs from the run's saved recipe."""
+    """The first key (other than train.steps and [parallel]) where `now` differs from the run's saved recipe."""
     a, b = flatten(saved.to_dict()), flatten(now.to_dict())
     for key in sorted(set(a) | set(b)):
-        if key != "train.steps" and a.get(key) != b.get(key):
+        if key != "train.steps" and not key.startswith("parallel.") and a.get(key) != b.get(key):
             return f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
     return None
 
@@ -171,7 +171,7 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
         change = _recipe_change(load_recipe(out / RECIPE_FILE), recipe)
         if change:
             raise ZooError(f"--resume: the recipe differs from the one {out} was trained with ({change}); "
-                           "only train.steps may change")
+                           "only train.steps and [parallel] may change")
         if found:
             ckpt = found[-1]
         else:  # stopped before its first checkpoint was complete: start over, in the same folder
@@ -229,11 +229,10 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
                 loss_sum += float(o.loss.detach()) / cfg.grad_accum
                 for k, v in o.aux_losses.items():
                     aux_sum[k] = aux_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            par.reduce_gradients(params)
             loss_sum, aux_sum = par.mean({"loss": loss_sum}).pop("loss"), par.mean(aux_sum)
-            layer_norms = [math.sqrt(sum(float(full(p.grad).pow(2).sum())
-                                         for p in b.parameters() if p.grad is not None))
-                           for b in model.blocks] if cfg.layer_grad_norms else None
-            gnorm = float(full(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))))
+            layer_norms = [par.grad_norm(list(b.parameters())) for b in model.blocks] if cfg.layer_grad_norms else None
+            gnorm = par.clip_grad_norm(params, cfg.grad_clip or float("inf"))
             if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
                 what = f"loss {loss_sum}" if not math.isfinite(loss_sum) else f"gradient norm {gnorm}"
                 kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
@@ -283,7 +282,7 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
     if state.step < cfg.steps:
         return {"step": state.step, "checkpoint": str(ckpt)}
     if par.main:  # a sharded model cannot run forward on one rank alone: the summary measures the checkpoint
-        write_summary(out, recipe, load(ckpt) if par.strategy == "fsdp" else model, data, state, val)
+        write_summary(out, recipe, load(ckpt) if par.sharded else model, data, state, val)
     par.barrier()
     return json.loads((out / SUMMARY).read_text(encoding="utf-8"))
 

@@ -3,11 +3,13 @@
 Launched without torchrun (no WORLD_SIZE in the environment) training is the single-process path,
 whatever the section says. Under torchrun every rank reads a disjoint slice of each global batch
 (train.batch_size is the global batch), gradients are averaged over ranks, and only rank 0 writes
-metrics, the progress bar and checkpoints. See docs/distributed.md.
+metrics, the progress bar and checkpoints. With `expert_parallel = N` the routed experts of every
+MoE layer are split over groups of N ranks (zoo.train.expert_parallel). See docs/distributed.md.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from torch import nn
 
 from zoo.errors import RecipeError
 from zoo.recipe.schema import param
+from zoo.train.expert_parallel import expert_groups, gather_experts, is_expert, shard_experts
 
 
 @dataclass(frozen=True)
@@ -29,17 +32,30 @@ class ParallelConfig:
         "none", "data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded weights)")
     backend: Literal["auto", "gloo", "nccl"] = param(
         "auto", "torch.distributed backend; auto = gloo (the training loop runs on the CPU)")
+    expert_parallel: int = param(
+        1, "split every MoE layer's routed experts over groups of this many ranks (1 = every rank holds all); "
+           "needs strategy ddp, must divide the world size and every layer's num_experts", ge=1, le=1 << 14)
 
 
 class Parallel:
     """This process's place in the launch: rank, world size, and what differs from a single process."""
 
-    def __init__(self, strategy: str = "none", rank: int = 0, world: int = 1):
+    def __init__(self, strategy: str = "none", rank: int = 0, world: int = 1, expert: int = 1,
+                 expert_group=None, replica_group=None, source: str | None = None):
         self.strategy, self.rank, self.world = strategy, rank, world
         self.main = rank == 0
+        self.expert, self.expert_group, self.replica_group, self.source = expert, expert_group, replica_group, source
+        self.sharded = world > 1 and (strategy == "fsdp" or expert > 1)  # no rank holds the whole model
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to run forward/backward through (DDP wrapper, or the model sharded in place)."""
+        """The module to run forward/backward through (DDP wrapper, or the model sharded in place).
+
+        Under expert parallelism there is no DDP wrapper (it would average the gradients of different
+        experts): `reduce_gradients` averages every gradient after the backward instead.
+        """
+        if self.expert > 1:
+            self._shard_experts(model)
+            return model
         if self.strategy == "ddp":
             return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # MoE: idle experts
         if self.strategy == "fsdp":
@@ -49,6 +65,59 @@ class Parallel:
                 fully_shard(block)
             fully_shard(model)
         return model
+
+    def _shard_experts(self, model: nn.Module) -> None:
+        groups = expert_groups(model)
+        sizes = sorted({g.num_experts for g in groups})
+        bad = [e for e in sizes if e % self.expert]
+        if not groups or bad:
+            why = "the model has no MoE layer" if not groups else f"it must divide num_experts = {bad[0]}"
+            raise RecipeError(f"expert_parallel = {self.expert}: {why}", file=self.source,
+                              path="parallel.expert_parallel")
+        shard_experts(model, self.rank % self.expert, self.expert, self.expert_group)
+
+    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
+        """Under expert parallelism: average the gradients of one optimizer step as DDP would.
+
+        Each rank's loss is the mean over its share of the global batch, so the single-process gradient
+        is the sum over all ranks divided by the world size: dense parameters sum over all ranks, expert
+        shards over the ranks holding the same experts (their all-to-all backward already summed the
+        contributions of the other ranks of their expert group).
+        """
+        if self.expert == 1:
+            return
+        self._sum_grads([p for p in params if not is_expert(p)], None)
+        self._sum_grads([p for p in params if is_expert(p)], self.replica_group)
+
+    def _sum_grads(self, params: list[nn.Parameter], group) -> None:
+        """grad = Σ over `group` / world size, in one all-reduce; stays None where no rank has one."""
+        if not params:
+            return
+        flat = torch.cat([torch.cat([p.grad.detach().flatten().float(), p.grad.new_ones(1, dtype=torch.float)])
+                          if p.grad is not None else torch.zeros(p.numel() + 1, device=p.device) for p in params])
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(flat, group=group)
+        for p, part in zip(params, flat.split([p.numel() + 1 for p in params])):
+            if part[-1] > 0:  # some rank had a gradient (the flag summed over the group)
+                p.grad = (part[:-1] / self.world).view_as(p).to(p.dtype)
+
+    def grad_norm(self, params: list[nn.Parameter]) -> float:
+        """The 2-norm of the whole model's gradient in `params` (all shards, all experts)."""
+        dense = sum(float(full(p.grad).float().pow(2).sum()) for p in params if p.grad is not None
+                    and not is_expert(p))
+        experts = torch.tensor([sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None
+                                    and is_expert(p))], dtype=torch.float64)
+        if self.expert > 1:
+            dist.all_reduce(experts, group=self.expert_group)
+        return math.sqrt(dense + float(experts))
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        """Scale the gradients to norm <= max_norm; return the norm before (over the whole model)."""
+        if self.expert == 1:
+            return float(full(nn.utils.clip_grad_norm_(params, max_norm)))
+        norm = self.grad_norm(params)
+        nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
+        return norm
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global micro-batch."""
@@ -64,9 +133,14 @@ class Parallel:
         return dict(zip(values, (t / self.world).tolist()))
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """The whole model's tensors on the CPU (gathered from the shards under FSDP); None = model.state_dict()."""
-        if self.strategy != "fsdp" or self.world == 1:
+        """The whole model's tensors (gathered from the shards under FSDP or expert parallelism);
+        None = model.state_dict(). Every rank takes part."""
+        if not self.sharded:
             return None
+        if self.expert > 1:
+            experts = {n for n, p in model.named_parameters() if is_expert(p)}
+            return {n: gather_experts(t, self.expert, self.expert_group) if n in experts else t
+                    for n, t in model.state_dict().items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -74,7 +148,14 @@ class Parallel:
     def optimizer_state(self, opt: torch.optim.Optimizer) -> dict:
         """opt.state_dict() as one process has it: FSDP2's sharded moments gathered (every rank, in one order)."""
         sd = opt.state_dict()
-        return {"state": {i: {k: full(v) for k, v in sorted(sd["state"][i].items())} for i in sorted(sd["state"])},
+        params = [p for g in opt.param_groups for p in g["params"]]
+
+        def whole(v, p: torch.Tensor):
+            if self.expert > 1 and is_expert(p) and isinstance(v, torch.Tensor) and v.shape == p.shape:
+                return gather_experts(v, self.expert, self.expert_group)
+            return full(v)
+        return {"state": {i: {k: whole(v, params[i]) for k, v in sorted(sd["state"][i].items())}
+                          for i in sorted(sd["state"])},
                 "param_groups": sd["param_groups"]}
 
     def optimizer_loader(self, opt: torch.optim.Optimizer) -> Callable[[dict], None]:
@@ -86,7 +167,12 @@ class Parallel:
         def load(sd: dict) -> None:
             for i, st in sorted(sd["state"].items()):  # every rank read the whole state: it keeps its slice
                 p = params[i]
-                if isinstance(p, DTensor):
+                if self.expert > 1 and is_expert(p):  # this rank's experts of each moment
+                    lo = (self.rank % self.expert) * p.shape[0]
+                    whole = (p.shape[0] * self.expert, *p.shape[1:])
+                    sd["state"][i] = {k: v[lo:lo + p.shape[0]] if isinstance(v, torch.Tensor) and v.shape == whole
+                                      else v for k, v in st.items()}
+                elif isinstance(p, DTensor):
                     sd["state"][i] = {k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
                                       if isinstance(v, torch.Tensor) and v.shape == p.shape else v
                                       for k, v in st.items()}
@@ -121,9 +207,25 @@ def setup(recipe) -> Parallel:
         raise RecipeError(f"train.batch_size={recipe.train.batch_size} (the global batch) must be divisible by "
                           f"grad_accum x world size = {recipe.train.grad_accum} x {world}",
                           file=src, path="train.batch_size")
+    n = cfg.expert_parallel
+    if n > 1 and cfg.strategy != "ddp":
+        raise RecipeError(f"expert_parallel = {n} needs parallel.strategy = 'ddp' (the other parameters stay "
+                          f"replicated), not {cfg.strategy!r}", file=src, path="parallel.expert_parallel")
+    if world % n:
+        raise RecipeError(f"expert_parallel = {n} must divide the world size {world}", file=src,
+                          path="parallel.expert_parallel")
     if cfg.backend == "nccl":
         raise RecipeError("nccl needs the model on CUDA, and the training loop runs on the CPU; "
                           "use backend 'gloo' or 'auto'", file=src, path="parallel.backend")
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    return Parallel(cfg.strategy, dist.get_rank(), world)
+    rank = dist.get_rank()
+    expert_group = replica_group = None
+    if n > 1:  # every rank creates every group, in one order: ranks g·n … g·n+n−1 split the experts,
+        for g in range(world // n):  # ranks i, i+n, i+2n … hold the same ones
+            group = dist.new_group(list(range(g * n, (g + 1) * n)))
+            expert_group = group if rank // n == g else expert_group
+        for i in range(n):
+            group = dist.new_group(list(range(i, world, n)))
+            replica_group = group if rank % n == i else replica_group
+    return Parallel(cfg.strategy, rank, world, n, expert_group, replica_group, src)
