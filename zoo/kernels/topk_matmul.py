@@ -7,6 +7,8 @@ reads one contiguous row of `wt` and a row of x with K kept entries reads K/in o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,13 @@ def topk_matmul_reference(values: torch.Tensor, indices: torch.Tensor, wt: torch
 PARALLEL_MIN_WORK = 1 << 20  # multiply-adds below which splitting a row over threads costs more than it saves
 
 
+@functools.lru_cache(maxsize=256)
+def bag_offsets(n: int, k: int, step: int, device: torch.device) -> torch.Tensor:
+    """Start of every bag when each of n rows of k entries is cut into bags of `step` (decode reuses them)."""
+    starts = torch.arange(0, k, step, device=device)
+    return (torch.arange(n, device=device)[:, None] * k + starts).flatten()
+
+
 def topk_matmul_torch(values: torch.Tensor, indices: torch.Tensor, wt: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """CPU path: a fused gather-GEMV, `F.embedding_bag` with per-sample weights (no [K, out] temporary).
@@ -35,12 +44,11 @@ def topk_matmul_torch(values: torch.Tensor, indices: torch.Tensor, wt: torch.Ten
     n, k = values.shape
     parallel = n * k * wt.shape[1] >= PARALLEL_MIN_WORK
     bags = max(1, min(k, -(-2 * torch.get_num_threads() // n))) if parallel else 1
-    step = -(-k // bags)
-    starts = torch.arange(0, k, step, device=values.device)
-    offsets = (torch.arange(n, device=values.device)[:, None] * k + starts).flatten()
+    offsets = bag_offsets(n, k, -(-k // bags), values.device)
     y = F.embedding_bag(indices.reshape(-1), wt, offsets, mode="sum",
                         per_sample_weights=values.reshape(-1).to(wt.dtype))
-    y = y.view(n, len(starts), -1).sum(1) if len(starts) > 1 else y
+    per_row = offsets.numel() // n
+    y = y.view(n, per_row, -1).sum(1) if per_row > 1 else y
     y = y.to(values.dtype)
     return y if bias is None else y + bias.to(y.dtype)
 
