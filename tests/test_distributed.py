@@ -15,8 +15,9 @@ import torch
 import zoo
 from tests.tiny import tiny_run
 from zoo.errors import RecipeError
+from zoo.eval.perplexity import autocast
 from zoo.train.loop import train
-from zoo.train.parallel import Parallel, setup
+from zoo.train.parallel import Parallel, resolve_backend, resolve_device, setup
 from zoo.train.state import resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,3 +150,60 @@ def test_expert_parallel_errors_name_the_key(tmp_path, monkeypatch):
         with pytest.raises(RecipeError, match="r.toml:parallel.expert_parallel") as err:
             par.wrap(zoo.build(recipe.replace(**change)))
         assert says in str(err.value)
+
+
+def test_device_and_backend_resolution(monkeypatch):
+    """train.device auto = CUDA when available (the LOCAL_RANK-th GPU), else CPU; backend auto follows it."""
+    cpu, cuda1 = torch.device("cpu"), torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 0) == resolve_device("cpu", 0) == cpu
+    with pytest.raises(RecipeError, match=r"r.toml:train.device: 'cuda', but torch sees no CUDA.*'cpu' or 'auto'"):
+        resolve_device("cuda", 0, "r.toml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a node with 2 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", 1) == resolve_device("cuda", 1) == cuda1
+    assert resolve_device("cpu", 1) == cpu
+    with pytest.raises(RecipeError, match="train.device: LOCAL_RANK=2 but this node has 2 CUDA device"):
+        resolve_device("auto", 2)
+    assert resolve_backend("auto", cpu) == "gloo"
+    assert resolve_backend("auto", cuda1) == "nccl"
+    assert resolve_backend("gloo", cuda1) == "gloo"
+    with pytest.raises(RecipeError, match=r"parallel.backend: nccl needs CUDA tensors.*use backend 'gloo' or 'auto'"):
+        resolve_backend("nccl", cpu)
+
+
+def test_bf16_autocast_follows_the_device():
+    with autocast("bf16", torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
+    with autocast("fp32", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
+def test_cuda_and_nccl_without_cuda_are_recipe_errors(tmp_path, monkeypatch, cli):
+    recipe = tiny_run(tmp_path, train__steps=1)
+    with pytest.raises(RecipeError, match="train.device"):
+        train(recipe.replace(**{"train.device": "cuda"}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "recipe.toml").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="parallel.backend: nccl needs CUDA tensors, and train.device is cpu"):
+        setup(recipe.replace(**{"parallel.strategy": "ddp", "parallel.backend": "nccl"}))
+    monkeypatch.delenv("WORLD_SIZE")
+    (tmp_path / "r.toml").write_text(recipe.to_toml())
+    res = cli("train", tmp_path / "r.toml", "--out", tmp_path / "cli", "--set", "train.device=cuda")
+    assert res.code == 2 and res.err.count("\n") == 1 and "train.device" in res.err
+
+
+@pytest.mark.gpu
+def test_trains_on_cuda(tmp_path):
+    """2 steps of the tiny MoE on the GPU: the model and batches are on CUDA, the losses equal the CPU run
+    (fp32), and bf16 autocast runs on CUDA."""
+    recipe = tiny_run(tmp_path, **MOE, train__steps=2, train__eval_every=0, train__log_every=1)
+    train(recipe.replace(**{"train.device": "cpu"}), tmp_path / "cpu", progress=False)
+    torch.cuda.reset_peak_memory_stats()
+    train(recipe.replace(**{"train.device": "cuda"}), tmp_path / "cuda", progress=False)
+    assert torch.cuda.max_memory_allocated() > 0
+    assert losses(tmp_path / "cuda") == pytest.approx(losses(tmp_path / "cpu"), rel=1e-3)
+    train(recipe.replace(**{"train.device": "cuda", "train.precision": "bf16"}), tmp_path / "bf16", progress=False)
+    assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "cpu"), rel=5e-2)
+    assert_same_weights(tmp_path / "cuda", tmp_path / "cpu")

@@ -36,10 +36,11 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], precision:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     try:
         for x, y in batches:
-            with autocast(precision):
-                loss = model(x, y).loss
+            with autocast(precision, device):
+                loss = model(x.to(device), y.to(device)).loss
             total += float(loss) * y.numel()
             count += y.numel()
     finally:

@@ -10,10 +10,10 @@ from collections.abc import Iterable
 import torch
 
 
-def autocast(precision: str):
-    """bf16 autocast on the model's device for precision 'bf16', else nothing."""
+def autocast(precision: str, device: torch.device | str):
+    """bf16 autocast for the model's `device` (its type: cpu, cuda) for precision 'bf16', else nothing."""
     if precision == "bf16":
-        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -26,7 +26,7 @@ def eval_loss(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], preci
     device = next(model.parameters()).device
     try:
         for x, y in batches:
-            with autocast(precision):
+            with autocast(precision, device):
                 loss = model(x.to(device), y.to(device)).loss
             total += float(loss) * y.numel()
             count += y.numel()
@@ -47,7 +47,7 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int = 32) -> fl
     n = min(new_tokens, model.config.max_seq_len - prompt.shape[1])
     try:
         start = time.perf_counter()
-        done = sum(1 for _ in model.generate(prompt, n, temperature=0))
+        done = sum(1 for _ in model.generate(prompt.to(model.embed.weight.device), n, temperature=0))
         return done / max(time.perf_counter() - start, 1e-9)
     finally:
         model.train(was_training)

@@ -111,7 +111,7 @@ def measure_sparsity(model: nn.Module, batches: Iterable[torch.Tensor]) -> Spars
     model.eval()
     try:
         for idx in batches:
-            model(idx)
+            model(idx.to(next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()

@@ -20,6 +20,9 @@ class TrainConfig:
     grad_clip: float = param(1.0, "max global gradient norm (0 disables)", ge=0)
     seed: int = param(0, "random seed for init, data order and dropout", ge=0)
     precision: Literal["fp32", "bf16"] = param("fp32", "autocast precision of the forward pass")
+    device: Literal["auto", "cpu", "cuda"] = param(
+        "auto", "where the model and batches live: auto = cuda if available (under torchrun: the LOCAL_RANK-th "
+                "GPU), else cpu")
     eval_every: int = param(100, "validate every N steps (0 = only at the end)", ge=0)
     eval_batches: int = param(8, "validation batches per evaluation", ge=1)
     log_every: int = param(10, "write a metrics line every N steps", ge=1)

@@ -221,9 +221,9 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
                 g["lr"], g["weight_decay"] = g["peak_lr"] * lr_f, g["peak_wd"] * wd_f
             loss_sum, aux_sum = 0.0, {}
             for _ in range(cfg.grad_accum):
-                x, y = (par.shard(t) for t in windows.batch(state.samples, micro))
+                x, y = (par.shard(t).to(par.device) for t in windows.batch(state.samples, micro))
                 state.samples += micro
-                with autocast(cfg.precision):
+                with autocast(cfg.precision, par.device):
                     o = fwd(x, y)
                 (o.total_loss / cfg.grad_accum).backward()
                 loss_sum += float(o.loss.detach()) / cfg.grad_accum

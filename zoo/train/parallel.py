@@ -31,7 +31,7 @@ class ParallelConfig:
     strategy: Literal["none", "ddp", "fsdp"] = param(
         "none", "data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded weights)")
     backend: Literal["auto", "gloo", "nccl"] = param(
-        "auto", "torch.distributed backend; auto = gloo (the training loop runs on the CPU)")
+        "auto", "torch.distributed backend; auto = nccl when train.device is CUDA, else gloo")
     expert_parallel: int = param(
         1, "split every MoE layer's routed experts over groups of this many ranks (1 = every rank holds all); "
            "needs strategy ddp, must divide the world size and every layer's num_experts", ge=1, le=1 << 14)
@@ -41,29 +41,38 @@ class Parallel:
     """This process's place in the launch: rank, world size, and what differs from a single process."""
 
     def __init__(self, strategy: str = "none", rank: int = 0, world: int = 1, expert: int = 1,
-                 expert_group=None, replica_group=None, source: str | None = None):
-        self.strategy, self.rank, self.world = strategy, rank, world
+                 expert_group=None, replica_group=None, source: str | None = None,
+                 device: torch.device | None = None):
+        self.strategy, self.rank, self.world, self.device = strategy, rank, world, device or torch.device("cpu")
         self.main = rank == 0
         self.expert, self.expert_group, self.replica_group, self.source = expert, expert_group, replica_group, source
         self.sharded = world > 1 and (strategy == "fsdp" or expert > 1)  # no rank holds the whole model
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to run forward/backward through (DDP wrapper, or the model sharded in place).
+        """Move the model to this rank's device; return the module to run forward/backward through (DDP
+        wrapper, or the model sharded in place).
 
         Under expert parallelism there is no DDP wrapper (it would average the gradients of different
         experts): `reduce_gradients` averages every gradient after the backward instead.
         """
+        model.to(self.device)
+        if self.world == 1:
+            return model
         if self.expert > 1:
             self._shard_experts(model)
             return model
         if self.strategy == "ddp":
-            return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # MoE: idle experts
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # find_unused_parameters: a parameter without gradient in a step (MoE) must not stall the all-reduce
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
         if self.strategy == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            mesh = init_device_mesh(self.device.type, (self.world,))
             for block in model.blocks:
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         return model
 
     def _shard_experts(self, model: nn.Module) -> None:
@@ -106,7 +115,7 @@ class Parallel:
         dense = sum(float(full(p.grad).float().pow(2).sum()) for p in params if p.grad is not None
                     and not is_expert(p))
         experts = torch.tensor([sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None
-                                    and is_expert(p))], dtype=torch.float64)
+                                    and is_expert(p))], dtype=torch.float64, device=self.device)
         if self.expert > 1:
             dist.all_reduce(experts, group=self.expert_group)
         return math.sqrt(dense + float(experts))
@@ -128,7 +137,7 @@ class Parallel:
         """Average per-rank scalars (each rank's mean over an equal share of the batch) over all ranks."""
         if self.world == 1 or not values:
             return values
-        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return dict(zip(values, (t / self.world).tolist()))
 
@@ -173,7 +182,8 @@ class Parallel:
                     sd["state"][i] = {k: v[lo:lo + p.shape[0]] if isinstance(v, torch.Tensor) and v.shape == whole
                                       else v for k, v in st.items()}
                 elif isinstance(p, DTensor):
-                    sd["state"][i] = {k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+                    sd["state"][i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements,
+                                                           src_data_rank=None)
                                       if isinstance(v, torch.Tensor) and v.shape == p.shape else v
                                       for k, v in st.items()}
             opt.load_state_dict(sd)
@@ -193,12 +203,40 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def resolve_device(setting: str, local_rank: int, source: str | None = None) -> torch.device:
+    """train.device as a torch.device: auto = CUDA if available, else the CPU; rank `local_rank` of a node
+    takes GPU `local_rank`."""
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RecipeError("'cuda', but torch sees no CUDA device here; use 'cpu' or 'auto'", file=source,
+                          path="train.device")
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:
+        raise RecipeError(f"LOCAL_RANK={local_rank} but this node has {gpus} CUDA device(s): launch at most {gpus} "
+                          "processes per node, or use 'cpu'", file=source, path="train.device")
+    return torch.device("cuda", local_rank)
+
+
+def resolve_backend(setting: str, device: torch.device, source: str | None = None) -> str:
+    """parallel.backend for a model on `device`: auto = nccl on CUDA, gloo on the CPU."""
+    if setting == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if setting == "nccl" and device.type != "cuda":
+        raise RecipeError(f"nccl needs CUDA tensors, and train.device is {device.type} here; use backend 'gloo' "
+                          "or 'auto'", file=source, path="parallel.backend")
+    return setting
+
+
 def setup(recipe) -> Parallel:
-    """Join the torchrun process group the environment describes; a plain process is rank 0 of 1."""
+    """Join the torchrun process group the environment describes; a plain process is rank 0 of 1.
+
+    Either way, resolve train.device (before anything is written)."""
     cfg, src = recipe.parallel, recipe.source or None
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(recipe.train.device, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0, src)
     if world == 1:
-        return Parallel()
+        return Parallel(device=device)
     if cfg.strategy == "none":
         raise RecipeError(f"launched on {world} processes (WORLD_SIZE={world}) but parallel.strategy is 'none'; "
                           "set it to 'ddp' or 'fsdp'", file=src, path="parallel.strategy")
@@ -214,11 +252,11 @@ def setup(recipe) -> Parallel:
     if world % n:
         raise RecipeError(f"expert_parallel = {n} must divide the world size {world}", file=src,
                           path="parallel.expert_parallel")
-    if cfg.backend == "nccl":
-        raise RecipeError("nccl needs the model on CUDA, and the training loop runs on the CPU; "
-                          "use backend 'gloo' or 'auto'", file=src, path="parallel.backend")
+    backend = resolve_backend(cfg.backend, device, src)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
     rank = dist.get_rank()
     expert_group = replica_group = None
     if n > 1:  # every rank creates every group, in one order: ranks g·n … g·n+n−1 split the experts,
@@ -228,4 +266,4 @@ def setup(recipe) -> Parallel:
         for i in range(n):
             group = dist.new_group(list(range(i, world, n)))
             replica_group = group if rank % n == i else replica_group
-    return Parallel(cfg.strategy, rank, world, n, expert_group, replica_group, src)
+    return Parallel(cfg.strategy, rank, world, n, expert_group, replica_group, src, device)
