@@ -112,13 +112,16 @@ class Parallel:
 
     def grad_norm(self, params: list[nn.Parameter]) -> float:
         """The 2-norm of the whole model's gradient in `params` (all shards, all experts)."""
-        dense = sum(float(full(p.grad).float().pow(2).sum()) for p in params if p.grad is not None
-                    and not is_expert(p))
-        experts = torch.tensor([sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None
-                                    and is_expert(p))], dtype=torch.float64, device=self.device)
-        if self.expert > 1:
-            dist.all_reduce(experts, group=self.expert_group)
-        return math.sqrt(dense + float(experts))
+        def squares(ps: list[nn.Parameter]) -> float:
+            return sum(float(full(p.grad).float().pow(2).sum()) for p in ps if p.grad is not None)
+
+        if self.expert == 1:
+            return math.sqrt(squares(params))
+        total = squares([p for p in params if not is_expert(p)])  # the same on every rank
+        part = torch.tensor([squares([p for p in params if is_expert(p)])], dtype=torch.float64,
+                            device=self.device)  # this rank's experts: summed over the expert group
+        dist.all_reduce(part, group=self.expert_group)
+        return math.sqrt(total + float(part))
 
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
         """Scale the gradients to norm <= max_norm; return the norm before (over the whole model)."""
