@@ -119,7 +119,7 @@ class BitLinear(nn.Module):
         """(Q(norm(x) ⊙ M), W̃β, b) with y = x'·Wᵀ + b. Stacked experts: `expert` [N] is each row's expert
         (its norm gain; None when the rows are tokens, allowed without a norm), W̃β is [E, out, in]."""
         if expert is not None and self.input_per_expert:
-            x = rms_norm(x, self.norm.weight[expert], self.norm.eps)
+            x = rms_norm(x, self.norm.weight.index_select(0, expert), self.norm.eps)  # backward: index_add_
         else:
             x = self.norm(x)
         if sparsify is not None:

@@ -132,7 +132,7 @@ class ExpertProjection(Projection):
         xq, w, b = operands(x, self.sparsify, expert=expert) if inside else operands(self.sparsify(x), expert=expert)
         y = g.backend.grouped_mm(xq, w, g.offsets, rows)
         if b is not None:
-            y = y + b[g.row_expert]
+            y = y + b.index_select(0, g.row_expert)
         return y.to(x.dtype)
 
     @torch.no_grad()
