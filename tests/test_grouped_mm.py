@@ -1,4 +1,4 @@
-"""The kernel-backend contract grouped_mm(x, w, offsets) for the built-in torch paths, against float64."""
+"""The kernel-backend contract grouped_mm(x, w, offsets, rows) for the built-in torch paths, against float64."""
 
 import pytest
 import torch
@@ -59,3 +59,16 @@ def test_torch_backend_pads_only_balanced_groups_while_training():
     with torch.no_grad():
         assert backend.rows_per_expert(balanced) is None
     assert torch_backend(pad_limit=1.0).rows_per_expert(balanced) is None
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [4, 4, 4]])
+@pytest.mark.parametrize("loop", [False, True])
+def test_grouped_mm_gathers_token_rows(counts, loop):
+    """With `rows`, x holds tokens in any order and sorted row r is x[rows[r]] (tokens repeat, some are unused)."""
+    torch.manual_seed(len(counts) + loop)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(len(counts), 6, 5, dtype=torch.float64, requires_grad=True)
+    rows = torch.randint(0, 6, (sum(counts),))
+    impl = torch_backend(grouped_mm=not loop).grouped_mm
+    torch.testing.assert_close(impl(x, w, groups(counts), rows), reference(x[rows], w, counts), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w: impl(x, w, groups(counts), rows), (x, w))

@@ -19,6 +19,7 @@ from zoo.bench._measure import (
     row,
     time_ms,
 )
+from zoo.blocks.sparsity import TopK
 from zoo.kernels.moe_matmul import grouped_matmul, sort_by_expert
 from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul
 from zoo.kernels.topk_matmul import topk_matmul
@@ -65,8 +66,8 @@ def bench_topk(args, device, gbs) -> list[dict]:
                 dense = time_ms(F.linear, [(x, w) for w in ws], device, args.repeat)
                 for keep in args.keep:
                     k = int(keep * d_in)
-                    idx = x.abs().topk(k, dim=-1).indices
-                    ms = time_ms(topk_matmul, [(x.gather(-1, idx), idx, wt) for wt in wts], device, args.repeat)
+                    values, idx = TopK(d_in, k).entries(x)  # the model's selection: ascending indices
+                    ms = time_ms(topk_matmul, [(values, idx, wt) for wt in wts], device, args.repeat)
                     read = n * k * d_out * dtype.itemsize
                     rows.append(row("topk", f"{name} {d_in}->{d_out} {dtype_name} b{n} keep{keep}", ms, dense,
                                     read, gbs, GBs=round(read / ms.best / 1e6, 1)))

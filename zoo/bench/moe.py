@@ -1,4 +1,9 @@
-"""MoE layer fwd+bwd against a dense FFN of the same activated FLOPs and a naive per-expert loop."""
+"""MoE layer fwd+bwd against a dense FFN of the same activated FLOPs and a one-expert-at-a-time baseline.
+
+Rows: full-precision experts (baseline: the usual naive per-expert Python loop) and BitNet b1.58
+experts with Q-Sparse top-K inputs (baseline: the per-expert path of ExpertProjection, which is
+how such experts ran before BitLinear had `operands`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from zoo.model.projection import ExpertProjection
 from zoo.recipe.recipe import recipe_from_dict
 
 
@@ -18,14 +24,18 @@ def add_arguments(p) -> None:
     p.add_argument("--top-k", type=int, default=2, help="experts per token")
     p.add_argument("--hidden", type=int, default=1024, help="expert hidden width")
     p.add_argument("--backend", default="auto", help="kernel-backend kind of the MoE layer")
+    p.add_argument("--weights", nargs="+", default=["fp", "bitnet158"], choices=["fp", "bitnet158"],
+                   help="expert weights kinds to time (bitnet158 runs with Q-Sparse top-K inputs, --keep)")
+    p.add_argument("--keep", type=float, default=0.5, help="top-K keep fraction of the BitNet rows")
     p.add_argument("--repeats", type=int, default=5, help="timed fwd+bwd rounds (the best is kept)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
 
 
-def ffn(args, spec: dict) -> torch.nn.Module:
+def ffn(args, spec: dict, **model_keys) -> torch.nn.Module:
     """One FFN block built through the real recipe path (a one-layer model's FFN)."""
-    model = {"vocab_size": 8, "d_model": args.d_model, "n_layers": 1, "n_heads": 1, "max_seq_len": 8, "ffn": spec}
+    model = {"vocab_size": 8, "d_model": args.d_model, "n_layers": 1, "n_heads": 1, "max_seq_len": 8, "ffn": spec,
+             **model_keys}
     from zoo.model.build import build
 
     return build(recipe_from_dict({"model": model})).blocks[0].ffn
@@ -42,6 +52,34 @@ def naive_loop(moe, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(F.silu(gate) * up, w_d[e]) * route.weights[token, slot, None]
         y.index_add_(0, token, out)
     return y
+
+
+def per_expert(moe):
+    """The MoE layer with every expert projection run one expert at a time (ExpertProjection.grouped off)."""
+    projections = [m for m in moe.modules() if isinstance(m, ExpertProjection)]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for m in projections:
+            m.grouped = False
+        try:
+            return moe(x)
+        finally:
+            for m in projections:
+                m.grouped = True
+    return run
+
+
+def cases(args, weights: str) -> dict:
+    """{name: (fn, params)}: the MoE layer, the dense FFN of equal activated FLOPs, the per-expert baseline."""
+    E, k, H = args.experts, args.top_k, args.hidden
+    model = {} if weights == "fp" else {"weights": {"kind": weights},
+                                        "sparsity": {"kind": "topk", "keep": args.keep}}
+    expert = {"kind": "glu", "hidden": H} if weights == "fp" else {"kind": "glu", "hidden": H, "activation": "relu2"}
+    moe = ffn(args, {"kind": "moe", "num_experts": E, "top_k": k, "backend": args.backend, "expert": expert}, **model)
+    dense = ffn(args, {**expert, "hidden": k * H}, **model)
+    params = list(moe.parameters())
+    baseline = ("naive_loop", lambda x: naive_loop(moe, x)) if weights == "fp" else ("per_expert", per_expert(moe))
+    return {"moe": (moe, params), "dense": (dense, list(dense.parameters())), baseline[0]: (baseline[1], params)}
 
 
 def time_fwd_bwd(cases: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -76,35 +114,33 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     T, D, E, k, H = args.tokens, args.d_model, args.experts, args.top_k, args.hidden
-    moe = ffn(args, {"kind": "moe", "num_experts": E, "top_k": k, "backend": args.backend,
-                     "expert": {"kind": "glu", "hidden": H}})
-    dense = ffn(args, {"kind": "glu", "hidden": k * H})
     x = torch.randn(T, D, requires_grad=True)
-    results = time_fwd_bwd({
-        "moe": (moe, list(moe.parameters())),
-        "dense": (dense, list(dense.parameters())),
-        "naive_loop": (lambda x: naive_loop(moe, x), list(moe.parameters())),
-    }, x, args.repeats)
     flops = 3 * 2 * T * k * 3 * D * H  # fwd + 2× bwd, three D×H matmuls per chosen expert
     # bytes floor: expert weights read in fwd, dgrad and wgrad, weight grads written, x/y/dy/dx once
     moved = 4 * (4 * E * 3 * D * H + 4 * T * D)
     bw = bandwidth()
-    report = {
-        "shape": {"tokens": T, "d_model": D, "experts": E, "top_k": k, "hidden": H, "backend": moe.backend.name},
-        "seconds": results,
-        "ratio_vs_dense": {n: t / results["dense"] for n, t in results.items()},
-        "gflops_per_s": {n: flops / t / 1e9 for n, t in results.items()},
-        "bandwidth_gb_s": bw / 1e9,
-        "bytes_floor_seconds": moved / bw,
-        "threads": torch.get_num_threads(),
-    }
+    rows = {}
+    for weights in args.weights:
+        layer = cases(args, weights)
+        results = time_fwd_bwd(layer, x, args.repeats)
+        rows[weights] = {"backend": layer["moe"][0].backend.name, "seconds": results,
+                         "ratio_vs_dense": {n: t / results["dense"] for n, t in results.items()},
+                         "gflops_per_s": {n: flops / t / 1e9 for n, t in results.items()}}
+    report = {"shape": {"tokens": T, "d_model": D, "experts": E, "top_k": k, "hidden": H, "keep": args.keep},
+              "weights": rows, "bandwidth_gb_s": bw / 1e9, "bytes_floor_seconds": moved / bw,
+              "threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"MoE fwd+bwd  T={T} D={D} E={E} top-{k} hidden={H}  backend={moe.backend.name}  "
-          f"threads={report['threads']}")
-    for n, t in results.items():
-        print(f"  {n:<11} {t * 1e3:9.1f} ms   ×{report['ratio_vs_dense'][n]:.3f} vs dense   "
-              f"{report['gflops_per_s'][n]:6.1f} GFLOP/s")
-    print(f"  bytes floor {moved / bw * 1e3:9.1f} ms   ({moved / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s measured)")
+    print(f"MoE fwd+bwd  T={T} D={D} E={E} top-{k} hidden={H}  threads={report['threads']}")
+    for weights, row in rows.items():
+        what = ("full-precision SwiGLU experts" if weights == "fp"
+                else f"BitNet b1.58 ReLU²GLU experts, top-K keep {args.keep}")
+        print(f" {what}  (backend {row['backend']}; dense: the same kind with hidden {k * H})")
+        for n, t in row["seconds"].items():
+            print(f"  {n:<11} {t * 1e3:9.1f} ms   ×{row['ratio_vs_dense'][n]:.3f} vs dense   "
+                  f"{row['gflops_per_s'][n]:6.1f} GFLOP/s")
+        base = next(n for n in row["seconds"] if n not in ("moe", "dense"))
+        print(f"  moe is ×{row['seconds'][base] / row['seconds']['moe']:.2f} faster than {base}")
+    print(f" bytes floor {moved / bw * 1e3:9.1f} ms   ({moved / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s measured)")
     return 0

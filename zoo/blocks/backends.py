@@ -1,7 +1,7 @@
 """Kernel backends for the MoE expert matmuls: `torch` (reference) and `auto` (best for the device).
 
 A `kernel-backend` factory `factory(cfg, ctx)` returns an object with
-`grouped_mm(x, w, offsets)` (the interface in zoo/kernels/grouped.py) and optionally
+`grouped_mm(x, w, offsets, rows=None)` (the interface in zoo/kernels/grouped.py) and optionally
 `check(ctx, moe)`, called when a MoE layer is built, which raises `ctx.error(...)` for a
 recipe the backend cannot run. Other backends (`triton`, the `megablocks` plugin) register the same way.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from zoo.kernels.grouped import equal_groups, grouped_mm_equal, grouped_mm_loop, grouped_mm_torch
+from zoo.kernels.grouped import equal_groups, gather_rows, grouped_mm_equal, grouped_mm_loop, grouped_mm_torch
 from zoo.recipe.schema import Validator, param
 
 # What `auto` prefers on a CUDA device when a plugin or module registered it.
@@ -45,7 +45,9 @@ class TorchBackend:
         largest, rows = int(counts.max()), int(counts.sum())
         return largest if 0 < counts.numel() * largest <= self.pad_limit * rows else None
 
-    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = gather_rows(x, rows)
         size = equal_groups(offsets)
         if size is not None:
             return grouped_mm_equal(x, w, size)
@@ -79,8 +81,9 @@ class AutoBackend:
         pad = getattr(self.on(counts), "rows_per_expert", None)
         return pad(counts) if pad else None
 
-    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return self.on(x).grouped_mm(x, w, offsets)
+    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.on(x).grouped_mm(x, w, offsets, rows)
 
 
 def register(registry) -> None:

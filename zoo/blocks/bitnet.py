@@ -8,6 +8,8 @@ the mask is computed on the normalised real-valued input and applied before quan
 Y = (Q(X) ⊙ M)·(W̃β)ᵀ, M = TopK(|X|) (quantized top-K; top-K keeps the max, so Q(X ⊙ M) = Q(X) ⊙ M).
 `freeze()` replaces W by packed 2-bit storage plus β: `packed` uint8 [in, ceil(out/4)] in the layout
 of zoo.kernels.ternary (the one the ternary matmul kernels read), `scale` float32 [1] = β.
+`operands(x, sparsify, expert)` gives the quantized input and W̃β for a grouped matmul: as MoE experts, every
+parameter is stacked along a leading expert dim (β per expert, each row normed with its expert's gain).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.blocks.norm import RMSNorm
+from zoo.blocks.norm import RMSNorm, rms_norm
 from zoo.kernels.ternary import pack_ternary, unpack_ternary
 from zoo.recipe.schema import param
 
@@ -33,9 +35,10 @@ def wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def weight_scale(w: torch.Tensor, eps: float, per_row: bool = False) -> torch.Tensor:
-    """β = mean|W| + ε over the whole matrix, or per output row ([out, 1]) when `per_row`."""
+    """β = mean|W| + ε over each [out, in] matrix ([..., 1, 1]; stacked experts get one each), or per
+    output row ([..., out, 1]) when `per_row`."""
     a = wide(w).abs()
-    return (a.mean(-1, keepdim=True) if per_row else a.mean()) + eps
+    return a.mean(-1 if per_row else (-2, -1), keepdim=True) + eps
 
 
 def ternary(w: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -98,20 +101,35 @@ class BitLinear(nn.Module):
     def frozen(self) -> bool:
         return "packed" in self._buffers
 
+    @property
+    def input_per_expert(self) -> bool:
+        """As stacked experts, the input norm's gain differs per expert: rows must be in expert order first."""
+        return isinstance(self.norm, RMSNorm)
+
     def quantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """W̃·β in `dtype`: from the latent weight (straight-through) or from the packed storage."""
+        """W̃·β in `dtype` ([..., out, in]): from the latent weight (straight-through) or the packed storage."""
         if self.frozen:
-            return unpack_ternary(self.packed, self.out_features).to(dtype) * self.scale.to(dtype)
+            scale = self.scale.reshape(*self.packed.shape[:-2], -1, 1)  # β [..., 1 or out, 1]
+            return unpack_ternary(self.packed, self.out_features).to(dtype) * scale.to(dtype)
         beta = weight_scale(self.weight, self.eps, self.per_row)
         return straight_through(self.weight, (ternary(self.weight, beta) * beta).to(self.weight.dtype)).to(dtype)
 
-    def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
-        x = self.norm(x)
+    def operands(self, x: torch.Tensor, sparsify: nn.Module | None = None, expert: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(Q(norm(x) ⊙ M), W̃β, b) with y = x'·Wᵀ + b. Stacked experts: `expert` [N] is each row's expert
+        (its norm gain; None when the rows are tokens, allowed without a norm), W̃β is [E, out, in]."""
+        if expert is not None and self.input_per_expert:
+            x = rms_norm(x, self.norm.weight[expert], self.norm.eps)
+        else:
+            x = self.norm(x)
         if sparsify is not None:
             x = sparsify(x)
         x = straight_through(x, quantize_activations(x))
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.quantized_weight(x.dtype), b)
+        return x, self.quantized_weight(x.dtype), b
+
+    def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
+        return F.linear(*self.operands(x, sparsify))
 
     @torch.no_grad()
     def freeze(self) -> None:

@@ -1,7 +1,8 @@
 """Mixture-of-experts FFN: a router picks top_k of num_experts FFNs per token; dropless by default.
 
 Dispatch: sort the (token, expert) pairs by expert, run every expert on its contiguous slice
-of rows (one grouped matmul per projection), scatter the rows back weighted by their gates.
+of rows (one grouped matmul per projection; the first one gathers the token rows itself, see
+GatheredRows), scatter the rows back weighted by their gates.
 The experts are any registered FFN kind, built once by the projection factory with roles
 `expert_*` and stacked weights (see ExpertProjection), so weights and sparsity kinds apply.
 """
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zoo.blocks.router import Routing
-from zoo.kernels.moe_permute import RowLayout, combine, sort_tokens
+from zoo.kernels.moe_permute import GatheredRows, RowLayout, combine, sort_tokens
 from zoo.model.context import BuildContext
 from zoo.model.projection import ExpertGroups
 from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
@@ -116,12 +117,11 @@ class MoE(nn.Module):
             counts = counts.clamp(max=cap)
         sharded = self.groups.parallel  # experts split over ranks (expert parallelism), else None
         layout = RowLayout.build(expert, order, counts, None if sharded else self.groups.padding(counts))
-        rows = sort_tokens(x, layout, k)  # [R, D]: R = Σ counts (+ padding rows)
-        if sharded is None:
+        if sharded is None:  # [R, D] rows: R = Σ counts (+ padding rows), gathered by the first projection
             with self.groups.sorted_rows(layout.offsets, layout.row_expert):
-                rows = self.experts(rows)
+                rows = self.experts(GatheredRows(x, layout, k))
         else:  # each row to the rank holding its expert and back (padding, if any, on that rank)
-            rows = sharded.run(self.experts, rows, counts)
+            rows = sharded.run(self.experts, sort_tokens(x, layout, k), counts)
         y = combine(rows, route.weights, layout)
         self.last_stats = self.statistics(route, counts, T * k - order.numel())
         return y

@@ -17,6 +17,12 @@ class RMSNormConfig:
     eps: float = param(1e-6, "added to the mean square", ge=1e-12, le=1)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) · weight, statistics in fp32 at least; `weight` is [D] or one gain row per row of x."""
+    xc = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -24,8 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xc = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least
-        return (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 @dataclass(frozen=True)

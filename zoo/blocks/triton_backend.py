@@ -12,18 +12,20 @@ from zoo.kernels.moe_matmul import grouped_matmul
 
 @dataclass(frozen=True)
 class TritonBackendConfig:
-    """Triton grouped matmul over expert-sorted rows: per-block expert ids, no padding, dw per expert"""
+    """Triton grouped matmul: token rows gathered in the kernel, per-block expert ids, no padding, dw per expert"""
 
 
 class TritonBackend:
-    """`grouped_mm(x, w, offsets)` of docs/moe.md on zoo.kernels.grouped_matmul (CUDA; CPU only when interpreting)."""
+    """`grouped_mm(x, w, offsets, rows)` of docs/moe.md on zoo.kernels.grouped_matmul (CUDA; CPU only when
+    interpreting). With `rows` the kernel gathers the token rows itself: no expert-sorted copy of x."""
 
     name = "triton"
 
-    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
         starts = torch.zeros(offsets.numel() + 1, dtype=torch.int64, device=offsets.device)
         starts[1:] = offsets
-        return grouped_matmul(x, w.transpose(1, 2), None, starts, impl="triton")
+        return grouped_matmul(x, w.transpose(1, 2), rows, starts, impl="triton")
 
     def check(self, ctx, moe_config) -> None:
         if not triton_available():

@@ -30,8 +30,10 @@ class Linear(nn.Linear):
         b = None if self.bias is None else self.bias.to(self.weight.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, b).to(x.dtype)
 
-    def operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(x', W, b) with y = x'·Wᵀ + b: lets MoE experts with stacked [E, out, in] weights run grouped."""
+    def operands(self, x: torch.Tensor, expert: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(x', W, b) with y = x'·Wᵀ + b: lets MoE experts with stacked [E, out, in] weights run grouped.
+        x' depends on the token only, so `expert` (each row's expert) is not needed."""
         return x.to(self.weight.dtype), self.weight, self.bias
 
 

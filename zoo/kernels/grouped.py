@@ -2,11 +2,13 @@
 
 The interface every `kernel-backend` implements (docs/moe.md):
 
-    grouped_mm(x, w, offsets) -> y
-    x        [N, in]        rows sorted by expert (expert 0's rows first, then expert 1's, ...)
+    grouped_mm(x, w, offsets, rows=None) -> y
+    x        [N, in]        rows sorted by expert (expert 0's rows first, then expert 1's, ...);
+                            with `rows`: [T, in] tokens in any order
     w        [E, out, in]   one weight matrix per expert (the nn.Linear layout, stacked)
     offsets  [E] int32      cumulative row counts: expert e owns rows offsets[e-1]:offsets[e]
-    y        [N, out]       y[r] = x[r] · w[e(r)]ᵀ; differentiable in x and w
+    rows     [N] int64      or None: sorted row r is x[rows[r]] (a backend may fuse this gather)
+    y        [N, out]       y[r] = x[rows[r]] · w[e(r)]ᵀ (x[r] without rows); differentiable in x and w
 
 Empty experts (equal consecutive offsets) are allowed; offsets[-1] == N.
 """
@@ -16,6 +18,11 @@ from __future__ import annotations
 import torch
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x[rows] (x itself when rows is None): the expert-sorted rows, for backends that do not fuse the gather."""
+    return x if rows is None else x.index_select(0, rows)
 
 
 def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,9 @@ rows offsets[e-1]:offsets[e]. A `RowLayout` maps both ways: `row_of_pair` [T·k]
 pair has none) and `pair_of_row` [R] (a padding row has none; padding exists only when the
 backend asked for equal-sized groups). Forward and backward are both gathers (a permutation's
 adjoint is its inverse), so nothing accumulates with atomics and results are deterministic.
+
+`GatheredRows` is the experts' input before that gather: an expert projection hands the tokens
+and each row's token to the kernel backend, which gathers inside its grouped matmul.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 
 @dataclass
@@ -101,3 +105,49 @@ def combine(rows: torch.Tensor, gates: torch.Tensor, layout: RowLayout) -> torch
     T, k = gates.shape
     pairs = unsort_rows(rows, layout).view(T, k, rows.shape[-1])
     return torch.bmm(gates.to(rows.dtype).unsqueeze(1), pairs).squeeze(1)
+
+
+# Tensor attributes a GatheredRows answers without gathering (it carries the rows' shape, dtype and device).
+_METADATA = (torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__,
+             torch.Tensor.ndim.__get__, torch.Tensor.dim, torch.Tensor.size)
+
+
+class GatheredRows(torch.Tensor):
+    """The experts' input rows [R, D] (row r = tokens[token_of_row[r]]), not gathered yet.
+
+    An `ExpertProjection` reads `tokens` and `token_of_row`: it applies the per-token input
+    mask to the T tokens once and lets the kernel backend gather inside its grouped matmul.
+    Any other use (every torch function or method, e.g. a plugin FFN's own ops) gathers first,
+    once, with `sort_tokens` (padding rows zero), so any FFN kind works as an expert.
+    """
+
+    @staticmethod
+    def __new__(cls, tokens: torch.Tensor, layout: RowLayout, k: int) -> GatheredRows:
+        shape = (layout.pair_of_row.numel(), tokens.shape[-1])
+        rows = torch.Tensor._make_subclass(cls, tokens.new_empty(1).expand(shape))  # metadata only, no copy
+        rows.tokens, rows.row_layout, rows.k, rows._gathered = tokens, layout, k, None
+        return rows
+
+    @property
+    def token_of_row(self) -> torch.Tensor:
+        """[R] the token each row copies (padding rows: any valid token; their outputs are never read)."""
+        return self.row_layout.pair_of_row // self.k
+
+    def gathered(self) -> torch.Tensor:
+        """The rows as a plain tensor (gathered on first use, then reused)."""
+        if self._gathered is None:
+            self._gathered = sort_tokens(self.tokens, self.row_layout, self.k)
+        return self._gathered
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        args, kwargs = tree_map_only(GatheredRows, GatheredRows.gathered, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a plain tensor: a `GatheredRows` gathered, anything else unchanged."""
+    return x.gathered() if isinstance(x, GatheredRows) else x

@@ -34,10 +34,11 @@ def pack_ternary(w: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """[in, ceil(out/4)] uint8 -> [out, in] int8 ternary values (inverse of `pack_ternary`)."""
-    p = packed.t()
-    codes = torch.stack([(p >> (2 * s)) & 3 for s in range(4)])  # [4, R, in]
-    return (codes.reshape(-1, packed.shape[0])[:out_features].to(torch.int8) - 1).contiguous()
+    """[..., in, ceil(out/4)] uint8 -> [..., out, in] int8 ternary values (inverse of `pack_ternary`;
+    leading dims, e.g. stacked MoE experts, are kept)."""
+    p = packed.transpose(-2, -1)
+    codes = torch.stack([(p >> (2 * s)) & 3 for s in range(4)], -3)  # [..., 4, R, in]
+    return (codes.flatten(-3, -2)[..., :out_features, :].to(torch.int8) - 1).contiguous()
 
 
 @dataclass(frozen=True)

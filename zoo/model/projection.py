@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from zoo.kernels.moe_permute import GatheredRows, materialize
+
 
 class Projection(nn.Module):
     """`sparsify` (a sparsity block) then `linear` (a weights block), for one role.
@@ -83,10 +85,17 @@ class ExpertGroups:
 class ExpertProjection(Projection):
     """E projections of one role with stacked parameters, applied to expert-sorted rows.
 
-    Input sparsity is per token, so it runs once over all rows. If the weights block has
-    `operands(x) -> (x', w, b)` (y = x'·wᵀ + b, written to accept a leading expert dim on its
-    parameters), the experts run as one `backend.grouped_mm`; otherwise each expert's slice
-    runs through the weights block with that expert's parameters (`torch.func.functional_call`).
+    If the weights block has `operands(x, [sparsify,] expert=None) -> (x', w, b)` (called like its
+    forward; y = x'·wᵀ + b, written to accept a leading expert dim on its parameters), the
+    experts run as one `backend.grouped_mm`; otherwise (or with `grouped = False`, the reference
+    path) each expert's slice runs through the weights block with that expert's parameters
+    (`torch.func.functional_call`). Input sparsity is per token, so it runs once over all rows.
+
+    The MoE input arrives as `GatheredRows` (rows not gathered yet): unless the weights block
+    says its input transform reads per-expert parameters (`input_per_expert`, e.g. BitNet's norm
+    gain), the mask and `operands` run once on the T tokens and the backend gathers the rows
+    inside its grouped matmul (`rows=`); `expert` is then None. Otherwise the rows are gathered
+    first and `expert` gives each row's expert.
     """
 
     def __init__(self, role: str, sparsify: nn.Module, linear: nn.Module, in_features: int, out_features: int,
@@ -95,6 +104,7 @@ class ExpertProjection(Projection):
         self.groups = groups
         self.num_experts = groups.num_experts
         self.stacked_buffers: set[str] = set()  # buffers with a leading expert dim (after `freeze`)
+        self.grouped = True  # False: one expert at a time (the reference path tests and benchmarks compare with)
         for name, p in list(linear.named_parameters()):
             owner, _, leaf = name.rpartition(".")
             stacked = nn.Parameter(p.detach().unsqueeze(0).repeat(self.num_experts, *([1] * p.dim())).contiguous(),
@@ -110,14 +120,17 @@ class ExpertProjection(Projection):
         g = self.groups
         if g.offsets is None:
             raise RuntimeError(f"expert projection {self.role} called outside ExpertGroups.sorted_rows")
-        if getattr(self.linear, "sparsify_inside", False):  # e.g. BitNet: mask after its own input norm
-            return self._per_expert(x, self.sparsify)
-        x = self.sparsify(x)
+        inside = getattr(self.linear, "sparsify_inside", False)  # e.g. BitNet: mask after its own input norm
         operands = getattr(self.linear, "operands", None)
-        if operands is None:
-            return self._per_expert(x)
-        xq, w, b = operands(x)
-        y = g.backend.grouped_mm(xq, w, g.offsets)
+        if operands is None or not self.grouped:
+            x = materialize(x)
+            return self._per_expert(x, self.sparsify) if inside else self._per_expert(self.sparsify(x))
+        if isinstance(x, GatheredRows) and not getattr(self.linear, "input_per_expert", False):
+            x, rows, expert = x.tokens, x.token_of_row, None  # per-token steps on T tokens, gather in the matmul
+        else:
+            x, rows, expert = materialize(x), None, g.row_expert
+        xq, w, b = operands(x, self.sparsify, expert=expert) if inside else operands(self.sparsify(x), expert=expert)
+        y = g.backend.grouped_mm(xq, w, g.offsets, rows)
         if b is not None:
             y = y + b[g.row_expert]
         return y.to(x.dtype)

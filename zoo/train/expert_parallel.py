@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from zoo.kernels.moe_permute import RowLayout, sort_tokens, unsort_rows
+from zoo.kernels.moe_permute import GatheredRows, RowLayout, unsort_rows
 from zoo.model.projection import ExpertGroups, ExpertProjection
 
 
@@ -55,7 +55,7 @@ class ExpertParallel:
         layout = RowLayout.build(expert, torch.argsort(expert, stable=True), per_expert,
                                  self.groups.padding(per_expert))
         with self.groups.sorted_rows(layout.offsets, layout.row_expert):
-            out = experts(sort_tokens(got, layout, 1))
+            out = experts(GatheredRows(got, layout, 1))  # the local permutation is gathered by the first projection
         return _Exchange.apply(unsort_rows(out, layout), recv, send, self.group)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import zoo
+from zoo.kernels.grouped import gather_rows
 
 UNAVAILABLE = 'megablocks backend needs CUDA and the megablocks package; use backend = "auto"'
 EXPERT_KINDS = ("glu", "mlp")  # expert FFNs that are plain matmuls around an activation
@@ -62,12 +63,14 @@ class MegaBlocksBackend:
         if not available():
             raise ctx.error(moe.backend, UNAVAILABLE)
 
-    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """y[r] = x[r]·w[e(r)]ᵀ with MegaBlocks' grouped GEMM (bf16; group sizes on the host)."""
+    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+        """y[r] = x[rows[r]]·w[e(r)]ᵀ with MegaBlocks' grouped GEMM (bf16; group sizes on the host; gathered first)."""
         if self._gmm is None:
             if not available():
                 raise zoo.PluginError(UNAVAILABLE)
             self._gmm = importlib.import_module("megablocks.grouped_gemm_util").ops.gmm
+        x = gather_rows(x, rows)
         sizes = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long()).cpu()
         y = self._gmm(x.to(torch.bfloat16).contiguous(), w.to(torch.bfloat16).contiguous(), sizes, trans_b=True)
         return y.to(x.dtype)
