@@ -21,7 +21,7 @@ from zoo.train.loop import METRICS, RECIPE_FILE, SUMMARY, flatten
 METRIC_KEYS = ("total_params", "activated_params", "flops_per_token", "train_loss", "val_loss", "val_ppl",
                "sparsity", "train_tokens_per_s", "decode_tokens_per_s", "tokens")
 # not differences between runs: seeds group, the rest only changes what is logged
-IGNORED = ("name", "train.seed", "train.init_from", "train.layer_grad_norms", "train.tensorboard", "train.log_every")
+IGNORED = ("name", "train.seed", "train.layer_grad_norms", "train.tensorboard", "train.log_every")
 
 
 @dataclass
