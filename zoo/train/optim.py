@@ -11,7 +11,7 @@ from zoo.recipe.schema import Invalid, param
 
 @dataclass(frozen=True)
 class AdamWConfig:
-    """AdamW with decoupled weight decay on matrices (embeddings too, as nanoGPT); none on vectors (norm gains, biases)"""
+    """AdamW with decoupled weight decay on matrices (embeddings too), none on vectors (norm gains, biases)"""
 
     lr: float = param(2e-3, "peak learning rate", gt=0, le=10)
     betas: tuple[float, float] = param((0.9, 0.95), "Adam's beta1, beta2")
