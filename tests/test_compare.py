@@ -16,8 +16,9 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     out = tmp / "runs"
     base = {"train.steps": 3, "train.eval_every": 0}
-    train(tiny_run(tmp, **base), out / "silu", progress=False)
-    train(tiny_run(tmp, **base, **{"train.seed": 1}), out / "silu-seed1", progress=False)
+    grads = {"train.layer_grad_norms": True}
+    train(tiny_run(tmp, **base, **grads), out / "silu", progress=False)
+    train(tiny_run(tmp, **base, **grads, **{"train.seed": 1}), out / "silu-seed1", progress=False)
     train(tiny_run(tmp, **base, **{"model.ffn.activation": "relu"}), out / "relu", progress=False)
     return out
 
@@ -49,6 +50,26 @@ def test_cli_compare_json_and_plot(runs, tmp_path, capsys):
     assert "val" in capsys.readouterr().out
     assert main(["compare", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_layer_gradient_norms_are_averaged_and_plotted(runs, tmp_path, capsys):
+    rows = {r["differences"]["model.ffn.activation.kind"]: r for r in compare(find_runs([runs]))}
+    per_seed = []
+    for name in ("silu", "silu-seed1"):
+        logged = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        norms = [r["layer_grad_norms"] for r in logged if r["split"] == "train"]
+        assert len(norms) == 3 and all(len(n) == 2 for n in norms)  # 3 steps, 2 blocks
+        per_seed.append([sum(n[i] for n in norms) / 3 for i in range(2)])
+    expected = [(a + b) / 2 for a, b in zip(*per_seed)]
+    assert rows["silu"]["layer_grad_norms"] == pytest.approx(expected, rel=1e-5)
+    assert "layer_grad_norms" not in rows["relu"]
+    png = tmp_path / "grads.png"
+    assert main(["compare", str(runs), "--grad-plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000 and "plot: " in capsys.readouterr().out
+    other = tmp_path / "none.png"
+    assert main(["compare", str(runs / "relu"), "--grad-plot", str(other), "--plot", str(tmp_path / "l.png")]) == 2
+    assert "train.layer_grad_norms = true" in capsys.readouterr().err
+    assert not other.exists() and not (tmp_path / "l.png").exists()
 
 
 def test_unfinished_run_is_named(tmp_path):

@@ -78,7 +78,7 @@ def layer_and_twin(E, H, D, backend, sparsity, registry=None, expert=None, dtype
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_moe_layer_forward_backward_per_backend_equals_naive_float64(poison, backend, dtype):
-    """Uneven experts (two empty, one with a single token), odd sizes, top-K on the experts' input (the mask
+    """Uneven experts (one empty, one with a single token), odd sizes, top-K on the experts' input (the mask
     runs on the T tokens before the gather), outputs poisoned with NaN before the call."""
     seed = list(BACKENDS).index(backend) + 10 * (dtype == torch.float16)
     torch.manual_seed(seed)
@@ -86,7 +86,7 @@ def test_moe_layer_forward_backward_per_backend_equals_naive_float64(poison, bac
     E, T, D, H = 7, g.randint(17, 31), g.choice([21, 27]), g.choice([11, 13])
     sparsity = {"kind": "topk", "keep": 0.6, "roles": {"down": {"kind": "none"}}}  # fp16 rounding of the
     moe, dense = layer_and_twin(E, H, D, BACKENDS[backend], sparsity, dtype=dtype)  # hidden would move a down mask
-    route = random_route(T, E, 2, [3, 1, 6, 0, 4])  # experts 2 and 5 get nothing
+    route = random_route(T, E, 2, [3, 1, 6, 0, 4])  # expert 2 gets nothing (and 5 nothing yet)
     route.experts[T // 2, 0] = 5  # expert 5: exactly one token
     route = Routing(route.weights.requires_grad_(), route.experts, route.probs, route.logits)
     x = torch.randn(T, D, dtype=dtype, requires_grad=True)

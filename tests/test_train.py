@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import zoo
+from tests.conftest import RECIPES
 from tests.tiny import tiny_run
 from zoo.cli import main
 from zoo.train import loop
@@ -144,3 +145,15 @@ def test_compile_true_trains_through_torch_compile_with_the_eager_losses(tmp_pat
     assert [x["loss"] for x in compiled] == pytest.approx([x["loss"] for x in eager], rel=1e-4)
     assert [x["grad_norm"] for x in compiled] == pytest.approx([x["grad_norm"] for x in eager], rel=1e-3)
     torch._dynamo.reset()
+
+
+def test_adamw_decays_matrices_only_stacked_expert_vectors_count_as_vectors():
+    recipe = zoo.load_recipe(RECIPES / "tiny/moe.toml", {"model.ffn.expert.bias": True, "model.n_layers": 1})
+    model = zoo.build(recipe)
+    opt = zoo.registry.get_registry().get("optimizer", "adamw").factory(recipe.optim.config, model.parameters())
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        matrix = p.dim() - getattr(p, "expert_dims", 0) >= 2
+        assert (id(p) in decayed) == matrix, name
+    stacked_bias = [n for n, p in model.named_parameters() if getattr(p, "expert_dims", 0) and p.dim() == 2]
+    assert stacked_bias and all(id(dict(model.named_parameters())[n]) not in decayed for n in stacked_bias)

@@ -20,7 +20,8 @@ from zoo.train.loop import METRICS, RECIPE_FILE, SUMMARY, flatten
 
 METRIC_KEYS = ("total_params", "activated_params", "flops_per_token", "train_loss", "val_loss", "val_ppl",
                "sparsity", "train_tokens_per_s", "decode_tokens_per_s", "tokens")
-IGNORED = ("name", "train.seed", "train.init_from")
+# not differences between runs: seeds group, the rest only changes what is logged
+IGNORED = ("name", "train.seed", "train.layer_grad_norms", "train.tensorboard", "train.log_every")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Run:
     curve: list[tuple[int, float]] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     label: str = ""
+    layer_grads: list[tuple[int, list[float]]] = field(default_factory=list)  # (step, norm per block)
 
     def metrics(self) -> dict[str, float | None]:
         s, acc = self.summary, self.summary["accounting"]
@@ -71,13 +73,15 @@ def load_run(path: str | Path) -> Run:
         what = "has not finished (no summary.json)" if (path / RECIPE_FILE).is_file() else "is not a zoo run folder"
         raise ZooError(f"{path}: {what}")
     summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
-    curve = []
+    curve, layer_grads = [], []
     for line in (path / METRICS).read_text(encoding="utf-8").splitlines():
         rec = json.loads(line) if line.strip() else {}
         if rec.get("split") == "val":
             curve.append((rec["tokens"], rec["val_loss"]))
+        elif rec.get("layer_grad_norms"):
+            layer_grads.append((rec["step"], rec["layer_grad_norms"]))
     recipe = load_recipe(path / RECIPE_FILE)
-    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name)
+    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name, layer_grads)
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
@@ -128,6 +132,9 @@ def compare(runs: list[Run]) -> list[dict]:
             mean, std = _mean_std([r.metrics()[m] for r in g])
             row[m] = mean
             row[m + "_std"] = std
+        per_layer = [np.mean([n for _, n in r.layer_grads], axis=0) for r in g if r.layer_grads]
+        if per_layer and len({len(v) for v in per_layer}) == 1:  # mean over steps, then over seeds
+            row["layer_grad_norms"] = np.mean(per_layer, axis=0).round(6).tolist()
         rows.append(row)
     return rows
 
@@ -187,6 +194,50 @@ def plot(runs: list[Run], rows: list[dict], path: str | Path) -> Path:
     b.set_xlabel("activated parameters per token")
     b.set_ylabel("final validation loss")
     b.set_title("final loss vs activated parameters")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_grads(runs: list[Run], rows: list[dict], path: str | Path) -> Path:
+    """Per-block gradient norms (runs trained with `train.layer_grad_norms = true`): left, the mean over
+    logged steps for each block, layer 0 nearest the embedding (mean ± std over seeds); right, over
+    training, the lowest block's norm divided by the highest's (mean over seeds): whether the
+    gradient reaching the lower layers fades, as the Q-Sparse paper argues it does without STE."""
+    with_grads = [r for r in rows if "layer_grad_norms" in r]
+    if not with_grads:
+        raise ZooError("no run logged per-layer gradient norms: train with train.layer_grad_norms = true")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_path = {str(r.path): r for r in runs}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, row in enumerate(with_grads):
+        seeds = [by_path[p] for p in row["runs"] if by_path[p].layer_grads]
+        per_seed = np.array([np.mean([n for _, n in r.layer_grads], axis=0) for r in seeds])
+        layers = np.arange(per_seed.shape[1])
+        std = per_seed.std(0, ddof=1) if len(per_seed) > 1 else None
+        label = row["run"].split("/")[0] + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+        a.errorbar(layers, per_seed.mean(0), yerr=std, marker="o", capsize=3, color=f"C{i}", label=label)
+        steps = sorted({s for r in seeds for s, _ in r.layer_grads})
+        ratio = [np.mean([n[0] / n[-1] for r in seeds for s2, n in r.layer_grads if s2 == s and n[-1] > 0] or [np.nan])
+                 for s in steps]
+        b.plot(steps, ratio, color=f"C{i}", label=label)
+    a.set_yscale("log")
+    a.set_xlabel("block (0 = nearest the embedding)")
+    a.set_ylabel("gradient norm (mean over logged steps)")
+    a.set_title("gradient norm per block")
+    a.legend(fontsize=7)
+    b.axhline(1.0, color="grey", lw=0.5)
+    b.set_xlabel("step")
+    b.set_ylabel("lowest block / highest block")
+    b.set_title("lowest-block gradient norm relative to the highest")
+    b.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

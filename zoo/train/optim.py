@@ -11,7 +11,7 @@ from zoo.recipe.schema import Invalid, param
 
 @dataclass(frozen=True)
 class AdamWConfig:
-    """AdamW with decoupled weight decay (no decay on norms, biases and embeddings)"""
+    """AdamW with decoupled weight decay on matrices (embeddings too), none on vectors (norm gains, biases)"""
 
     lr: float = param(2e-3, "peak learning rate", gt=0, le=10)
     betas: tuple[float, float] = param((0.9, 0.95), "Adam's beta1, beta2")
@@ -26,8 +26,9 @@ class AdamWConfig:
 
 def build_adamw(cfg: AdamWConfig, params) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
+    matrix = [p.dim() - getattr(p, "expert_dims", 0) >= 2 for p in params]  # stacked [E, n] expert vectors are vectors
+    decay = [p for p, m in zip(params, matrix) if m]
+    rest = [p for p, m in zip(params, matrix) if not m]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 

@@ -40,7 +40,7 @@ def points(grid: dict[str, list[Any]], seeds: list[int] | None) -> list[dict[str
 
 
 def run_name(point: dict[str, Any]) -> str:
-    """A folder name for a grid point: 'ffn.activation=relu2,seed=1' made filesystem-safe."""
+    """Folder name of a grid point: {'model.ffn.activation': 'relu2', 'train.seed': 1} -> 'activation-relu2_seed-1'."""
     parts = [f"{k.split('.')[-1]}-{v}" for k, v in point.items()]
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "_".join(parts)) or "base"
 
