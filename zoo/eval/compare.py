@@ -234,6 +234,7 @@ def plot_layer_grads(runs: list[Run], rows: list[dict], path: str | Path) -> Pat
     a.set_title("gradient norm per block")
     a.legend(fontsize=7)
     b.axhline(1.0, color="grey", lw=0.5)
+    b.set_yscale("log")
     b.set_xlabel("step")
     b.set_ylabel("lowest block / highest block")
     b.set_title("lowest-block gradient norm relative to the highest")
