@@ -103,6 +103,7 @@ class MoE(nn.Module):
             return None
         return math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)
 
+    @torch.compiler.disable  # data-dependent shapes and the lazy GatheredRows: eager; the rest of a model compiles
     def dispatch(self, x: torch.Tensor, route: Routing) -> torch.Tensor:
         """Sort (token, expert) pairs by expert, run the experts grouped, scatter back weighted."""
         T, k, E = x.shape[0], self.top_k, self.num_experts
