@@ -45,6 +45,11 @@ class TorchBackend:
         largest, rows = int(counts.max()), int(counts.sum())
         return largest if 0 < counts.numel() * largest <= self.pad_limit * rows else None
 
+    def fuses_gather(self, x: torch.Tensor) -> bool:
+        """No: an MoE layer hands us its rows already gathered (its permutation gather has a gather, not an
+        index_add, as backward: faster on CPU than x[rows] here). `rows` still works when given."""
+        return False
+
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
         x = gather_rows(x, rows)
@@ -80,6 +85,10 @@ class AutoBackend:
     def rows_per_expert(self, counts: torch.Tensor) -> int | None:
         pad = getattr(self.on(counts), "rows_per_expert", None)
         return pad(counts) if pad else None
+
+    def fuses_gather(self, x: torch.Tensor) -> bool:
+        fuses = getattr(self.on(x), "fuses_gather", None)
+        return fuses is None or fuses(x)
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -133,6 +133,10 @@ class GatheredRows(torch.Tensor):
         """[R] the token each row copies (padding rows: any valid token; their outputs are never read)."""
         return self.row_layout.pair_of_row // self.k
 
+    def gather_like(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows of another per-token tensor t [T, *] in this layout (a permutation gather both ways)."""
+        return sort_tokens(t, self.row_layout, self.k)
+
     def gathered(self) -> torch.Tensor:
         """The rows as a plain tensor (gathered on first use, then reused)."""
         if self._gathered is None:

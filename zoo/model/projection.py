@@ -125,11 +125,16 @@ class ExpertProjection(Projection):
         if operands is None or not self.grouped:
             x = materialize(x)
             return self._per_expert(x, self.sparsify) if inside else self._per_expert(self.sparsify(x))
-        if isinstance(x, GatheredRows) and not getattr(self.linear, "input_per_expert", False):
-            x, rows, expert = x.tokens, x.token_of_row, None  # per-token steps on T tokens, gather in the matmul
-        else:
-            x, rows, expert = materialize(x), None, g.row_expert
+        lazy = x if isinstance(x, GatheredRows) and not getattr(self.linear, "input_per_expert", False) else None
+        x, expert = (lazy.tokens, None) if lazy is not None else (materialize(x), g.row_expert)
         xq, w, b = operands(x, self.sparsify, expert=expert) if inside else operands(self.sparsify(x), expert=expert)
+        rows = None
+        if lazy is not None:  # per-token steps ran on the T tokens; now their rows, gathered in the matmul or here
+            fuses = getattr(g.backend, "fuses_gather", None)
+            if fuses is None or fuses(xq):
+                rows = lazy.token_of_row
+            else:
+                xq = lazy.gather_like(xq)
         y = g.backend.grouped_mm(xq, w, g.offsets, rows)
         if b is not None:
             y = y + b.index_select(0, g.row_expert)
