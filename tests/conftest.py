@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
+import os
 
-import pytest
 import torch
 
-import zoo
-from zoo.recipe.schema import ROLE_PARENTS
-from zoo.registry import load_registry, set_registry
+if not torch.cuda.is_available():  # before any test module (transformers, torch.compile) imports triton:
+    os.environ["TRITON_INTERPRET"] = "1"  # Triton reads it at import, so kernels run in its CPU interpreter
+
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
+
+import pytest  # noqa: E402
+
+import zoo  # noqa: E402
+from zoo.recipe.schema import ROLE_PARENTS  # noqa: E402
+from zoo.registry import load_registry, set_registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"

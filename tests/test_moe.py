@@ -428,3 +428,15 @@ def test_moe_model_runs_under_torch_compile_with_eager_results():
     assert compiled.loss.item() == pytest.approx(eager.loss.item(), rel=1e-5)
     for n, g in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_capacity_so_small_that_every_pair_is_dropped():
+    """ceil(factor · T · k / E) can be 0: no expert runs, the layer outputs zeros (found by the recipe fuzz)."""
+    recipe = zoo.load_recipe(RECIPES / "tiny/dense.toml", {"model.n_layers": 1, "model.d_model": 8, "model.n_heads": 2,
+                                                           "model.ffn": {"kind": "moe", "top_k": 1,
+                                                                         "capacity_factor": 5e-324}})
+    model = zoo.build(recipe)
+    x = torch.randint(0, 256, (1, 1))  # one token: 5e-324 · 1 · 1 / 8 underflows to 0
+    out = model(x, x)
+    out.total_loss.backward()
+    assert int(model.blocks[0].ffn.last_stats["dropped"]) == 1 and torch.isfinite(out.loss)

@@ -194,12 +194,7 @@ def plot(runs: list[Run], rows: list[dict], path: str | Path) -> Path:
     b.set_xlabel("activated parameters per token")
     b.set_ylabel("final validation loss")
     b.set_title("final loss vs activated parameters")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_layer_grads(runs: list[Run], rows: list[dict], path: str | Path) -> Path:
@@ -239,6 +234,13 @@ def plot_layer_grads(runs: list[Run], rows: list[dict], path: str | Path) -> Pat
     b.set_ylabel("lowest block / highest block")
     b.set_title("lowest-block gradient norm relative to the highest")
     b.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out and write a figure (its folder made if missing), then free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,9 @@ class RowLayout:
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """x[index] with the rows listed in `zero` set to 0."""
+    """x[index] with the rows listed in `zero` set to 0 (x may have no rows: every index is then in `zero`)."""
+    if x.shape[0] == 0:
+        return x.new_zeros(index.shape[0], *x.shape[1:])
     out = x.index_select(0, index)
     return out.index_fill_(0, zero, 0) if zero.numel() else out
 
