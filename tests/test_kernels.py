@@ -1,16 +1,10 @@
 """Kernels against float64 references: Triton (interpreter on CPU) and the torch paths, odd sizes, poisoned outputs."""
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # before anything imports triton: run kernels in the interpreter
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-from zoo.kernels.moe_matmul import grouped_matmul, grouped_matmul_reference, sort_by_expert  # noqa: E402
-from zoo.kernels.ternary import (  # noqa: E402
+from zoo.kernels.moe_matmul import grouped_matmul, grouped_matmul_reference, sort_by_expert
+from zoo.kernels.ternary import (
     TernaryWeight,
     pack_ternary,
     quantize_rows,
@@ -18,7 +12,7 @@ from zoo.kernels.ternary import (  # noqa: E402
     ternary_matmul_reference,
     unpack_ternary,
 )
-from zoo.kernels.topk_matmul import topk_matmul, topk_matmul_reference  # noqa: E402
+from zoo.kernels.topk_matmul import topk_matmul, topk_matmul_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -1,17 +1,11 @@
 """prepare_inference: a prepared model computes what the unprepared one does, up to rounding."""
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # before anything imports triton: run kernels in the interpreter
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-import zoo  # noqa: E402
-from tests.conftest import RECIPES  # noqa: E402
-from zoo.kernels.prepare import TernaryLinear, TopKLinear, prepare_inference  # noqa: E402
+import zoo
+from tests.conftest import RECIPES
+from zoo.kernels.prepare import TernaryLinear, TopKLinear, prepare_inference
 
 SHAPE = ["model.n_layers=2", "model.d_model=48", "model.n_heads=4", "model.ffn.hidden=72", "model.vocab_size=61"]
 TOPK = ["model.sparsity.kind='topk'", "model.sparsity.keep=0.4"]

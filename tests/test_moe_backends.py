@@ -2,30 +2,24 @@
 interpreter on CPU) and the gathering `torch` paths against a naive per-token float64 reference,
 forward and backward; BitNet experts as one grouped matmul against the per-expert path and the formula."""
 
-import os
+import random
+import types
+from dataclasses import dataclass
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
 
-if not torch.cuda.is_available():  # before anything imports triton: run kernels in the interpreter
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import random  # noqa: E402
-import types  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.func import functional_call  # noqa: E402
-
-import zoo  # noqa: E402
-from tests.test_bitnet import formula, reference_topk  # noqa: E402
-from tests.test_kernels import rel_err  # noqa: E402
-from tests.test_moe import random_route  # noqa: E402
-from zoo.blocks.router import Routing  # noqa: E402
-from zoo.kernels.moe_permute import GatheredRows, RowLayout  # noqa: E402
-from zoo.model.projection import ExpertProjection  # noqa: E402
-from zoo.recipe.recipe import recipe_from_dict  # noqa: E402
+import zoo
+from tests.test_bitnet import formula, reference_topk
+from tests.test_kernels import rel_err
+from tests.test_moe import random_route
+from zoo.blocks.router import Routing
+from zoo.kernels.moe_permute import GatheredRows, RowLayout
+from zoo.model.projection import ExpertProjection
+from zoo.recipe.recipe import recipe_from_dict
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
 BACKENDS = {"triton": "triton", "torch": {"kind": "torch", "pad_limit": 1.0},
