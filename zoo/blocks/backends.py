@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from zoo.kernels.grouped import equal_groups, gather_rows, grouped_mm_equal, grouped_mm_loop, grouped_mm_torch
+from zoo.kernels.grouped import gather_rows, grouped_mm_loop, grouped_mm_torch
 from zoo.recipe.schema import Validator, param
 
 # What `auto` prefers on a CUDA device when a plugin or module registered it.
@@ -22,28 +22,18 @@ FAST_CUDA_BACKEND = "triton"
 
 @dataclass(frozen=True)
 class TorchBackendConfig:
-    """plain torch: a batched matmul over equal-sized (padded) groups while training with balanced
-    routing, else torch._grouped_mm where the dtype and alignment allow, else one matmul per expert"""
+    """plain torch: torch._grouped_mm over the packed rows where the dtype and alignment allow, else one
+    matmul per expert"""
 
-    pad_limit: float = param(1.25, "while training, pad every expert's rows to the largest group (zero rows, "
-                                   "one bmm) if that adds at most this factor of rows; 1 = never pad", ge=1)
-    grouped_mm: bool = param(True, "use torch._grouped_mm for unequal groups when it supports the operands "
-                                   "(false: one matmul per expert)")
+    grouped_mm: bool = param(True, "use torch._grouped_mm when it supports the operands (false: one matmul "
+                                   "per expert)")
 
 
 class TorchBackend:
     name = "torch"
 
     def __init__(self, cfg: TorchBackendConfig):
-        self.pad_limit, self.use_grouped_mm = cfg.pad_limit, cfg.grouped_mm
-
-    def rows_per_expert(self, counts: torch.Tensor) -> int | None:
-        """Rows to pad each expert's group to, or None (packed). Only while recording gradients: on
-        CPU the backward of a batched matmul is what pays off, and evaluation then sees real rows only."""
-        if not torch.is_grad_enabled() or self.pad_limit <= 1:
-            return None
-        largest, rows = int(counts.max()), int(counts.sum())
-        return largest if 0 < counts.numel() * largest <= self.pad_limit * rows else None
+        self.use_grouped_mm = cfg.grouped_mm
 
     def fuses_gather(self, x: torch.Tensor) -> bool:
         """No: an MoE layer hands us its rows already gathered (its permutation gather has a gather, not an
@@ -53,9 +43,6 @@ class TorchBackend:
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
         x = gather_rows(x, rows)
-        size = equal_groups(offsets)
-        if size is not None:
-            return grouped_mm_equal(x, w, size)
         return (grouped_mm_torch if self.use_grouped_mm else grouped_mm_loop)(x, w, offsets)
 
 
@@ -81,10 +68,6 @@ class AutoBackend:
     def on(self, t: torch.Tensor) -> Any:
         """The backend for tensors like `t`."""
         return (self.fast() if t.is_cuda else None) or self.reference
-
-    def rows_per_expert(self, counts: torch.Tensor) -> int | None:
-        pad = getattr(self.on(counts), "rows_per_expert", None)
-        return pad(counts) if pad else None
 
     def fuses_gather(self, x: torch.Tensor) -> bool:
         fuses = getattr(self.on(x), "fuses_gather", None)

@@ -32,18 +32,6 @@ def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
     return torch.cat([x[s:e] @ w[i].T for i, (s, e) in enumerate(zip(starts, ends))])
 
 
-def equal_groups(offsets: torch.Tensor) -> int | None:
-    """The common group size when every expert owns the same number of rows (e.g. padded), else None."""
-    size = int(offsets[0])
-    return size if size > 0 and bool((offsets == size * torch.arange(1, len(offsets) + 1,
-                                                                     device=offsets.device)).all()) else None
-
-
-def grouped_mm_equal(x: torch.Tensor, w: torch.Tensor, size: int) -> torch.Tensor:
-    """Groups of `size` rows each: one batched matmul (any dtype; on CPU as fast as one big matmul)."""
-    return torch.bmm(x.view(w.shape[0], size, -1), w.transpose(1, 2)).flatten(0, 1)
-
-
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` runs on these operands (it needs rows aligned to 16 bytes)."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.dtype not in GROUPED_MM_DTYPES:
@@ -55,7 +43,11 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`torch._grouped_mm` where it supports the dtype and alignment, else the per-expert loop."""
+    """`torch._grouped_mm` where it supports the dtype and alignment, else the per-expert loop.
+
+    On CPU `torch._grouped_mm` is the same loop in C++ (one `mm` per group written into one output),
+    and its backward writes the weight gradient in the weight's own layout: fwd+bwd at dense speed.
+    """
     if grouped_mm_supported(x, w):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     return grouped_mm_loop(x, w, offsets)

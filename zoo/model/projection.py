@@ -67,11 +67,6 @@ class ExpertGroups:
         self.row_expert: torch.Tensor | None = None
         self.parallel: Any = None
 
-    def padding(self, counts: torch.Tensor) -> int | None:
-        """Rows to pad every expert's group to when the backend wants equal-sized groups, else None."""
-        pad_to = getattr(self.backend, "rows_per_expert", None)
-        return pad_to(counts) if pad_to else None
-
     @contextmanager
     def sorted_rows(self, offsets: torch.Tensor, row_expert: torch.Tensor) -> Iterator[None]:
         """Inside: inputs are rows sorted by expert; expert e owns rows offsets[e-1]:offsets[e]."""
