@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import zoo
-from zoo.kernels.grouped import grouped_mm_loop, grouped_mm_supported, grouped_mm_torch
+from zoo.kernels.grouped import (
+    grouped_mm_chunks,
+    grouped_mm_chunks_of,
+    grouped_mm_loop,
+    grouped_mm_supported,
+    grouped_mm_torch,
+)
 
 
 def groups(counts):
@@ -67,3 +73,34 @@ def test_grouped_mm_gathers_token_rows(counts, loop):
     impl = torch_backend(grouped_mm=not loop).grouped_mm
     torch.testing.assert_close(impl(x, w, groups(counts), rows), reference(x[rows], w, counts), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x, w: impl(x, w, groups(counts), rows), (x, w))
+
+
+@pytest.mark.parametrize("counts, n", [([3, 0, 5, 1], 2), ([0, 0, 7], 3), ([2, 9, 0, 0, 1], 2), ([0, 0], 2)])
+def test_grouped_mm_chunks_are_contiguous_parts_with_gradients(counts, n):
+    """The chunked loop (a GLU's gate and up from one stacked weight) against the chunked float64 reference:
+    separate contiguous outputs, gradcheck through all parts, empty experts' weight gradients zero."""
+    torch.manual_seed(sum(counts) + n)
+    E, n_in, n_out = len(counts), 5, 3 * n
+    x = torch.randn(sum(counts), n_in, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E, n_out, n_in, dtype=torch.float64, requires_grad=True)
+    parts = grouped_mm_chunks(x, w, groups(counts), n)
+    assert len(parts) == n and all(p.is_contiguous() and p.shape == (sum(counts), 3) for p in parts)
+    for got, want in zip(parts, reference(x, w, counts).chunk(n, -1)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weights = [torch.randn(sum(counts), 3, dtype=torch.float64) for _ in range(n)]
+    sum(((p * c).sum() for p, c in zip(parts, weights))).backward()
+    assert all(not w.grad[e].any() for e, c in enumerate(counts) if c == 0) and w.grad.is_contiguous()
+    assert torch.autograd.gradcheck(lambda x, w: grouped_mm_chunks(x, w, groups(counts), n), (x, w))
+
+
+def test_backend_without_chunks_gets_its_grouped_mm_chunked():
+    class Plain:
+        def grouped_mm(self, x, w, offsets, rows=None):
+            return grouped_mm_loop(x if rows is None else x[rows], w, offsets)
+
+    torch.manual_seed(5)
+    x, w, rows = torch.randn(6, 4), torch.randn(3, 8, 4), torch.tensor([5, 0, 0, 2, 3])
+    got = grouped_mm_chunks_of(Plain(), x, w, groups([2, 0, 3]), 2, rows)
+    want = torch_backend().grouped_mm_chunks(x, w, groups([2, 0, 3]), 2, rows)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from zoo.kernels.grouped import gather_rows, grouped_mm_loop, grouped_mm_torch
+from zoo.kernels.grouped import gather_rows, grouped_mm_chunks, grouped_mm_chunks_of, grouped_mm_loop, grouped_mm_torch
 from zoo.recipe.schema import Validator, param
 
 # What `auto` prefers on a CUDA device when a plugin or module registered it.
@@ -44,6 +44,14 @@ class TorchBackend:
                    rows: torch.Tensor | None = None) -> torch.Tensor:
         x = gather_rows(x, rows)
         return (grouped_mm_torch if self.use_grouped_mm else grouped_mm_loop)(x, w, offsets)
+
+    def grouped_mm_chunks(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
+                          rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """`grouped_mm(...).chunk(chunks, -1)`; off CUDA as separate contiguous outputs, one matmul per expert
+        and chunk (a GLU's gate and up: no strided halves, their gradients not concatenated in backward)."""
+        if x.is_cuda:
+            return self.grouped_mm(x, w, offsets, rows).chunk(chunks, -1)
+        return grouped_mm_chunks(gather_rows(x, rows), w, offsets, chunks)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,10 @@ class AutoBackend:
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
         return self.on(x).grouped_mm(x, w, offsets, rows)
+
+    def grouped_mm_chunks(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
+                          rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return grouped_mm_chunks_of(self.on(x), x, w, offsets, chunks, rows)
 
 
 def register(registry) -> None:

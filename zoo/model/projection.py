@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from zoo.kernels.grouped import grouped_mm_chunks_of
 from zoo.kernels.moe_permute import GatheredRows, materialize
 
 
@@ -51,6 +52,10 @@ class Projection(nn.Module):
         if getattr(self.linear, "sparsify_inside", False):
             return self.linear(x, self.sparsify)
         return self.linear(self.sparsify(x))
+
+    def chunks(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        """`self(x).chunk(n, -1)` (a GLU's gate and up); an ExpertProjection may return contiguous parts."""
+        return self(x).chunk(n, dim=-1)
 
     def extra_repr(self) -> str:
         return f"role={self.role}, {self.in_features}->{self.out_features}"
@@ -112,6 +117,11 @@ class ExpertProjection(Projection):
         return self.num_experts * self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.chunks(x, 1)[0]
+
+    def chunks(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        """`self(x).chunk(n, -1)`; grouped, the backend may compute the n parts as separate contiguous tensors
+        (`grouped_mm_chunks`: on CPU a GLU's gate and up are then neither strided nor concatenated in backward)."""
         g = self.groups
         if g.offsets is None:
             raise RuntimeError(f"expert projection {self.role} called outside ExpertGroups.sorted_rows")
@@ -119,7 +129,8 @@ class ExpertProjection(Projection):
         operands = getattr(self.linear, "operands", None)
         if operands is None or not self.grouped:
             x = materialize(x)
-            return self._per_expert(x, self.sparsify) if inside else self._per_expert(self.sparsify(x))
+            y = self._per_expert(x, self.sparsify) if inside else self._per_expert(self.sparsify(x))
+            return y.chunk(n, dim=-1)
         lazy = x if isinstance(x, GatheredRows) and not getattr(self.linear, "input_per_expert", False) else None
         x, expert = (lazy.tokens, None) if lazy is not None else (materialize(x), g.row_expert)
         xq, w, b = operands(x, self.sparsify, expert=expert) if inside else operands(self.sparsify(x), expert=expert)
@@ -130,10 +141,11 @@ class ExpertProjection(Projection):
                 rows = lazy.token_of_row
             else:
                 xq = lazy.gather_like(xq)
-        y = g.backend.grouped_mm(xq, w, g.offsets, rows)
+        ys = (g.backend.grouped_mm(xq, w, g.offsets, rows),) if n == 1 else grouped_mm_chunks_of(
+            g.backend, xq, w, g.offsets, n, rows)
         if b is not None:
-            y = y + b.index_select(0, g.row_expert)
-        return y.to(x.dtype)
+            ys = [y + c for y, c in zip(ys, b.index_select(0, g.row_expert).chunk(n, dim=-1))]
+        return tuple(y.to(x.dtype) for y in ys)
 
     @torch.no_grad()
     def freeze(self) -> None:
