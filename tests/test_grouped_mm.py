@@ -5,9 +5,9 @@ import torch
 
 import zoo
 from zoo.kernels.grouped import (
-    grouped_mm_chunks,
-    grouped_mm_chunks_of,
     grouped_mm_loop,
+    grouped_mm_split,
+    grouped_mm_split_of,
     grouped_mm_supported,
     grouped_mm_torch,
 )
@@ -75,32 +75,33 @@ def test_grouped_mm_gathers_token_rows(counts, loop):
     assert torch.autograd.gradcheck(lambda x, w: impl(x, w, groups(counts), rows), (x, w))
 
 
-@pytest.mark.parametrize("counts, n", [([3, 0, 5, 1], 2), ([0, 0, 7], 3), ([2, 9, 0, 0, 1], 2), ([0, 0], 2)])
-def test_grouped_mm_chunks_are_contiguous_parts_with_gradients(counts, n):
-    """The chunked loop (a GLU's gate and up from one stacked weight) against the chunked float64 reference:
+@pytest.mark.parametrize("counts, sizes", [([3, 0, 5, 1], (3, 3)), ([0, 0, 7], (2, 5, 1)), ([2, 9, 0, 0, 1], (4, 2)),
+                                           ([0, 0], (3, 3))])
+def test_grouped_mm_split_gives_contiguous_parts_with_gradients(counts, sizes):
+    """The split loop (a GLU's gate and up from one stacked weight) against the split float64 reference:
     separate contiguous outputs, gradcheck through all parts, empty experts' weight gradients zero."""
-    torch.manual_seed(sum(counts) + n)
-    E, n_in, n_out = len(counts), 5, 3 * n
+    torch.manual_seed(sum(counts) + len(sizes))
+    E, n_in = len(counts), 5
     x = torch.randn(sum(counts), n_in, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(E, n_out, n_in, dtype=torch.float64, requires_grad=True)
-    parts = grouped_mm_chunks(x, w, groups(counts), n)
-    assert len(parts) == n and all(p.is_contiguous() and p.shape == (sum(counts), 3) for p in parts)
-    for got, want in zip(parts, reference(x, w, counts).chunk(n, -1)):
+    w = torch.randn(E, sum(sizes), n_in, dtype=torch.float64, requires_grad=True)
+    parts = grouped_mm_split(x, w, groups(counts), sizes)
+    assert [p.shape for p in parts] == [(sum(counts), n) for n in sizes] and all(p.is_contiguous() for p in parts)
+    for got, want in zip(parts, reference(x, w, counts).split(sizes, -1), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    weights = [torch.randn(sum(counts), 3, dtype=torch.float64) for _ in range(n)]
+    weights = [torch.randn(sum(counts), n, dtype=torch.float64) for n in sizes]
     sum(((p * c).sum() for p, c in zip(parts, weights))).backward()
     assert all(not w.grad[e].any() for e, c in enumerate(counts) if c == 0) and w.grad.is_contiguous()
-    assert torch.autograd.gradcheck(lambda x, w: grouped_mm_chunks(x, w, groups(counts), n), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: grouped_mm_split(x, w, groups(counts), sizes), (x, w))
 
 
-def test_backend_without_chunks_gets_its_grouped_mm_chunked():
+def test_backend_without_split_gets_its_grouped_mm_split():
     class Plain:
         def grouped_mm(self, x, w, offsets, rows=None):
             return grouped_mm_loop(x if rows is None else x[rows], w, offsets)
 
     torch.manual_seed(5)
     x, w, rows = torch.randn(6, 4), torch.randn(3, 8, 4), torch.tensor([5, 0, 0, 2, 3])
-    got = grouped_mm_chunks_of(Plain(), x, w, groups([2, 0, 3]), 2, rows)
-    want = torch_backend().grouped_mm_chunks(x, w, groups([2, 0, 3]), 2, rows)
+    got = grouped_mm_split_of(Plain(), x, w, groups([2, 0, 3]), (5, 3), rows)
+    want = torch_backend().grouped_mm_split(x, w, groups([2, 0, 3]), (5, 3), rows)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)

@@ -8,12 +8,13 @@ recipe the backend cannot run. Other backends (`triton`, the `megablocks` plugin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from zoo.kernels.grouped import gather_rows, grouped_mm_chunks, grouped_mm_chunks_of, grouped_mm_loop, grouped_mm_torch
+from zoo.kernels.grouped import gather_rows, grouped_mm_loop, grouped_mm_split, grouped_mm_split_of, grouped_mm_torch
 from zoo.recipe.schema import Validator, param
 
 # What `auto` prefers on a CUDA device when a plugin or module registered it.
@@ -45,13 +46,13 @@ class TorchBackend:
         x = gather_rows(x, rows)
         return (grouped_mm_torch if self.use_grouped_mm else grouped_mm_loop)(x, w, offsets)
 
-    def grouped_mm_chunks(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
-                          rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """`grouped_mm(...).chunk(chunks, -1)`; off CUDA as separate contiguous outputs, one matmul per expert
-        and chunk (a GLU's gate and up: no strided halves, their gradients not concatenated in backward)."""
+    def grouped_mm_split(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: Sequence[int],
+                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """`grouped_mm(...).split(sizes, -1)`; off CUDA as separate contiguous outputs, one matmul per expert
+        and part (a GLU's gate and up: not strided, their gradients not concatenated in backward)."""
         if x.is_cuda:
-            return self.grouped_mm(x, w, offsets, rows).chunk(chunks, -1)
-        return grouped_mm_chunks(gather_rows(x, rows), w, offsets, chunks)
+            return self.grouped_mm(x, w, offsets, rows).split(sizes, -1)
+        return grouped_mm_split(gather_rows(x, rows), w, offsets, sizes)
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,9 @@ class AutoBackend:
                    rows: torch.Tensor | None = None) -> torch.Tensor:
         return self.on(x).grouped_mm(x, w, offsets, rows)
 
-    def grouped_mm_chunks(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
-                          rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        return grouped_mm_chunks_of(self.on(x), x, w, offsets, chunks, rows)
+    def grouped_mm_split(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: Sequence[int],
+                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return grouped_mm_split_of(self.on(x), x, w, offsets, sizes, rows)
 
 
 def register(registry) -> None:

@@ -12,14 +12,15 @@ The interface every `kernel-backend` implements (docs/moe.md):
 
 Empty experts (equal consecutive offsets) are allowed; offsets[-1] == N. A backend may also offer
 
-    grouped_mm_chunks(x, w, offsets, chunks, rows=None) -> (y_1, ..., y_chunks)
+    grouped_mm_split(x, w, offsets, sizes, rows=None) -> (y_1, ..., y_len(sizes))
 
-equal to `grouped_mm(...).chunk(chunks, -1)` but free to return separate contiguous tensors (a GLU's
-gate and up halves); `grouped_mm_chunks_of` falls back to the chunked `grouped_mm` for backends without it.
+equal to `grouped_mm(...).split(sizes, -1)` but free to return separate contiguous tensors (a GLU's
+gate and up); `grouped_mm_split_of` falls back to the split `grouped_mm` for backends without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,58 +33,59 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.index_select(0, rows)
 
 
-def grouped_mm_chunks_of(backend: Any, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, chunks: int,
-                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """`backend.grouped_mm(x, w, offsets, rows).chunk(chunks, -1)`, through the backend's own `grouped_mm_chunks`
+def grouped_mm_split_of(backend: Any, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                        sizes: Sequence[int], rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """`backend.grouped_mm(x, w, offsets, rows).split(sizes, -1)`, through the backend's own `grouped_mm_split`
     when it has one."""
-    own = getattr(backend, "grouped_mm_chunks", None)
-    return own(x, w, offsets, chunks, rows) if own else backend.grouped_mm(x, w, offsets, rows).chunk(chunks, -1)
+    own = getattr(backend, "grouped_mm_split", None)
+    return own(x, w, offsets, sizes, rows) if own else backend.grouped_mm(x, w, offsets, rows).split(sizes, -1)
 
 
 class _GroupedMatmulLoop(torch.autograd.Function):
-    """y_i = x · w[e(row), chunk i]ᵀ for `n` equal chunks of each expert's output rows, one matmul per expert
-    and chunk, written into separate contiguous outputs; backward writes dx and dw in place per expert
-    (dw in the weight's own layout, an empty expert's dw zero), so nothing is concatenated or copied."""
+    """y_i = x · w[e(row), block i]ᵀ for blocks of `sizes` output rows of each expert's weight: one matmul
+    per expert and block, written into separate contiguous outputs; backward writes dx and dw in place per
+    expert (dw in the weight's own layout, an empty expert's dw zero), so nothing is concatenated or copied."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: tuple[int, ...]
+                ) -> tuple[torch.Tensor, ...]:
         ends = offsets.tolist()
-        ctx.bounds, ctx.n = list(zip([0, *ends[:-1]], ends)), n
+        ctx.bounds, ctx.sizes = list(zip([0, *ends[:-1]], ends)), sizes
         ctx.save_for_backward(x, w)
-        parts = w.unflatten(1, (n, -1))  # [E, n, out / n, in]
-        ys = tuple(x.new_empty(x.shape[0], parts.shape[2]) for _ in range(n))
+        ys = tuple(x.new_empty(x.shape[0], size) for size in sizes)
         for e, (s, t) in enumerate(ctx.bounds):
-            for y, part in zip(ys, parts[e]):
+            for y, part in zip(ys, w[e].split(sizes)):
                 torch.mm(x[s:t], part.T, out=y[s:t])
         return ys
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
         x, w = ctx.saved_tensors
-        parts = w.unflatten(1, (ctx.n, -1))
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
         for e, (s, t) in enumerate(ctx.bounds):
-            for i, (dy, part) in enumerate(zip(dys, parts[e])):
+            parts = w[e].split(ctx.sizes)
+            for i, dy in enumerate(dys):
                 if dx is not None:
                     if i == 0:
-                        torch.mm(dy[s:t], part, out=dx[s:t])
+                        torch.mm(dy[s:t], parts[i], out=dx[s:t])
                     else:
-                        dx[s:t].addmm_(dy[s:t], part)
+                        dx[s:t].addmm_(dy[s:t], parts[i])
                 if dw is not None:
-                    torch.mm(dy[s:t].T, x[s:t], out=dw[e].unflatten(0, (ctx.n, -1))[i])
+                    torch.mm(dy[s:t].T, x[s:t], out=dw[e].split(ctx.sizes)[i])
         return dx, dw, None, None
 
 
 def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """One matmul per expert on its contiguous slice of rows (any dtype, any device)."""
-    return _GroupedMatmulLoop.apply(x, w, offsets, 1)[0]
+    return _GroupedMatmulLoop.apply(x, w, offsets, (w.shape[1],))[0]
 
 
-def grouped_mm_chunks(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """`grouped_mm_loop(x, w, offsets).chunk(n, -1)` as n separate contiguous tensors (a GLU's gate and up):
-    no strided halves forward, no concatenation of their gradients backward."""
-    return _GroupedMatmulLoop.apply(x, w, offsets, n)
+def grouped_mm_split(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: Sequence[int]
+                     ) -> tuple[torch.Tensor, ...]:
+    """`grouped_mm_loop(x, w, offsets).split(sizes, -1)` as separate contiguous tensors (a GLU's gate and up):
+    no strided parts forward, no concatenation of their gradients backward."""
+    return _GroupedMatmulLoop.apply(x, w, offsets, tuple(sizes))
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:

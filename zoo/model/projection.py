@@ -8,15 +8,16 @@ expert dimension ([E, out, in] for a weight matrix), so the experts run as one g
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from zoo.kernels.grouped import grouped_mm_chunks_of
+from zoo.kernels.grouped import grouped_mm_split_of
 from zoo.kernels.moe_permute import GatheredRows, materialize
 
 
@@ -53,9 +54,22 @@ class Projection(nn.Module):
             return self.linear(x, self.sparsify)
         return self.linear(self.sparsify(x))
 
-    def chunks(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-        """`self(x).chunk(n, -1)` (a GLU's gate and up); an ExpertProjection may return contiguous parts."""
-        return self(x).chunk(n, dim=-1)
+    def split(self, x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """`forward(x).split(sizes, -1)` as one matmul per block of output rows (e.g. GLU's gate and up).
+
+        Each part comes out contiguous (no strided elementwise work after it) and backward adds the
+        parts' input gradients instead of concatenating their output gradients: faster on CPU. The
+        input transform (sparsity, BitNet's norm and quantization) runs once, so the function is the
+        same. Needs a weights block with `operands`; any other (e.g. the inference kernels of
+        zoo.kernels.prepare, where one fused GEMV is best) runs its forward and splits the result.
+        """
+        operands = getattr(self.linear, "operands", None)
+        if operands is None:
+            return self(x).split(sizes, -1)
+        inside = getattr(self.linear, "sparsify_inside", False)
+        xq, w, b = operands(x, self.sparsify) if inside else operands(self.sparsify(x))
+        biases = [None] * len(sizes) if b is None else b.split(sizes)
+        return tuple(F.linear(xq, wi, bi).to(x.dtype) for wi, bi in zip(w.split(sizes), biases))
 
     def extra_repr(self) -> str:
         return f"role={self.role}, {self.in_features}->{self.out_features}"
@@ -117,11 +131,12 @@ class ExpertProjection(Projection):
         return self.num_experts * self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.chunks(x, 1)[0]
+        return self.split(x, (self.out_features,))[0]
 
-    def chunks(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-        """`self(x).chunk(n, -1)`; grouped, the backend may compute the n parts as separate contiguous tensors
-        (`grouped_mm_chunks`: on CPU a GLU's gate and up are then neither strided nor concatenated in backward)."""
+    def split(self, x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """`forward(x).split(sizes, -1)`; grouped, the backend may compute the parts as separate contiguous
+        tensors (`grouped_mm_split`: on CPU a GLU's gate and up are then neither strided nor concatenated in
+        backward), the experts' matmuls still one grouped call per part."""
         g = self.groups
         if g.offsets is None:
             raise RuntimeError(f"expert projection {self.role} called outside ExpertGroups.sorted_rows")
@@ -130,7 +145,7 @@ class ExpertProjection(Projection):
         if operands is None or not self.grouped:
             x = materialize(x)
             y = self._per_expert(x, self.sparsify) if inside else self._per_expert(self.sparsify(x))
-            return y.chunk(n, dim=-1)
+            return y.split(sizes, -1)
         lazy = x if isinstance(x, GatheredRows) and not getattr(self.linear, "input_per_expert", False) else None
         x, expert = (lazy.tokens, None) if lazy is not None else (materialize(x), g.row_expert)
         xq, w, b = operands(x, self.sparsify, expert=expert) if inside else operands(self.sparsify(x), expert=expert)
@@ -141,10 +156,10 @@ class ExpertProjection(Projection):
                 rows = lazy.token_of_row
             else:
                 xq = lazy.gather_like(xq)
-        ys = (g.backend.grouped_mm(xq, w, g.offsets, rows),) if n == 1 else grouped_mm_chunks_of(
-            g.backend, xq, w, g.offsets, n, rows)
+        ys = (g.backend.grouped_mm(xq, w, g.offsets, rows),) if len(sizes) == 1 else grouped_mm_split_of(
+            g.backend, xq, w, g.offsets, sizes, rows)
         if b is not None:
-            ys = [y + c for y, c in zip(ys, b.index_select(0, g.row_expert).chunk(n, dim=-1))]
+            ys = [y + c for y, c in zip(ys, b.index_select(0, g.row_expert).split(sizes, -1))]
         return tuple(y.to(x.dtype) for y in ys)
 
     @torch.no_grad()
