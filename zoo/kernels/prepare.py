@@ -69,13 +69,13 @@ class TopKLinear(nn.Module):
     def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if gather_pays(rows.shape[0], self.k / self.in_features):
-            values, idx = top_entries(rows, self.k, sparsify)
-            y = topk_matmul(values.to(self.wt.dtype), idx, self.wt, self.bias, impl=self.impl)
+            values, idx = top_entries(rows, self.k, sparsify)  # the kernels multiply in wt's dtype
+            y = topk_matmul(values, idx, self.wt, self.bias, impl=self.impl)
         else:
             rows = (rows if sparsify is None else sparsify(rows)).to(self.wt.dtype)
             y = rows @ self.wt
             y = y if self.bias is None else y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}->{self.out_features}, k={self.k}, Wt layout"
