@@ -103,10 +103,17 @@ def test_quickstart_trains_compares_and_plots(tmp_path, cli):
 
 def test_bench_train_prints_the_ratio_against_transformers(cli):
     res = cli("bench", "train", "--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
-              "--set", "model.ffn.hidden=64", "--batch", "2", "--seq", "16", "--steps", "1", "--json")
+              "--set", "model.ffn.hidden=64", "--batch", "2", "--seq", "16", "--steps", "1", "--threads", "1", "--json")
     assert res.code == 0, res.err
     out = json.loads(res.out)
     assert out["params_zoo"] == out["params_transformers"] and out["ratio_throughput_zoo_over_transformers"] > 0
+    assert out["loss_difference"] < 1e-5 and out["ratio_cpu_time"] > 0 and out["threads"] == 1
+    assert out["tokens_per_step"] == 2 * 16 and out["floor_step_s"] > 0
+
+
+def test_bench_train_refuses_a_recipe_transformers_cannot_express(cli):
+    res = cli("bench", "train", "--set", "model.sparsity.kind=topk", "--steps", "1")
+    assert res.code == 2 and "model.sparsity.kind" in res.err and "Traceback" not in res.err
 
 
 def test_generate_uses_the_inference_form_of_bitnet_qsparse(tmp_path, cli):

@@ -39,7 +39,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int = 0, cache=None) -> torch.Tensor:
         t = x.shape[1]
-        q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        q, k, v = self.qkv.split(x, (self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rearrange(q, "b t (h d) -> b h t d", d=self.hd)

@@ -41,7 +41,7 @@ class GLU(nn.Module):
         self.down.upstream_keep = float(getattr(self.act_sparsity, "keep_fraction", 1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.up_gate(x).chunk(2, dim=-1)
+        gate, up = self.up_gate.split(x, (self.hidden, self.hidden))
         return self.down(self.sub_norm(self.act_sparsity(self.act(gate)) * up))
 
 

@@ -18,20 +18,25 @@ class RoPEConfig:
 
 
 class RoPE(nn.Module):
-    """Half-split layout (as LLaMA in transformers): channel i pairs with i + head_dim/2."""
+    """Half-split layout (as LLaMA in transformers): channel i pairs with i + head_dim/2.
+
+    rotate(x) = x·cos + roll(x, head_dim/2)·sin±, where roll swaps the halves and sin± carries the
+    minus sign of the first half: the same values as x·cos + cat(-x₂, x₁)·sin, in one copy (whose
+    backward is one roll back) instead of chunk, negation and concatenation.
+    """
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
         self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
         self.register_buffer("cos", torch.empty(0), persistent=False)
-        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)  # sin±: [-sin, sin] over the two halves
 
     def _table(self, device) -> None:
         even = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
         inv = 1.0 / self.theta ** (even / self.head_dim)
         ang = torch.outer(torch.arange(self.max_len, device=device, dtype=torch.float64), inv)
-        ang = torch.cat([ang, ang], dim=-1)
-        self.cos, self.sin = ang.cos(), ang.sin()  # float64; cast to the compute dtype per call
+        self.cos = torch.cat([ang.cos(), ang.cos()], dim=-1)  # float64; cast to the compute dtype per call
+        self.sin = torch.cat([-ang.sin(), ang.sin()], dim=-1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: [B, heads, T, head_dim]."""
@@ -45,8 +50,7 @@ class RoPE(nn.Module):
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     xc = x.to(cos.dtype)
-    x1, x2 = xc.chunk(2, dim=-1)
-    return (xc * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    return (xc * cos + xc.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
 @dataclass(frozen=True)
