@@ -12,7 +12,7 @@ from zoo.kernels.ternary import (
     ternary_matmul_reference,
     unpack_ternary,
 )
-from zoo.kernels.topk_matmul import topk_matmul, topk_matmul_reference
+from zoo.kernels.topk_matmul import PARALLEL_MIN_WORK, bag_offsets, topk_matmul, topk_matmul_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -38,6 +38,21 @@ def test_topk_matmul_matches_float64(poison, impl, dtype, n, width, out, k):
     bias = torch.randn(out, device=DEVICE, dtype=dtype)
     ref = topk_matmul_reference(vals.double(), idx, wt.double(), bias.double())
     y = topk_matmul(vals, idx, wt, bias, impl=impl)
+    assert y.shape == (n, out) and y.dtype == dtype
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_matmul_torch_split_into_bags_matches_float64(poison, dtype):
+    """A decode row large enough to be cut into bags over threads (summed after), odd sizes."""
+    n, width, out, k = 1, 1501, 1601, 733
+    assert n * k * out >= PARALLEL_MIN_WORK
+    assert bag_offsets(n, k, out, torch.get_num_threads(), torch.device("cpu")).numel() > 1
+    x = torch.randn(n, width, dtype=dtype)
+    idx = x.abs().topk(k, dim=-1).indices.sort(-1).values
+    vals, wt, bias = x.gather(-1, idx), torch.randn(width, out, dtype=dtype), torch.randn(out, dtype=dtype)
+    ref = topk_matmul_reference(vals.double(), idx, wt.double(), bias.double())
+    y = topk_matmul(vals, idx, wt, bias, impl="torch")
     assert y.shape == (n, out) and y.dtype == dtype
     assert rel_err(y, ref) < TOL[dtype]
 

@@ -5,7 +5,7 @@ import torch
 
 import zoo
 from tests.conftest import RECIPES
-from zoo.kernels.prepare import TernaryLinear, TopKLinear, prepare_inference
+from zoo.kernels.prepare import TernaryLinear, TopKLinear, TransposedLinear, prepare_inference
 
 SHAPE = ["model.n_layers=2", "model.d_model=48", "model.n_heads=4", "model.ffn.hidden=72", "model.vocab_size=61"]
 TOPK = ["model.sparsity.kind='topk'", "model.sparsity.keep=0.4"]
@@ -82,7 +82,27 @@ def test_moe_qsparse_model_prepared_matches():
         assert rel(a, b) < 1e-5
 
 
-def test_dense_model_is_left_alone():
+def test_dense_fp32_model_gets_the_transposed_layout_and_matches():
+    """fp32 on CPU: every dense projection becomes `x @ Wt`; logits match, the state dict keeps its keys."""
     model = build([])
+    keys = set(model.state_dict())
+    torch.manual_seed(0)
+    before = logits_two_ways(model)
+    reference = model.blocks[0].ffn.down.linear.weight.detach().double().clone()
     prepare_inference(model)
     assert not any(isinstance(m, (TopKLinear, TernaryLinear)) for m in model.modules())
+    assert sum(type(m) is TransposedLinear for m in model.modules()) == 2 * 4
+    assert set(model.state_dict()) == keys
+    x = torch.randn(3, 7, model.blocks[0].ffn.down.in_features, dtype=torch.float64)
+    y = model.blocks[0].ffn.down.linear(x.float())
+    assert rel(y, x @ reference.t()) < 1e-6  # against float64, fresh inputs, odd leading dims
+    torch.manual_seed(0)
+    for a, b in zip(logits_two_ways(model), before):
+        assert rel(a, b) < 1e-5
+
+
+def test_dense_bf16_model_is_left_alone():
+    """bf16 on CPU reads W faster through F.linear: nothing to swap."""
+    model = build([]).to(torch.bfloat16)
+    prepare_inference(model)
+    assert not any(isinstance(m, TransposedLinear) for m in model.modules())

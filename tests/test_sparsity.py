@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import zoo
 from tests.conftest import RECIPES
-from zoo.blocks.sparsity import BlockTopK, TopK, topk_mask
+from zoo.blocks.sparsity import BlockTopK, TopK, topk_indices, topk_mask
 
 
 def reference_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -51,6 +51,41 @@ def test_entries_are_the_forward_output_non_zeros_in_index_order(block):
     assert (idx[:, 1:] > idx[:, :-1]).all()
     dense = torch.zeros_like(x).scatter_(1, idx, values)
     assert torch.allclose(dense, block(x), rtol=1e-12, atol=0)
+
+@pytest.mark.parametrize("rows,width", [(1, 1024), (1, 2731), (3, 37), (9, 130), (1, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_topk_indices_are_the_mask_entries_in_order(rows, width, dtype):
+    """The NumPy fast path (no ties at the threshold) and the mask path (ties) give the mask's entries."""
+    x = torch.randn(rows, width, dtype=torch.float64).to(dtype)
+    tied = x.clone()
+    tied[0, : width // 2 + 1] = 1.0  # ties straddling the threshold of row 0
+    for a in (x.abs(), tied.abs()):
+        for k in {0, 1, width // 3, width // 2, width - 1, width}:
+            idx = topk_indices(a, k)
+            assert idx.shape == (rows, k) and idx.dtype == torch.int64
+            expected = reference_mask(a.double(), k).nonzero()[:, -1].view(rows, k)
+            assert torch.equal(idx, expected)
+
+
+@pytest.mark.parametrize("rows,width", [(1, 2731), (4, 77)])
+def test_topk_indices_without_ties_skip_the_mask(rows, width, monkeypatch):
+    """Distinct magnitudes take the NumPy path alone (the mask is never built) and still give its entries."""
+    x = (torch.randperm(rows * width).view(rows, width) + 1.0) * torch.randn(rows, width).sign()
+    expected = {k: reference_mask(x, k).nonzero()[:, -1].view(rows, k) for k in (1, width // 2, width - 1)}
+    monkeypatch.setattr("zoo.blocks.sparsity.topk_mask", lambda *a: pytest.fail("mask path taken"))
+    for k, idx in expected.items():
+        assert torch.equal(topk_indices(x.abs(), k), idx)
+
+
+def test_topk_entries_of_a_decode_row_match_forward():
+    """A batch-1 decode row (the fast path of `entries`) against the float64 forward, fresh inputs, odd width."""
+    block = TopK(1365, 682, rescale=True)
+    x = torch.randn(1, 1365, requires_grad=True)
+    values, idx = block.entries(x)
+    dense = torch.zeros(1, 1365, dtype=torch.float64).scatter_(1, idx, values.double())
+    torch.testing.assert_close(dense, block(x.detach().double()), rtol=1e-6, atol=1e-7)
+    assert not values.requires_grad
+
 
 def test_k_zero_and_k_width():
     x = torch.randn(4, 9)

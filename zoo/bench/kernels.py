@@ -54,7 +54,12 @@ def cold(make, nbytes: int) -> list:
 
 
 def bench_topk(args, device, gbs) -> list[dict]:
-    """Top-K sparse-input matmul vs the dense F.linear on the same rows, per dtype, batch and keep."""
+    """Top-K sparse-input matmul vs the fastest dense matmul on the same rows, per dtype, batch and keep.
+
+    The dense baseline is the fastest dense way to the same rows, all timed here: `F.linear(x, W)`
+    (W [out, in], nn.Linear's), `x @ Wt` (Wt [in, out], the kernel's layout) and, for one row,
+    `F.linear` on the row repeated twice (on CPU bf16 two rows take a faster GEMM path than one).
+    """
     rows = []
     for name, d_in, d_out in _shapes(args, SHAPES):
         for dtype_name in args.dtype:
@@ -63,14 +68,20 @@ def bench_topk(args, device, gbs) -> list[dict]:
             wts = [w.t().contiguous() for w in ws]
             for n in _batches(args, device):
                 x = torch.randn(n, d_in, device=device, dtype=dtype)
-                dense = time_ms(F.linear, [(x, w) for w in ws], device, args.repeat)
+                dense_ways = {"F.linear(x, W)": time_ms(F.linear, [(x, w) for w in ws], device, args.repeat),
+                              "x @ Wt": time_ms(torch.matmul, [(x, wt) for wt in wts], device, args.repeat)}
+                if n == 1:
+                    pair = x.expand(2, -1).contiguous()
+                    dense_ways["F.linear(2 rows)"] = time_ms(F.linear, [(pair, w) for w in ws], device, args.repeat)
+                way, dense = min(dense_ways.items(), key=lambda kv: kv[1].best)
+                baseline = {"baseline": way, **{f"dense {k} ms": round(t.best, 4) for k, t in dense_ways.items()}}
                 for keep in args.keep:
                     k = int(keep * d_in)
                     values, idx = TopK(d_in, k).entries(x)  # the model's selection: ascending indices
                     ms = time_ms(topk_matmul, [(values, idx, wt) for wt in wts], device, args.repeat)
                     read = n * k * d_out * dtype.itemsize
                     rows.append(row("topk", f"{name} {d_in}->{d_out} {dtype_name} b{n} keep{keep}", ms, dense,
-                                    read, gbs, GBs=round(read / ms.best / 1e6, 1)))
+                                    read, gbs, GBs=round(read / ms.best / 1e6, 1), **baseline))
     return rows
 
 

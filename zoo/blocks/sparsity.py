@@ -24,10 +24,7 @@ def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
     if a.device.type != "cpu" or a.numel() <= FEW_ROWS * width:
         return a.kthvalue(width - k + 1, dim=-1, keepdim=True).values
     # NumPy's introselect tracks no indices: ~2-10x faster than torch.kthvalue on CPU for many rows
-    flat = a.reshape(-1, width)
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()  # exact for bf16/fp16 values: the order is unchanged
-    kth = np.partition(flat.numpy(), width - k, axis=-1)[:, width - k]
+    kth = np.partition(_numpy(a.reshape(-1, width)), width - k, axis=-1)[:, width - k]
     return torch.from_numpy(kth).to(a.dtype).reshape(*a.shape[:-1], 1)
 
 
@@ -50,6 +47,28 @@ def topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     tied = mask & ~above
     need = k - above.sum(-1, keepdim=True)
     return above | (tied & (tied.cumsum(-1) <= need))
+
+
+def topk_indices(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices [N, k] of the entries `topk_mask(a, k)` keeps in rows a [N, width], ascending.
+
+    On CPU, when no row holds ties at its threshold (the common case), the indices come from one
+    comparison against the k-th largest value and NumPy's `nonzero`: a few microseconds for a
+    decode row, where the torch mask → `nonzero` chain costs several op dispatches. Rows with ties
+    take the mask path, so the result is always exactly the mask's.
+    """
+    n, width = a.shape
+    if a.device.type == "cpu" and 0 < k < width:
+        kth = kth_largest(a, k)
+        flat = np.flatnonzero(_numpy(a) >= _numpy(kth))
+        if flat.size == n * k:  # every row holds >= k at or above its threshold: no row holds more
+            return torch.from_numpy(flat if n == 1 else flat % width).view(n, k)
+    return topk_mask(a, k).nonzero()[:, -1].view(n, k)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor (bf16/fp16 widened to float32: exact, order kept)."""
+    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
 
 
 class _MaskInput(torch.autograd.Function):
@@ -130,12 +149,15 @@ class TopK(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mask_input(x, self.mask(x), self.ste, self.rescale)
 
-    @torch.no_grad()
+    def kept_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """Ascending indices [N, k] of the entries `forward` keeps in rows x [N, width] (x detached)."""
+        return topk_indices(x.abs(), self.k)
+
     def entries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept entries of rows x [N, width] as (values, indices) [N, k], indices ascending:
-        what `forward` keeps (same mask, same rescale), for sparse-input inference kernels."""
-        mask = self.mask(x)
-        idx = mask.nonzero()[:, -1].view(x.shape[0], self.k)  # the mask keeps exactly k per row
+        what `forward` keeps (same mask, same rescale), for sparse-input inference kernels (no autograd)."""
+        x = x.detach()
+        idx = self.kept_indices(x)
         values = x.gather(-1, idx)
         return (values * norm_ratio(x, values) if self.rescale else values), idx
 
@@ -153,6 +175,9 @@ class BlockTopK(TopK):
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         blocks = x.detach().abs().unflatten(-1, (self.width // self.m, self.m))
         return topk_mask(blocks, self.n).flatten(-2)
+
+    def kept_indices(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mask(x).nonzero()[:, -1].view(x.shape[0], self.k)  # the mask keeps exactly k per row
 
     def extra_repr(self) -> str:
         return f"{self.n}:{self.m} of {self.width}, ste={self.ste}, rescale={self.rescale}"

@@ -3,6 +3,8 @@
 - full-precision weights with a top-K sparsity block (`k` kept inputs per token): `TopKLinear`,
   the weight held once as Wt [in, out] and multiplied by the sparse-input kernel when
   rows · keep < 1 (decode), densely otherwise;
+- other full-precision fp32 weights on CPU: `TransposedLinear`, the same Wt layout, `x @ Wt`
+  (a batch-1 GEMV reads it faster than `F.linear` reads W);
 - frozen BitNet b1.58 weights (`packed` + `scale`): `TernaryLinear`, int8 activations times the
   ternary weight (CPU: unpacked once to int8 for `torch._int_mm`; CUDA: the packed Triton kernel,
   with the top-K gather fused in when the projection's input is top-K sparse).
@@ -37,18 +39,17 @@ def top_entries(x: torch.Tensor, k: int, sparsify: nn.Module | None = None) -> t
     return x.gather(-1, idx), idx
 
 
-class TopKLinear(nn.Module):
-    """y = sparsify(x)·Wᵀ (+ b) for a sparsity block keeping k inputs per row, from Wt [in, out].
+class TransposedLinear(nn.Module):
+    """y = x·Wᵀ (+ b) from the weight held transposed, Wt [in, out] row-major, as `x @ Wt`.
 
-    It takes the projection's sparsity block (`sparsify_inside`) so that at decode the kept
-    entries are selected once, straight into the (values, indices) form the kernel reads.
+    On CPU a batch-1 fp32 GEMV reads Wt faster than `F.linear` reads W [out, in] (measured 10–25 %
+    at decode shapes, docs/benchmarks.md). Saves and loads `weight` [out, in] like nn.Linear, so
+    checkpoints do not change.
     """
 
-    sparsify_inside = True
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, k: int, impl: str = "auto"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features, self.k, self.impl = weight.shape[1], weight.shape[0], k, impl
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("wt", weight.detach().t().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
@@ -66,19 +67,42 @@ class TopKLinear(nn.Module):
             self.wt.copy_(state_dict.pop(prefix + "weight").t())
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    def dense(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [N, in] in wt's dtype → rows·Wᵀ (+ b)."""
+        y = rows @ self.wt
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, Wt layout"
+
+
+class TopKLinear(TransposedLinear):
+    """y = sparsify(x)·Wᵀ (+ b) for a sparsity block keeping k inputs per row, from Wt [in, out].
+
+    It takes the projection's sparsity block (`sparsify_inside`) so that at decode the kept
+    entries are selected once, straight into the (values, indices) form the kernel reads.
+    """
+
+    sparsify_inside = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, k: int, impl: str = "auto"):
+        super().__init__(weight, bias)
+        self.k, self.impl = k, impl
+
     def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if gather_pays(rows.shape[0], self.k / self.in_features):
-            values, idx = top_entries(rows, self.k, sparsify)
-            y = topk_matmul(values.to(self.wt.dtype), idx, self.wt, self.bias, impl=self.impl)
+            values, idx = top_entries(rows, self.k, sparsify)  # the kernels multiply in wt's dtype
+            y = topk_matmul(values, idx, self.wt, self.bias, impl=self.impl)
         else:
-            rows = (rows if sparsify is None else sparsify(rows)).to(self.wt.dtype)
-            y = rows @ self.wt
-            y = y if self.bias is None else y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            y = self.dense((rows if sparsify is None else sparsify(rows)).to(self.wt.dtype))
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}->{self.out_features}, k={self.k}, Wt layout"
+        return f"{super().extra_repr()}, k={self.k}"
 
 
 class TernaryLinear(nn.Module):
@@ -143,4 +167,12 @@ def prepare_inference(model: nn.Module, impl: str = "auto") -> nn.Module:
             proj.linear = TernaryLinear(linear, device, impl)
         elif isinstance(linear, nn.Linear) and k is not None:
             proj.linear = TopKLinear(linear.weight, linear.bias, k, impl)
+        elif isinstance(linear, nn.Linear) and transposed_pays(linear.weight):
+            proj.linear = TransposedLinear(linear.weight, linear.bias)
     return model
+
+
+def transposed_pays(weight: torch.Tensor) -> bool:
+    """Whether a dense projection decodes faster from Wt: fp32 on CPU (`x @ Wt` vs `F.linear`, measured;
+    bf16 is the other way round there, and CUDA's GEMV reads either layout at full speed)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from zoo.kernels.dispatch import choose, triton_module
 
@@ -27,9 +26,12 @@ PARALLEL_MIN_WORK = 1 << 20  # multiply-adds below which splitting a row over th
 
 
 @functools.lru_cache(maxsize=256)
-def bag_offsets(n: int, k: int, step: int, device: torch.device) -> torch.Tensor:
-    """Start of every bag when each of n rows of k entries is cut into bags of `step` (decode reuses them)."""
-    starts = torch.arange(0, k, step, device=device)
+def bag_offsets(n: int, k: int, out: int, threads: int, device: torch.device) -> torch.Tensor:
+    """Start of every bag of the n·k kept entries: each row is cut into ~2 bags per thread so that
+    every thread has work even at batch 1, when the work is large enough to pay for the threads.
+    Cached: decode asks for the same few layouts at every step."""
+    bags = max(1, min(k, -(-2 * threads // n))) if n * k * out >= PARALLEL_MIN_WORK else 1
+    starts = torch.arange(0, k, -(-k // bags), device=device)
     return (torch.arange(n, device=device)[:, None] * k + starts).flatten()
 
 
@@ -37,19 +39,18 @@ def topk_matmul_torch(values: torch.Tensor, indices: torch.Tensor, wt: torch.Ten
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """CPU path: a fused gather-GEMV, `F.embedding_bag` with per-sample weights (no [K, out] temporary).
 
-    Each row is split into a few bags so that every thread has work even at batch 1 (when the
-    work is large enough to pay for the threads); the bags of a row are then summed (a small
-    [rows, bags, out] temporary).
+    The bags of a row (see `bag_offsets`) are summed after (a small [rows, bags, out] temporary).
     """
     n, k = values.shape
-    parallel = n * k * wt.shape[1] >= PARALLEL_MIN_WORK
-    bags = max(1, min(k, -(-2 * torch.get_num_threads() // n))) if parallel else 1
-    offsets = bag_offsets(n, k, -(-k // bags), values.device)
-    y = F.embedding_bag(indices.reshape(-1), wt, offsets, mode="sum",
-                        per_sample_weights=values.reshape(-1).to(wt.dtype))
-    per_row = offsets.numel() // n
-    y = y.view(n, per_row, -1).sum(1) if per_row > 1 else y
-    y = y.to(values.dtype)
+    offsets = bag_offsets(n, k, wt.shape[1], torch.get_num_threads(), values.device)
+    weights = values.reshape(-1)
+    weights = weights if weights.dtype == wt.dtype else weights.to(wt.dtype)
+    # the op behind F.embedding_bag (mode 0 = sum), called directly: decode makes ~100 calls per token
+    y = torch.embedding_bag(wt, indices.reshape(-1), offsets, False, 0, False, weights)[0]
+    if offsets.numel() > n:
+        y = y.view(n, offsets.numel() // n, -1).sum(1)
+    if y.dtype != values.dtype:
+        y = y.to(values.dtype)
     return y if bias is None else y + bias.to(y.dtype)
 
 
