@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import zoo
-from zoo.kernels.grouped import equal_groups, grouped_mm_equal, grouped_mm_loop, grouped_mm_supported, grouped_mm_torch
+from zoo.kernels.grouped import (
+    grouped_mm_loop,
+    grouped_mm_split,
+    grouped_mm_split_of,
+    grouped_mm_supported,
+    grouped_mm_torch,
+)
 
 
 def groups(counts):
@@ -35,30 +41,25 @@ def test_grouped_mm_equals_per_row_float64_with_gradients(impl, counts):
     assert torch.autograd.gradcheck(lambda x, w: impl(x, w, groups(counts)), (x, w))
 
 
-def test_equal_groups_run_as_one_batched_matmul():
-    assert equal_groups(groups([4, 4, 4])) == 4
-    assert equal_groups(groups([4, 5, 3])) is None and equal_groups(groups([0, 0])) is None
-    x, w = torch.randn(12, 8, dtype=torch.float64), torch.randn(3, 6, 8, dtype=torch.float64)
-    torch.testing.assert_close(grouped_mm_equal(x, w, 4), reference(x, w, [4, 4, 4]))
-
-
-def test_torch_grouped_mm_path_in_float32():
-    counts = [5, 0, 11, 3]
-    x = torch.randn(sum(counts), 8)
+@pytest.mark.parametrize("counts", [[5, 0, 11, 3], [0, 9, 1, 0]])
+def test_torch_grouped_mm_path_in_float32_with_gradients(counts):
+    """torch._grouped_mm (the torch backend's path on CPU) against float64: output, dx and dw, an empty
+    expert's weight gradient written as zeros, and dw in the weight's own layout (no copy when accumulated)."""
+    torch.manual_seed(sum(counts))
+    x = torch.randn(sum(counts), 8, requires_grad=True)
     w = torch.randn(4, 12, 8, requires_grad=True)
+    dy = torch.randn(sum(counts), 12)
     assert grouped_mm_supported(x, w)
-    torch.testing.assert_close(grouped_mm_torch(x, w, groups(counts)).double(),
-                               reference(x.double(), w.double(), counts), rtol=1e-5, atol=1e-5)
-
-
-def test_torch_backend_pads_only_balanced_groups_while_training():
-    backend = torch_backend(pad_limit=1.25)
-    balanced, skewed = torch.tensor([10, 11, 9, 10]), torch.tensor([37, 1, 1, 1])
-    assert backend.rows_per_expert(balanced) == 11
-    assert backend.rows_per_expert(skewed) is None
-    with torch.no_grad():
-        assert backend.rows_per_expert(balanced) is None
-    assert torch_backend(pad_limit=1.0).rows_per_expert(balanced) is None
+    y = torch_backend().grouped_mm(x, w, groups(counts))
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference(x64, w64, counts)
+    ref.backward(dy.double())
+    for got, want in [(y, ref), (x.grad, x64.grad), (w.grad, w64.grad)]:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert w.grad.is_contiguous()
+    for e, c in enumerate(counts):
+        assert bool(w.grad[e].any()) == (c > 0)
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [4, 4, 4]])
@@ -72,3 +73,35 @@ def test_grouped_mm_gathers_token_rows(counts, loop):
     impl = torch_backend(grouped_mm=not loop).grouped_mm
     torch.testing.assert_close(impl(x, w, groups(counts), rows), reference(x[rows], w, counts), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x, w: impl(x, w, groups(counts), rows), (x, w))
+
+
+@pytest.mark.parametrize("counts, sizes", [([3, 0, 5, 1], (3, 3)), ([0, 0, 7], (2, 5, 1)), ([2, 9, 0, 0, 1], (4, 2)),
+                                           ([0, 0], (3, 3))])
+def test_grouped_mm_split_gives_contiguous_parts_with_gradients(counts, sizes):
+    """The split loop (a GLU's gate and up from one stacked weight) against the split float64 reference:
+    separate contiguous outputs, gradcheck through all parts, empty experts' weight gradients zero."""
+    torch.manual_seed(sum(counts) + len(sizes))
+    E, n_in = len(counts), 5
+    x = torch.randn(sum(counts), n_in, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E, sum(sizes), n_in, dtype=torch.float64, requires_grad=True)
+    parts = grouped_mm_split(x, w, groups(counts), sizes)
+    assert [p.shape for p in parts] == [(sum(counts), n) for n in sizes] and all(p.is_contiguous() for p in parts)
+    for got, want in zip(parts, reference(x, w, counts).split(sizes, -1), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weights = [torch.randn(sum(counts), n, dtype=torch.float64) for n in sizes]
+    sum(((p * c).sum() for p, c in zip(parts, weights))).backward()
+    assert all(not w.grad[e].any() for e, c in enumerate(counts) if c == 0) and w.grad.is_contiguous()
+    assert torch.autograd.gradcheck(lambda x, w: grouped_mm_split(x, w, groups(counts), sizes), (x, w))
+
+
+def test_backend_without_split_gets_its_grouped_mm_split():
+    class Plain:
+        def grouped_mm(self, x, w, offsets, rows=None):
+            return grouped_mm_loop(x if rows is None else x[rows], w, offsets)
+
+    torch.manual_seed(5)
+    x, w, rows = torch.randn(6, 4), torch.randn(3, 8, 4), torch.tensor([5, 0, 0, 2, 3])
+    got = grouped_mm_split_of(Plain(), x, w, groups([2, 0, 3]), (5, 3), rows)
+    want = torch_backend().grouped_mm_split(x, w, groups([2, 0, 3]), (5, 3), rows)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

@@ -17,14 +17,13 @@ from tests.test_bitnet import formula, reference_topk
 from tests.test_kernels import rel_err
 from tests.test_moe import random_route
 from zoo.blocks.router import Routing
+from zoo.kernels.grouped import grouped_mm_supported
 from zoo.kernels.moe_permute import GatheredRows, RowLayout
 from zoo.model.projection import ExpertProjection
 from zoo.recipe.recipe import recipe_from_dict
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
-BACKENDS = {"triton": "triton", "torch": {"kind": "torch", "pad_limit": 1.0},
-            "torch-padded": {"kind": "torch", "pad_limit": 100.0},
-            "torch-loop": {"kind": "torch", "pad_limit": 1.0, "grouped_mm": False}}
+BACKENDS = {"triton": "triton", "torch": "torch", "torch-loop": {"kind": "torch", "grouped_mm": False}}
 
 
 def ffn_of(model: dict, ffn: dict, registry=None) -> nn.Module:
@@ -72,18 +71,23 @@ def layer_and_twin(E, H, D, backend, sparsity, registry=None, expert=None, dtype
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_moe_layer_forward_backward_per_backend_equals_naive_float64(poison, backend, dtype):
-    """Uneven experts (one empty, one with a single token), odd sizes, top-K on the experts' input (the mask
-    runs on the T tokens before the gather), outputs poisoned with NaN before the call."""
+    """Uneven experts (one empty, one with a single token), odd sizes (for `torch`: sizes torch._grouped_mm
+    takes, so that path runs), top-K on the experts' input (the mask runs on the T tokens before the gather),
+    outputs poisoned with NaN before the call."""
     seed = list(BACKENDS).index(backend) + 10 * (dtype == torch.float16)
     torch.manual_seed(seed)
     g = random.Random(seed)
-    E, T, D, H = 7, g.randint(17, 31), g.choice([21, 27]), g.choice([11, 13])
+    aligned = backend == "torch"
+    E, T = 7, g.randint(17, 31)
+    D, H = (g.choice([24, 40]), g.choice([16, 24])) if aligned else (g.choice([21, 27]), g.choice([11, 13]))
     sparsity = {"kind": "topk", "keep": 0.6, "roles": {"down": {"kind": "none"}}}  # fp16 rounding of the
     moe, dense = layer_and_twin(E, H, D, BACKENDS[backend], sparsity, dtype=dtype)  # hidden would move a down mask
     route = random_route(T, E, 2, [3, 1, 6, 0, 4])  # expert 2 gets nothing (and 5 nothing yet)
     route.experts[T // 2, 0] = 5  # expert 5: exactly one token
     route = Routing(route.weights.requires_grad_(), route.experts, route.probs, route.logits)
     x = torch.randn(T, D, dtype=dtype, requires_grad=True)
+    w = moe.experts.up_gate.linear.weight
+    assert grouped_mm_supported(x, w) == aligned and grouped_mm_supported(x, w.new_empty(E, D, H)) == aligned
     y = moe.dispatch(x, route)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -98,7 +102,7 @@ def test_moe_layer_forward_backward_per_backend_equals_naive_float64(poison, bac
         assert not p.grad[2].any(), name  # an empty expert's gradient is written: zero
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch-padded"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_capacity_mode_per_backend_equals_naive_float64(backend):
     torch.manual_seed(20)
     E, T, D, H = 4, 15, 19, 9
@@ -142,7 +146,7 @@ class TwoPathConfig:
     hidden: int = zoo.recipe.param(8, "width")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch-padded"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_plugin_ffn_kind_as_experts_with_lazily_gathered_input(plugin_registry, backend):
     plugin = types.ModuleType("twopath")
     plugin.zoo_register = zoo.hookimpl(lambda registry: registry.register("ffn", "twopath", TwoPathConfig,
@@ -167,10 +171,10 @@ def test_gathered_rows_gather_once_only_when_used():
     expert = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0, 2])  # 5 tokens × top-2
     order = torch.argsort(expert, stable=True)
     counts = torch.bincount(expert, minlength=3)
-    layout = RowLayout.build(expert, order, counts, 5)  # padded to 5 rows per expert: 5 padding rows
+    layout = RowLayout.build(expert, order, counts)
     rows = GatheredRows(x, layout, 2)
-    assert rows.shape == (15, 3) and rows.dtype == x.dtype and rows.dim() == 2 and rows._gathered is None
-    want = torch.zeros(15, 3, dtype=torch.float64)
+    assert rows.shape == (10, 3) and rows.dtype == x.dtype and rows.dim() == 2 and rows._gathered is None
+    want = torch.zeros(10, 3, dtype=torch.float64)
     want[layout.row_of_pair] = x.detach()[torch.arange(10) // 2]
     doubled = rows * 2
     assert type(doubled) is torch.Tensor and rows._gathered is not None
@@ -223,7 +227,7 @@ def test_bitnet_expert_projection_equals_the_formula(input_norm):
     T, k = 11, 2
     x = torch.randn(T, 19, dtype=torch.float64)
     expert = moe.router(x).experts.flatten()
-    layout = RowLayout.build(expert, torch.argsort(expert, stable=True), torch.bincount(expert, minlength=5), None)
+    layout = RowLayout.build(expert, torch.argsort(expert, stable=True), torch.bincount(expert, minlength=5))
     with moe.groups.sorted_rows(layout.offsets, layout.row_expert):
         y = proj(GatheredRows(x, layout, k))
     lin = proj.linear

@@ -8,12 +8,13 @@ recipe the backend cannot run. Other backends (`triton`, the `megablocks` plugin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from zoo.kernels.grouped import equal_groups, gather_rows, grouped_mm_equal, grouped_mm_loop, grouped_mm_torch
+from zoo.kernels.grouped import gather_rows, grouped_mm_loop, grouped_mm_split, grouped_mm_split_of, grouped_mm_torch
 from zoo.recipe.schema import Validator, param
 
 # What `auto` prefers on a CUDA device when a plugin or module registered it.
@@ -22,28 +23,18 @@ FAST_CUDA_BACKEND = "triton"
 
 @dataclass(frozen=True)
 class TorchBackendConfig:
-    """plain torch: a batched matmul over equal-sized (padded) groups while training with balanced
-    routing, else torch._grouped_mm where the dtype and alignment allow, else one matmul per expert"""
+    """plain torch: torch._grouped_mm over the packed rows where the dtype and alignment allow, else one
+    matmul per expert"""
 
-    pad_limit: float = param(1.25, "while training, pad every expert's rows to the largest group (zero rows, "
-                                   "one bmm) if that adds at most this factor of rows; 1 = never pad", ge=1)
-    grouped_mm: bool = param(True, "use torch._grouped_mm for unequal groups when it supports the operands "
-                                   "(false: one matmul per expert)")
+    grouped_mm: bool = param(True, "use torch._grouped_mm when it supports the operands (false: one matmul "
+                                   "per expert)")
 
 
 class TorchBackend:
     name = "torch"
 
     def __init__(self, cfg: TorchBackendConfig):
-        self.pad_limit, self.use_grouped_mm = cfg.pad_limit, cfg.grouped_mm
-
-    def rows_per_expert(self, counts: torch.Tensor) -> int | None:
-        """Rows to pad each expert's group to, or None (packed). Only while recording gradients: on
-        CPU the backward of a batched matmul is what pays off, and evaluation then sees real rows only."""
-        if not torch.is_grad_enabled() or self.pad_limit <= 1:
-            return None
-        largest, rows = int(counts.max()), int(counts.sum())
-        return largest if 0 < counts.numel() * largest <= self.pad_limit * rows else None
+        self.use_grouped_mm = cfg.grouped_mm
 
     def fuses_gather(self, x: torch.Tensor) -> bool:
         """No: an MoE layer hands us its rows already gathered (its permutation gather has a gather, not an
@@ -53,10 +44,15 @@ class TorchBackend:
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
         x = gather_rows(x, rows)
-        size = equal_groups(offsets)
-        if size is not None:
-            return grouped_mm_equal(x, w, size)
         return (grouped_mm_torch if self.use_grouped_mm else grouped_mm_loop)(x, w, offsets)
+
+    def grouped_mm_split(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: Sequence[int],
+                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """`grouped_mm(...).split(sizes, -1)`; off CUDA as separate contiguous outputs, one matmul per expert
+        and part (a GLU's gate and up: not strided, their gradients not concatenated in backward)."""
+        if x.is_cuda:
+            return self.grouped_mm(x, w, offsets, rows).split(sizes, -1)
+        return grouped_mm_split(gather_rows(x, rows), w, offsets, sizes)
 
 
 @dataclass(frozen=True)
@@ -82,10 +78,6 @@ class AutoBackend:
         """The backend for tensors like `t`."""
         return (self.fast() if t.is_cuda else None) or self.reference
 
-    def rows_per_expert(self, counts: torch.Tensor) -> int | None:
-        pad = getattr(self.on(counts), "rows_per_expert", None)
-        return pad(counts) if pad else None
-
     def fuses_gather(self, x: torch.Tensor) -> bool:
         fuses = getattr(self.on(x), "fuses_gather", None)
         return fuses is None or fuses(x)
@@ -93,6 +85,10 @@ class AutoBackend:
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
         return self.on(x).grouped_mm(x, w, offsets, rows)
+
+    def grouped_mm_split(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: Sequence[int],
+                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return grouped_mm_split_of(self.on(x), x, w, offsets, sizes, rows)
 
 
 def register(registry) -> None:

@@ -117,11 +117,11 @@ class MoE(nn.Module):
             order = order[rank < cap]
             counts = counts.clamp(max=cap)
         sharded = self.groups.parallel  # experts split over ranks (expert parallelism), else None
-        layout = RowLayout.build(expert, order, counts, None if sharded else self.groups.padding(counts))
-        if sharded is None:  # [R, D] rows: R = Σ counts (+ padding rows), gathered by the first projection
+        layout = RowLayout.build(expert, order, counts)
+        if sharded is None:  # [R, D] rows: R = Σ counts, gathered by the first projection
             with self.groups.sorted_rows(layout.offsets, layout.row_expert):
                 rows = self.experts(GatheredRows(x, layout, k))
-        else:  # each row to the rank holding its expert and back (padding, if any, on that rank)
+        else:  # each row to the rank holding its expert and back
             rows = sharded.run(self.experts, sort_tokens(x, layout, k), counts)
         y = combine(rows, route.weights, layout)
         self.last_stats = self.statistics(route, counts, T * k - order.numel())

@@ -10,10 +10,18 @@ The interface every `kernel-backend` implements (docs/moe.md):
     rows     [N] int64      or None: sorted row r is x[rows[r]] (a backend may fuse this gather)
     y        [N, out]       y[r] = x[rows[r]] · w[e(r)]ᵀ (x[r] without rows); differentiable in x and w
 
-Empty experts (equal consecutive offsets) are allowed; offsets[-1] == N.
+Empty experts (equal consecutive offsets) are allowed; offsets[-1] == N. A backend may also offer
+
+    grouped_mm_split(x, w, offsets, sizes, rows=None) -> (y_1, ..., y_len(sizes))
+
+equal to `grouped_mm(...).split(sizes, -1)` but free to return separate contiguous tensors (a GLU's
+gate and up); `grouped_mm_split_of` falls back to the split `grouped_mm` for backends without it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -25,23 +33,59 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.index_select(0, rows)
 
 
+def grouped_mm_split_of(backend: Any, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                        sizes: Sequence[int], rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """`backend.grouped_mm(x, w, offsets, rows).split(sizes, -1)`, through the backend's own `grouped_mm_split`
+    when it has one."""
+    own = getattr(backend, "grouped_mm_split", None)
+    return own(x, w, offsets, sizes, rows) if own else backend.grouped_mm(x, w, offsets, rows).split(sizes, -1)
+
+
+class _GroupedMatmulLoop(torch.autograd.Function):
+    """y_i = x · w[e(row), block i]ᵀ for blocks of `sizes` output rows of each expert's weight: one matmul
+    per expert and block, written into separate contiguous outputs; backward writes dx and dw in place per
+    expert (dw in the weight's own layout, an empty expert's dw zero), so nothing is concatenated or copied."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: tuple[int, ...]
+                ) -> tuple[torch.Tensor, ...]:
+        ends = offsets.tolist()
+        ctx.bounds, ctx.sizes = list(zip([0, *ends[:-1]], ends)), sizes
+        ctx.save_for_backward(x, w)
+        ys = tuple(x.new_empty(x.shape[0], size) for size in sizes)
+        for e, (s, t) in enumerate(ctx.bounds):
+            for y, part in zip(ys, w[e].split(sizes)):
+                torch.mm(x[s:t], part.T, out=y[s:t])
+        return ys
+
+    @staticmethod
+    def backward(ctx, *dys: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
+        for e, (s, t) in enumerate(ctx.bounds):
+            parts = w[e].split(ctx.sizes)
+            for i, dy in enumerate(dys):
+                if dx is not None:
+                    if i == 0:
+                        torch.mm(dy[s:t], parts[i], out=dx[s:t])
+                    else:
+                        dx[s:t].addmm_(dy[s:t], parts[i])
+                if dw is not None:
+                    torch.mm(dy[s:t].T, x[s:t], out=dw[e].split(ctx.sizes)[i])
+        return dx, dw, None, None
+
+
 def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Reference: one matmul per expert on its contiguous slice of rows (any dtype, any device)."""
-    ends = offsets.tolist()
-    starts = [0, *ends[:-1]]
-    return torch.cat([x[s:e] @ w[i].T for i, (s, e) in enumerate(zip(starts, ends))])
+    """One matmul per expert on its contiguous slice of rows (any dtype, any device)."""
+    return _GroupedMatmulLoop.apply(x, w, offsets, (w.shape[1],))[0]
 
 
-def equal_groups(offsets: torch.Tensor) -> int | None:
-    """The common group size when every expert owns the same number of rows (e.g. padded), else None."""
-    size = int(offsets[0])
-    return size if size > 0 and bool((offsets == size * torch.arange(1, len(offsets) + 1,
-                                                                     device=offsets.device)).all()) else None
-
-
-def grouped_mm_equal(x: torch.Tensor, w: torch.Tensor, size: int) -> torch.Tensor:
-    """Groups of `size` rows each: one batched matmul (any dtype; on CPU as fast as one big matmul)."""
-    return torch.bmm(x.view(w.shape[0], size, -1), w.transpose(1, 2)).flatten(0, 1)
+def grouped_mm_split(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: Sequence[int]
+                     ) -> tuple[torch.Tensor, ...]:
+    """`grouped_mm_loop(x, w, offsets).split(sizes, -1)` as separate contiguous tensors (a GLU's gate and up):
+    no strided parts forward, no concatenation of their gradients backward."""
+    return _GroupedMatmulLoop.apply(x, w, offsets, tuple(sizes))
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -55,7 +99,11 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`torch._grouped_mm` where it supports the dtype and alignment, else the per-expert loop."""
+    """`torch._grouped_mm` where it supports the dtype and alignment, else the per-expert loop.
+
+    On CPU `torch._grouped_mm` is the same loop in C++ (one `mm` per group written into one output),
+    and its backward writes the weight gradient in the weight's own layout: fwd+bwd at dense speed.
+    """
     if grouped_mm_supported(x, w):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     return grouped_mm_loop(x, w, offsets)

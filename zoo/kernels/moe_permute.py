@@ -1,10 +1,10 @@
 """Moving MoE rows between token order and expert order, with gather-only backward passes.
 
-Pair p = (token p // k, choice p % k). The experts see R rows sorted by expert: expert e owns
-rows offsets[e-1]:offsets[e]. A `RowLayout` maps both ways: `row_of_pair` [T·k] (a dropped
-pair has none) and `pair_of_row` [R] (a padding row has none; padding exists only when the
-backend asked for equal-sized groups). Forward and backward are both gathers (a permutation's
-adjoint is its inverse), so nothing accumulates with atomics and results are deterministic.
+Pair p = (token p // k, choice p % k). The experts see the R kept pairs as rows sorted by
+expert (packed, no padding): expert e owns rows offsets[e-1]:offsets[e]. A `RowLayout` maps
+both ways: `row_of_pair` [T·k] (a pair dropped over capacity has none) and `pair_of_row` [R].
+Forward and backward are both gathers (a permutation's adjoint is its inverse), so nothing
+accumulates with atomics and results are deterministic.
 
 `GatheredRows` is the experts' input before that gather: an expert projection hands the tokens
 and each row's token to the kernel backend, which gathers inside its grouped matmul.
@@ -24,36 +24,20 @@ class RowLayout:
 
     row_of_pair: torch.Tensor  # [T·k] row of pair p (any valid index where dropped)
     dropped: torch.Tensor  # pairs without a row (over capacity)
-    pair_of_row: torch.Tensor  # [R] pair of row r (any valid index where padding)
-    padding: torch.Tensor  # rows without a pair
+    pair_of_row: torch.Tensor  # [R] pair of row r
     offsets: torch.Tensor  # [E] int32 cumulative rows per expert
     row_expert: torch.Tensor  # [R] expert of each row
 
     @classmethod
-    def build(cls, expert: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, rows_per_expert: int | None,
-              ) -> RowLayout:
-        """`order`: the kept pairs sorted by expert; `counts`: kept pairs per expert;
-        `rows_per_expert`: pad every expert's group to this many rows (None: packed)."""
-        dev, E, n = expert.device, counts.numel(), order.numel()
-        sorted_expert = expert[order]
-        if rows_per_expert is None:
-            rows = torch.arange(n, device=dev)
-            sizes = counts
-        else:
-            start = torch.cumsum(counts, 0) - counts
-            rows = sorted_expert * rows_per_expert + torch.arange(n, device=dev) - start[sorted_expert]
-            sizes = torch.full_like(counts, rows_per_expert)
-        R = int(sizes.sum())
+    def build(cls, expert: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> RowLayout:
+        """`expert`: each pair's expert; `order`: the kept pairs sorted by expert; `counts`: kept pairs per expert."""
+        dev, n = expert.device, order.numel()
         row_of_pair = torch.zeros_like(expert)
-        row_of_pair[order] = rows
+        row_of_pair[order] = torch.arange(n, device=dev)
         has_row = torch.zeros(expert.numel(), dtype=torch.bool, device=dev)
         has_row[order] = True
-        pair_of_row = torch.zeros(R, dtype=order.dtype, device=dev)
-        pair_of_row[rows] = order
-        has_pair = torch.zeros(R, dtype=torch.bool, device=dev)
-        has_pair[rows] = True
-        return cls(row_of_pair, (~has_row).nonzero().squeeze(1), pair_of_row, (~has_pair).nonzero().squeeze(1),
-                   torch.cumsum(sizes, 0).to(torch.int32), torch.repeat_interleave(torch.arange(E, device=dev), sizes))
+        return cls(row_of_pair, (~has_row).nonzero().squeeze(1), order, torch.cumsum(counts, 0).to(torch.int32),
+                   torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts))
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -65,12 +49,12 @@ def _gather(x: torch.Tensor, index: torch.Tensor, zero: torch.Tensor) -> torch.T
 
 
 class _SortTokens(torch.autograd.Function):
-    """rows[r] = x[pair_of_row[r] // k]; backward: dx[t] = Σ_j drows[row_of_pair[t·k + j]]."""
+    """rows[r] = x[pair_of_row[r] // k]; backward: dx[t] = Σ_j drows[row_of_pair[t·k + j]] (dropped: 0)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layout: RowLayout, k: int) -> torch.Tensor:
         ctx.layout, ctx.k = layout, k
-        return _gather(x, layout.pair_of_row // k, layout.padding)
+        return x.index_select(0, layout.pair_of_row // k)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -89,11 +73,11 @@ class _UnsortRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _gather(grad, ctx.layout.pair_of_row, ctx.layout.padding), None
+        return grad.index_select(0, ctx.layout.pair_of_row), None
 
 
 def sort_tokens(x: torch.Tensor, layout: RowLayout, k: int) -> torch.Tensor:
-    """The experts' input rows [R, D] from tokens x [T, D] (padding rows are zero)."""
+    """The experts' input rows [R, D] from tokens x [T, D]."""
     return _SortTokens.apply(x, layout, k)
 
 
@@ -120,7 +104,7 @@ class GatheredRows(torch.Tensor):
     An `ExpertProjection` reads `tokens` and `token_of_row`: it applies the per-token input
     mask to the T tokens once and lets the kernel backend gather inside its grouped matmul.
     Any other use (every torch function or method, e.g. a plugin FFN's own ops) gathers first,
-    once, with `sort_tokens` (padding rows zero), so any FFN kind works as an expert.
+    once, with `sort_tokens`, so any FFN kind works as an expert.
     """
 
     @staticmethod
@@ -132,7 +116,7 @@ class GatheredRows(torch.Tensor):
 
     @property
     def token_of_row(self) -> torch.Tensor:
-        """[R] the token each row copies (padding rows: any valid token; their outputs are never read)."""
+        """[R] the token each row copies."""
         return self.row_layout.pair_of_row // self.k
 
     def gather_like(self, t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from zoo.kernels.grouped import grouped_mm_split_of
 from zoo.kernels.moe_permute import GatheredRows, materialize
 
 
@@ -85,11 +86,6 @@ class ExpertGroups:
         self.row_expert: torch.Tensor | None = None
         self.parallel: Any = None
 
-    def padding(self, counts: torch.Tensor) -> int | None:
-        """Rows to pad every expert's group to when the backend wants equal-sized groups, else None."""
-        pad_to = getattr(self.backend, "rows_per_expert", None)
-        return pad_to(counts) if pad_to else None
-
     @contextmanager
     def sorted_rows(self, offsets: torch.Tensor, row_expert: torch.Tensor) -> Iterator[None]:
         """Inside: inputs are rows sorted by expert; expert e owns rows offsets[e-1]:offsets[e]."""
@@ -135,6 +131,12 @@ class ExpertProjection(Projection):
         return self.num_experts * self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.split(x, (self.out_features,))[0]
+
+    def split(self, x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """`forward(x).split(sizes, -1)`; grouped, the backend may compute the parts as separate contiguous
+        tensors (`grouped_mm_split`: on CPU a GLU's gate and up are then neither strided nor concatenated in
+        backward), the experts' matmuls still one grouped call per part."""
         g = self.groups
         if g.offsets is None:
             raise RuntimeError(f"expert projection {self.role} called outside ExpertGroups.sorted_rows")
@@ -142,7 +144,8 @@ class ExpertProjection(Projection):
         operands = getattr(self.linear, "operands", None)
         if operands is None or not self.grouped:
             x = materialize(x)
-            return self._per_expert(x, self.sparsify) if inside else self._per_expert(self.sparsify(x))
+            y = self._per_expert(x, self.sparsify) if inside else self._per_expert(self.sparsify(x))
+            return y.split(sizes, -1)
         lazy = x if isinstance(x, GatheredRows) and not getattr(self.linear, "input_per_expert", False) else None
         x, expert = (lazy.tokens, None) if lazy is not None else (materialize(x), g.row_expert)
         xq, w, b = operands(x, self.sparsify, expert=expert) if inside else operands(self.sparsify(x), expert=expert)
@@ -153,14 +156,11 @@ class ExpertProjection(Projection):
                 rows = lazy.token_of_row
             else:
                 xq = lazy.gather_like(xq)
-        y = g.backend.grouped_mm(xq, w, g.offsets, rows)
+        ys = (g.backend.grouped_mm(xq, w, g.offsets, rows),) if len(sizes) == 1 else grouped_mm_split_of(
+            g.backend, xq, w, g.offsets, sizes, rows)
         if b is not None:
-            y = y + b.index_select(0, g.row_expert)
-        return y.to(x.dtype)
-
-    def split(self, x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
-        """`forward(x).split(sizes, -1)`: the experts' grouped matmul stays one call."""
-        return self(x).split(sizes, -1)
+            ys = [y + c for y, c in zip(ys, b.index_select(0, g.row_expert).split(sizes, -1))]
+        return tuple(y.to(x.dtype) for y in ys)
 
     @torch.no_grad()
     def freeze(self) -> None:

@@ -52,8 +52,7 @@ class ExpertParallel:
         expert = torch.repeat_interleave(torch.arange(self.local, device=rows.device).repeat(self.size),
                                          recv_counts.flatten())
         per_expert = recv_counts.sum(0)
-        layout = RowLayout.build(expert, torch.argsort(expert, stable=True), per_expert,
-                                 self.groups.padding(per_expert))
+        layout = RowLayout.build(expert, torch.argsort(expert, stable=True), per_expert)
         with self.groups.sorted_rows(layout.offsets, layout.row_expert):
             out = experts(GatheredRows(got, layout, 1))  # the local permutation is gathered by the first projection
         return _Exchange.apply(unsort_rows(out, layout), recv, send, self.group)
