@@ -174,3 +174,31 @@ def test_init_std_and_scaled_output_projections(tiny_recipe):
     model = zoo.build(tiny_recipe("model.d_model=256", "model.ffn.hidden=512", "model.n_layers=8"))
     assert model.blocks[0].attn.qkv.linear.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].ffn.down.linear.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype, wdtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                           (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rms_norm_backward_equals_autograd_of_the_plain_expression(dtype, wdtype, per_row):
+    """rms_norm's written-out backward against autograd through x·rsqrt(mean(x²)+eps) (statistics in fp32+)."""
+    from zoo.blocks.norm import rms_norm
+
+    torch.manual_seed(3)
+    x = (torch.randn(5, 3, 37, dtype=torch.float64) * 3).to(dtype)
+    w = (torch.rand(*((5, 3, 37) if per_row else (37,)), dtype=torch.float64) + 0.5).to(wdtype)
+    g = torch.randn(5, 3, 37, dtype=torch.float64).to(torch.promote_types(dtype, wdtype))
+
+    def plain(x, w):
+        xc = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+
+    results = []
+    for fn in (rms_norm, lambda x, w, eps: plain(x, w)):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xs, ws, 1e-5)
+        y.backward(g)
+        results.append((y, xs.grad, ws.grad))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)

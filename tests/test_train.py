@@ -157,3 +157,27 @@ def test_adamw_decays_matrices_only_stacked_expert_vectors_count_as_vectors():
         assert (id(p) in decayed) == matrix, name
     stacked_bias = [n for n, p in model.named_parameters() if getattr(p, "expert_dims", 0) and p.dim() == 2]
     assert stacked_bias and all(id(dict(model.named_parameters())[n]) not in decayed for n in stacked_bias)
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_per_tensor_loop(tiny_model):
+    """zoo's AdamW uses torch's fused kernel where it can; its updates equal the plain per-tensor AdamW's."""
+    cfg = zoo.load_recipe(RECIPES / "tiny/dense.toml").optim.config
+    twin = [p.detach().clone().requires_grad_() for p in tiny_model.parameters()]
+    opt = zoo.registry.get_registry().get("optimizer", "adamw").factory(cfg, tiny_model.parameters())
+    assert all(g["fused"] for g in opt.param_groups)
+    ref = torch.optim.AdamW([{"params": [t for p, t in zip(tiny_model.parameters(), twin) if p.dim() >= 2],
+                              "weight_decay": cfg.weight_decay},
+                             {"params": [t for p, t in zip(tiny_model.parameters(), twin) if p.dim() < 2],
+                              "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+    torch.manual_seed(0)
+    for _ in range(3):
+        for p, t in zip(tiny_model.parameters(), twin):
+            p.grad = torch.randn_like(p)
+            t.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, t in zip(tiny_model.parameters(), twin):
+        torch.testing.assert_close(p, t, rtol=1e-6, atol=1e-7)
+    from zoo.train.optim import fusable
+
+    assert not fusable([torch.zeros(2, dtype=torch.int64)]) and not fusable([])
