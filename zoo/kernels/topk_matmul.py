@@ -22,7 +22,7 @@ def topk_matmul_reference(values: torch.Tensor, indices: torch.Tensor, wt: torch
     return y if bias is None else y + bias.to(y.dtype)
 
 
-PARALLEL_MIN_WORK = 1 << 20  # multiply-adds below which splitting a row over threads costs more than it saves
+PARALLEL_MIN_WORK = 1 << 18  # multiply-adds below which splitting a row over threads costs more than it saves
 
 
 @functools.lru_cache(maxsize=256)
