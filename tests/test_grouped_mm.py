@@ -77,21 +77,24 @@ def test_grouped_mm_gathers_token_rows(counts, loop):
 
 @pytest.mark.parametrize("counts, sizes", [([3, 0, 5, 1], (3, 3)), ([0, 0, 7], (2, 5, 1)), ([2, 9, 0, 0, 1], (4, 2)),
                                            ([0, 0], (3, 3))])
-def test_grouped_mm_split_gives_contiguous_parts_with_gradients(counts, sizes):
+@pytest.mark.parametrize("gather", [False, True])
+def test_grouped_mm_split_gives_contiguous_parts_with_gradients(counts, sizes, gather):
     """The split loop (a GLU's gate and up from one stacked weight) against the split float64 reference:
-    separate contiguous outputs, gradcheck through all parts, empty experts' weight gradients zero."""
-    torch.manual_seed(sum(counts) + len(sizes))
+    separate contiguous outputs, gradcheck through all parts, empty experts' weight gradients zero; with
+    `rows` each expert gathers its tokens (repeated and unused tokens; dx added back per expert)."""
+    torch.manual_seed(sum(counts) + len(sizes) + gather)
     E, n_in = len(counts), 5
-    x = torch.randn(sum(counts), n_in, dtype=torch.float64, requires_grad=True)
+    rows = torch.randint(0, 6, (sum(counts),)) if gather else None
+    x = torch.randn(7 if gather else sum(counts), n_in, dtype=torch.float64, requires_grad=True)
     w = torch.randn(E, sum(sizes), n_in, dtype=torch.float64, requires_grad=True)
-    parts = grouped_mm_split(x, w, groups(counts), sizes)
+    parts = grouped_mm_split(x, w, groups(counts), sizes, rows)
     assert [p.shape for p in parts] == [(sum(counts), n) for n in sizes] and all(p.is_contiguous() for p in parts)
-    for got, want in zip(parts, reference(x, w, counts).split(sizes, -1), strict=True):
+    for got, want in zip(parts, reference(x if rows is None else x[rows], w, counts).split(sizes, -1), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     weights = [torch.randn(sum(counts), n, dtype=torch.float64) for n in sizes]
     sum(((p * c).sum() for p, c in zip(parts, weights))).backward()
     assert all(not w.grad[e].any() for e, c in enumerate(counts) if c == 0) and w.grad.is_contiguous()
-    assert torch.autograd.gradcheck(lambda x, w: grouped_mm_split(x, w, groups(counts), sizes), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: grouped_mm_split(x, w, groups(counts), sizes, rows), (x, w))
 
 
 def test_backend_without_split_gets_its_grouped_mm_split():

@@ -18,7 +18,7 @@ from tests.test_kernels import rel_err
 from tests.test_moe import random_route
 from zoo.blocks.router import Routing
 from zoo.kernels.grouped import grouped_mm_supported
-from zoo.kernels.moe_permute import GatheredRows, RowLayout
+from zoo.kernels.moe_permute import GatheredRows, RowLayout, combine, sort_tokens
 from zoo.model.projection import ExpertProjection
 from zoo.recipe.recipe import recipe_from_dict
 
@@ -182,6 +182,37 @@ def test_gathered_rows_gather_once_only_when_used():
     torch.testing.assert_close(rows.sum(-1), want.sum(-1))  # the same gather, reused
     doubled.sum().backward()
     torch.testing.assert_close(x.grad, torch.full_like(x, 4.0))  # each token sits in two rows
+
+
+@pytest.mark.parametrize("cap", [None, 2, 0])  # dropless, some pairs dropped, every pair dropped
+def test_permutation_gather_and_combine_equal_per_pair_loop_with_gradients(cap):
+    """sort_tokens and combine (embedding_bag forward / gather backward) against a per-pair float64 loop:
+    uneven and empty experts, odd sizes, dropped pairs contributing 0; gradcheck in x, rows and gates."""
+    torch.manual_seed(24)
+    T, k, E, D = 11, 3, 5, 7
+    expert = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)]).flatten()  # expert E-1 stays empty
+    order = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=E)
+    if cap is not None:
+        start = torch.cumsum(counts, 0) - counts
+        order = order[torch.arange(order.numel()) - start[expert[order]] < cap]
+        counts = counts.clamp(max=cap)
+    layout = RowLayout.build(expert, order, counts)
+    kept = set(order.tolist())
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(order.numel(), D, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    want_rows = torch.stack([x[p // k] for p in order.tolist()]) if kept else x.new_zeros(0, D)
+    torch.testing.assert_close(sort_tokens(x, layout, k), want_rows)
+    row = {p: r for r, p in enumerate(order.tolist())}
+    want_y = torch.stack([sum((gates[t, j] * rows[row[t * k + j]] for j in range(k) if t * k + j in kept),
+                              x.new_zeros(D)) for t in range(T)])
+    torch.testing.assert_close(combine(rows, gates, layout), want_y)
+    assert torch.autograd.gradcheck(lambda x: sort_tokens(x, layout, k), (x,))
+    assert torch.autograd.gradcheck(lambda rows, gates: combine(rows, gates, layout), (rows, gates))
+    y = combine(rows, gates, layout)
+    y.backward(torch.randn_like(y))
+    assert all(gates.grad.flatten()[p] == 0 for p in range(T * k) if p not in kept)
 
 
 def bitnet_moe(input_norm: bool, bias: bool, E=5, D=19, H=9, keep=0.5) -> nn.Module:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from zoo.kernels.grouped import gather_rows, grouped_mm_loop, grouped_mm_split, grouped_mm_split_of, grouped_mm_torch
+from zoo.kernels.grouped import gather_rows, grouped_mm_split, grouped_mm_split_of, grouped_mm_torch
 from zoo.recipe.schema import Validator, param
 
 # What `auto` prefers on a CUDA device when a plugin or module registered it.
@@ -37,22 +37,24 @@ class TorchBackend:
         self.use_grouped_mm = cfg.grouped_mm
 
     def fuses_gather(self, x: torch.Tensor) -> bool:
-        """No: an MoE layer hands us its rows already gathered (its permutation gather has a gather, not an
-        index_add, as backward: faster on CPU than x[rows] here). `rows` still works when given."""
-        return False
+        """Off CUDA: the per-expert loop gathers each expert's token rows itself (see grouped_mm_split)."""
+        return not x.is_cuda
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
-        x = gather_rows(x, rows)
-        return (grouped_mm_torch if self.use_grouped_mm else grouped_mm_loop)(x, w, offsets)
+        return self.grouped_mm_split(x, w, offsets, (w.shape[1],), rows)[0]
 
     def grouped_mm_split(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: Sequence[int],
                          rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """`grouped_mm(...).split(sizes, -1)`; off CUDA as separate contiguous outputs, one matmul per expert
-        and part (a GLU's gate and up: not strided, their gradients not concatenated in backward)."""
+        """`grouped_mm(...).split(sizes, -1)`. Rows already sorted, one part (or any on CUDA): torch._grouped_mm
+        where it takes the operands. Else, on CPU, one matmul per expert and part (grouped_mm_split), each
+        expert gathering its own token rows: the parts come out contiguous (a GLU's gate and up: not strided,
+        their gradients not concatenated), no gathered copy of the input is made, forward or backward."""
         if x.is_cuda:
-            return self.grouped_mm(x, w, offsets, rows).split(sizes, -1)
-        return grouped_mm_split(gather_rows(x, rows), w, offsets, sizes)
+            x, rows = gather_rows(x, rows), None
+        if rows is None and (len(sizes) == 1 or x.is_cuda) and self.use_grouped_mm:
+            return grouped_mm_torch(x, w, offsets).split(sizes, -1)
+        return grouped_mm_split(x, w, offsets, sizes, rows)
 
 
 @dataclass(frozen=True)

@@ -41,51 +41,65 @@ def grouped_mm_split_of(backend: Any, x: torch.Tensor, w: torch.Tensor, offsets:
     return own(x, w, offsets, sizes, rows) if own else backend.grouped_mm(x, w, offsets, rows).split(sizes, -1)
 
 
+def _expert_rows(x: torch.Tensor, rows: torch.Tensor | None, s: int, t: int) -> torch.Tensor:
+    """Sorted rows s:t: a slice of x, or (with `rows`) those tokens gathered into a small block."""
+    return x[s:t] if rows is None else x.index_select(0, rows[s:t])
+
+
 class _GroupedMatmulLoop(torch.autograd.Function):
-    """y_i = x · w[e(row), block i]ᵀ for blocks of `sizes` output rows of each expert's weight: one matmul
-    per expert and block, written into separate contiguous outputs; backward writes dx and dw in place per
-    expert (dw in the weight's own layout, an empty expert's dw zero), so nothing is concatenated or copied."""
+    """y_i = x[rows] · w[e(row), block i]ᵀ for blocks of `sizes` output rows of each expert's weight: one
+    matmul per expert and block, written into separate contiguous outputs. With `rows` each expert gathers its
+    token rows into a block of its own (cache-sized; no [N, in] copy of the input is kept) and backward adds
+    its rows' dx back to their tokens (`index_add_`, one expert at a time, in a fixed order). dx and dw are
+    written in place per expert (dw in the weight's own layout, an empty expert's dw zero): nothing is
+    concatenated or copied."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: tuple[int, ...]
-                ) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: tuple[int, ...],
+                rows: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         ends = offsets.tolist()
         ctx.bounds, ctx.sizes = list(zip([0, *ends[:-1]], ends)), sizes
-        ctx.save_for_backward(x, w)
-        ys = tuple(x.new_empty(x.shape[0], size) for size in sizes)
+        ctx.save_for_backward(x, w, rows)
+        n = x.shape[0] if rows is None else rows.shape[0]
+        ys = tuple(x.new_empty(n, size) for size in sizes)
         for e, (s, t) in enumerate(ctx.bounds):
+            xe = _expert_rows(x, rows, s, t)
             for y, part in zip(ys, w[e].split(sizes)):
-                torch.mm(x[s:t], part.T, out=y[s:t])
+                torch.mm(xe, part.T, out=y[s:t])
         return ys
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
-        x, w = ctx.saved_tensors
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        x, w, rows = ctx.saved_tensors
+        dx = None if not ctx.needs_input_grad[0] else torch.empty_like(x) if rows is None else torch.zeros_like(x)
         dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
         for e, (s, t) in enumerate(ctx.bounds):
             parts = w[e].split(ctx.sizes)
-            for i, dy in enumerate(dys):
-                if dx is not None:
-                    if i == 0:
-                        torch.mm(dy[s:t], parts[i], out=dx[s:t])
-                    else:
-                        dx[s:t].addmm_(dy[s:t], parts[i])
-                if dw is not None:
-                    torch.mm(dy[s:t].T, x[s:t], out=dw[e].split(ctx.sizes)[i])
-        return dx, dw, None, None
+            if dx is not None:
+                dxe = dx[s:t] if rows is None else x.new_empty(t - s, x.shape[1])
+                torch.mm(dys[0][s:t], parts[0], out=dxe)
+                for dy, part in zip(dys[1:], parts[1:]):
+                    dxe.addmm_(dy[s:t], part)
+                if rows is not None:
+                    dx.index_add_(0, rows[s:t], dxe)
+            if dw is not None:
+                xe = _expert_rows(x, rows, s, t)
+                for dwi, dy in zip(dw[e].split(ctx.sizes), dys):
+                    torch.mm(dy[s:t].T, xe, out=dwi)
+        return dx, dw, None, None, None
 
 
-def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """One matmul per expert on its contiguous slice of rows (any dtype, any device)."""
-    return _GroupedMatmulLoop.apply(x, w, offsets, (w.shape[1],))[0]
+def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The `grouped_mm` contract as one matmul per expert (any dtype, any device; `rows` gathered per expert)."""
+    return _GroupedMatmulLoop.apply(x, w, offsets, (w.shape[1],), rows)[0]
 
 
-def grouped_mm_split(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: Sequence[int]
-                     ) -> tuple[torch.Tensor, ...]:
-    """`grouped_mm_loop(x, w, offsets).split(sizes, -1)` as separate contiguous tensors (a GLU's gate and up):
-    no strided parts forward, no concatenation of their gradients backward."""
-    return _GroupedMatmulLoop.apply(x, w, offsets, tuple(sizes))
+def grouped_mm_split(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: Sequence[int],
+                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """`grouped_mm_loop(x, w, offsets, rows).split(sizes, -1)` as separate contiguous tensors (a GLU's gate and
+    up): no strided parts forward, no concatenation of their gradients backward."""
+    return _GroupedMatmulLoop.apply(x, w, offsets, tuple(sizes), rows)
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:

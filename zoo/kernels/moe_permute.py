@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
 
@@ -48,6 +49,18 @@ def _gather(x: torch.Tensor, index: torch.Tensor, zero: torch.Tensor) -> torch.T
     return out.index_fill_(0, zero, 0) if zero.numel() else out
 
 
+def _sum_pairs(rows: torch.Tensor, layout: RowLayout, k: int, gates: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = Σ_j gates[t, j] · rows[row_of_pair[t·k + j]] (gates 1 if None; dropped pairs add 0), in one pass:
+    `embedding_bag` gathers and sums each token's k rows without a [T·k, D] intermediate."""
+    T = layout.row_of_pair.numel() // k
+    if rows.shape[0] == 0:  # every pair dropped
+        return rows.new_zeros(T, rows.shape[1])
+    if layout.dropped.numel():
+        gates = (torch.ones(T, k, dtype=rows.dtype, device=rows.device) if gates is None else gates).flatten()
+        gates = gates.index_fill(0, layout.dropped, 0).view(T, k)
+    return F.embedding_bag(layout.row_of_pair.view(T, k), rows, mode="sum", per_sample_weights=gates)
+
+
 class _SortTokens(torch.autograd.Function):
     """rows[r] = x[pair_of_row[r] // k]; backward: dx[t] = Σ_j drows[row_of_pair[t·k + j]] (dropped: 0)."""
 
@@ -58,9 +71,29 @@ class _SortTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        layout = ctx.layout
-        pairs = _gather(grad, layout.row_of_pair, layout.dropped)
-        return pairs.view(-1, ctx.k, grad.shape[-1]).sum(1), None, None
+        return _sum_pairs(grad, ctx.layout, ctx.k), None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y[t] = Σ_j gates[t, j] · rows[row_of_pair[t·k + j]]; backward by gathers: drows[r] = gate(r) · dy[token(r)],
+    dgate[t, j] = dy[t] · rows[row_of_pair[t·k + j]] (0 for dropped pairs)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, gates: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+        g = gates.to(rows.dtype)
+        ctx.save_for_backward(rows, g)
+        ctx.layout, ctx.gates_dtype = layout, gates.dtype
+        return _sum_pairs(rows, layout, gates.shape[1], g)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        rows, g = ctx.saved_tensors
+        pair_of_row = ctx.layout.pair_of_row
+        dy_rows = dy.index_select(0, pair_of_row // g.shape[1])  # [R, D]: each row's token gradient
+        dgates = g.new_zeros(g.numel())
+        dgates[pair_of_row] = torch.bmm(dy_rows.unsqueeze(1), rows.unsqueeze(2)).flatten()
+        drows = dy_rows.mul_(g.flatten().index_select(0, pair_of_row).unsqueeze(1))
+        return drows, dgates.view_as(g).to(ctx.gates_dtype), None
 
 
 class _UnsortRows(torch.autograd.Function):
@@ -88,9 +121,7 @@ def unsort_rows(rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
 
 def combine(rows: torch.Tensor, gates: torch.Tensor, layout: RowLayout) -> torch.Tensor:
     """y[t] = Σ_j gates[t, j] · rows[row_of_pair[t·k + j]]: expert outputs back in token order, weighted."""
-    T, k = gates.shape
-    pairs = unsort_rows(rows, layout).view(T, k, rows.shape[-1])
-    return torch.bmm(gates.to(rows.dtype).unsqueeze(1), pairs).squeeze(1)
+    return _Combine.apply(rows, gates, layout)
 
 
 # Tensor attributes a GatheredRows answers without gathering (it carries the rows' shape, dtype and device).
