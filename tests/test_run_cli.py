@@ -116,6 +116,18 @@ def test_bench_train_refuses_a_recipe_transformers_cannot_express(cli):
     assert res.code == 2 and "model.sparsity.kind" in res.err and "Traceback" not in res.err
 
 
+def test_bench_moe_reports_best_and_paired_ratios_for_both_weight_kinds(cli):
+    res = cli("bench", "moe", "--tokens", "37", "--d-model", "16", "--experts", "3", "--hidden", "24",
+              "--repeats", "3", "--threads", "1", "--json")
+    assert res.code == 0, res.err
+    out = json.loads(res.out)
+    assert set(out["weights"]) == {"fp", "bitnet158"} and out["threads"] == 1
+    for row, base in zip(out["weights"].values(), ("naive_loop", "per_expert")):
+        assert set(row["seconds"]) == {"moe", "dense", base} == set(row["paired_ratio_vs_dense"])
+        assert row["ratio_vs_dense"]["dense"] == row["paired_ratio_vs_dense"]["dense"] == 1.0
+        assert all(0 < r < float("inf") for r in row["paired_ratio_vs_dense"].values())
+
+
 def test_generate_uses_the_inference_form_of_bitnet_qsparse(tmp_path, cli):
     r = tiny_run(tmp_path, **{"train.steps": 1, "train.eval_every": 0, "model.weights": {"kind": "bitnet158"},
                               "model.sparsity": {"kind": "topk", "keep": 0.5}})

@@ -8,6 +8,7 @@ how such experts ran before BitLinear had `operands`).
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 import torch
@@ -82,13 +83,13 @@ def cases(args, weights: str) -> dict:
     return {"moe": (moe, params), "dense": (dense, list(dense.parameters())), baseline[0]: (baseline[1], params)}
 
 
-def time_fwd_bwd(cases: dict, x: torch.Tensor, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Best wall seconds and best process CPU seconds of forward + backward per case. Cases run
-    interleaved so that load from other processes hits them alike (one warm-up round first); the
-    CPU time is what the work costs whatever the load (at one thread: the uncontended time)."""
+def time_fwd_bwd(cases: dict, x: torch.Tensor, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process CPU seconds of forward + backward per case and round. Cases run interleaved
+    (one warm-up round first) so that load from other processes, or the host's, hits a round's cases
+    alike; the CPU time is what the work costs whatever the load (at one thread: the uncontended time)."""
     grad = torch.randn_like(x)
-    wall = {name: float("inf") for name in cases}
-    cpu = dict(wall)
+    wall: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(repeats + 1):
         for name, (fn, params) in cases.items():
             for p in params:
@@ -96,9 +97,15 @@ def time_fwd_bwd(cases: dict, x: torch.Tensor, repeats: int) -> tuple[dict[str, 
             t, c = time.perf_counter(), time.process_time()
             fn(x).backward(grad)
             if i:
-                wall[name] = min(wall[name], time.perf_counter() - t)
-                cpu[name] = min(cpu[name], time.process_time() - c)
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
     return wall, cpu
+
+
+def paired_ratio(times: dict[str, list[float]], name: str) -> float:
+    """Median over rounds of `name`'s time over dense's in the same round (a paired statistic: a slow
+    stretch of the machine slows both sides of a round, so it cancels)."""
+    return statistics.median(t / d for t, d in zip(times[name], times["dense"]))
 
 
 def bandwidth() -> float:
@@ -125,10 +132,12 @@ def run(args) -> int:
     rows = {}
     for weights in args.weights:
         layer = cases(args, weights)
-        results, cpu = time_fwd_bwd(layer, x, args.repeats)
+        walls, cpus = time_fwd_bwd(layer, x, args.repeats)
+        results, cpu = {n: min(t) for n, t in walls.items()}, {n: min(t) for n, t in cpus.items()}
         rows[weights] = {"backend": layer["moe"][0].backend.name, "seconds": results, "cpu_seconds": cpu,
                          "ratio_vs_dense": {n: t / results["dense"] for n, t in results.items()},
                          "cpu_ratio_vs_dense": {n: t / cpu["dense"] for n, t in cpu.items()},
+                         "paired_ratio_vs_dense": {n: paired_ratio(walls, n) for n in walls},
                          "gflops_per_s": {n: flops / t / 1e9 for n, t in results.items()}}
     report = {"shape": {"tokens": T, "d_model": D, "experts": E, "top_k": k, "hidden": H, "keep": args.keep},
               "weights": rows, "bandwidth_gb_s": bw / 1e9, "bytes_floor_seconds": moved / bw,
@@ -143,10 +152,11 @@ def run(args) -> int:
         print(f" {what}  (backend {row['backend']}; dense: the same kind with hidden {k * H})")
         for n, t in row["seconds"].items():
             print(f"  {n:<11} {t * 1e3:9.1f} ms   ×{row['ratio_vs_dense'][n]:.3f} vs dense   "
-                  f"{row['gflops_per_s'][n]:6.1f} GFLOP/s   CPU {row['cpu_seconds'][n] * 1e3:9.1f} ms "
-                  f"×{row['cpu_ratio_vs_dense'][n]:.3f}")
+                  f"(paired ×{row['paired_ratio_vs_dense'][n]:.3f})   {row['gflops_per_s'][n]:6.1f} GFLOP/s   "
+                  f"CPU {row['cpu_seconds'][n] * 1e3:9.1f} ms ×{row['cpu_ratio_vs_dense'][n]:.3f}")
         base = next(n for n in row["seconds"] if n not in ("moe", "dense"))
         print(f"  moe is ×{row['seconds'][base] / row['seconds']['moe']:.2f} faster than {base} "
               f"(CPU time ×{row['cpu_seconds'][base] / row['cpu_seconds']['moe']:.2f})")
+    print(" best of the rounds each; paired = median over rounds of (case / dense in the same round)")
     print(f" bytes floor {moved / bw * 1e3:9.1f} ms   ({moved / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s measured)")
     return 0
