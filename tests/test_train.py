@@ -31,6 +31,19 @@ def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
     assert zoo.load(step_dirs(run)[-1]) is not None
 
 
+def test_summary_times_decode_on_the_inference_form_zoo_generate_runs(tmp_path, monkeypatch):
+    from zoo.kernels.prepare import TernaryLinear, TopKLinear
+
+    seen = []
+    monkeypatch.setattr(loop, "decode_tokens_per_s", lambda model, prompt: seen.append(model) or 123.0)
+    r = tiny_run(tmp_path, **{"train.steps": 2, "model.sparsity": {"kind": "topk", "keep": 0.5}})
+    assert train(r, tmp_path / "qs", progress=False)["decode_tokens_per_s"] == 123.0
+    assert any(isinstance(m, TopKLinear) for m in seen[-1].modules()) and not seen[-1].training
+    r = tiny_run(tmp_path, **{"train.steps": 2, "model.weights": {"kind": "bitnet158"}})
+    train(r, tmp_path / "bn", progress=False)
+    assert any(isinstance(m, TernaryLinear) for m in seen[-1].modules())
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     r = tiny_run(tmp_path, **{"train.ckpt_every": 3, "train.steps": 8})
     train(r, tmp_path / "a", progress=False)

@@ -23,6 +23,7 @@ from zoo.errors import CheckpointError, RecipeError, ZooError
 from zoo.eval.evaluate import sparsity_summary
 from zoo.eval.perplexity import autocast, decode_tokens_per_s, eval_loss, perplexity
 from zoo.io.checkpoint import load
+from zoo.kernels import prepare_inference
 from zoo.model.accounting import account
 from zoo.model.build import build
 from zoo.recipe.recipe import Recipe, load_recipe
@@ -282,13 +283,14 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
     if state.step < cfg.steps:
         return {"step": state.step, "checkpoint": str(ckpt)}
     if par.main:  # a sharded model cannot run forward on one rank alone: the summary measures the checkpoint
-        write_summary(out, recipe, load(ckpt) if par.sharded else model, data, state, val)
+        write_summary(out, recipe, load(ckpt) if par.sharded else model, data, state, val, ckpt)
     par.barrier()
     return json.loads((out / SUMMARY).read_text(encoding="utf-8"))
 
 
-def write_summary(out: Path, recipe: Recipe, model, data, state: TrainState, val) -> dict:
-    """summary.json: the final figures of a finished run, as `zoo compare` reads them."""
+def write_summary(out: Path, recipe: Recipe, model, data, state: TrainState, val, ckpt: Path) -> dict:
+    """summary.json: the final figures of a finished run, as `zoo compare` reads them. Decode speed is
+    that of the inference form `zoo generate` runs: the checkpoint frozen and prepared."""
     records = [json.loads(ln) for ln in (out / METRICS).read_text(encoding="utf-8").splitlines() if ln.strip()]
     train_rec = [r for r in records if r["split"] == "train"]
     val_rec = [r for r in records if r["split"] == "val"]
@@ -303,7 +305,8 @@ def write_summary(out: Path, recipe: Recipe, model, data, state: TrainState, val
         "val_ppl": val_rec[-1]["val_ppl"],
         "sparsity": val_rec[-1].get("sparsity"),
         "train_tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
-        "decode_tokens_per_s": decode_tokens_per_s(model, prompt),
+        "decode_tokens_per_s": decode_tokens_per_s(
+            prepare_inference(load(ckpt, device=next(model.parameters()).device).freeze().eval()), prompt),
         "accounting": acc.to_dict(),
         "tokenizer": data.tokenizer.fingerprint,
     }
