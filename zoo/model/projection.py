@@ -156,8 +156,7 @@ class ExpertProjection(Projection):
                 rows = lazy.token_of_row
             else:
                 xq = lazy.gather_like(xq)
-        ys = (g.backend.grouped_mm(xq, w, g.offsets, rows),) if len(sizes) == 1 else grouped_mm_split_of(
-            g.backend, xq, w, g.offsets, sizes, rows)
+        ys = grouped_mm_split_of(g.backend, xq, w, g.offsets, sizes, rows)
         if b is not None:
             ys = [y + c for y, c in zip(ys, b.index_select(0, g.row_expert).split(sizes, -1))]
         return tuple(y.to(x.dtype) for y in ys)
