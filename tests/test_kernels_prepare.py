@@ -106,3 +106,23 @@ def test_dense_bf16_model_is_left_alone():
     model = build([]).to(torch.bfloat16)
     prepare_inference(model)
     assert not any(isinstance(m, TransposedLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_untied_head_gets_the_transposed_layout(tmp_path, tied):
+    """An untied fp32 LM head decodes from Wt like the projections; a tied one stays the embedding's."""
+    model = build([f"model.tie_embeddings={str(tied).lower()}"])
+    keys = set(model.state_dict())
+    torch.manual_seed(0)
+    before = logits_two_ways(model)
+    prepare_inference(model)
+    assert isinstance(model.head, TransposedLinear) is not tied
+    assert (model.head.weight is model.embed.weight) is tied
+    torch.manual_seed(0)
+    for a, b in zip(logits_two_ways(model), before):
+        assert rel(a, b) < 1e-5
+    assert set(model.state_dict()) == keys
+    zoo.save(model, tmp_path / "m")
+    ids = torch.randint(0, 61, (2, 6))
+    with torch.no_grad():
+        assert torch.allclose(zoo.load(tmp_path / "m").eval()(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

@@ -202,3 +202,19 @@ def test_rms_norm_backward_equals_autograd_of_the_plain_expression(dtype, wdtype
     for got, want in zip(*results):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype, wdtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                           (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rms_norm_without_grad_equals_the_training_form(dtype, wdtype, per_row):
+    """Under no_grad rms_norm may take torch's fused F.rms_norm: the values must not change."""
+    from zoo.blocks.norm import _RMSNorm, rms_norm
+
+    x = (torch.randn(4, 3, 41, dtype=torch.float64) * 3).to(dtype)
+    w = (torch.rand(*((4, 3, 41) if per_row else (41,)), dtype=torch.float64) + 0.5).to(wdtype)
+    with torch.no_grad():
+        got, want = rms_norm(x, w, 1e-5), _RMSNorm.apply(x, w, 1e-5)
+    assert got.dtype == want.dtype
+    tol = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 0}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)

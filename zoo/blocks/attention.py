@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from zoo.model.context import BuildContext
@@ -42,18 +41,21 @@ class Attention(nn.Module):
         q, k, v = self.qkv.split(x, (self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rearrange(q, "b t (h d) -> b h t d", d=self.hd)
-        k = rearrange(k, "b t (h d) -> b h t d", d=self.hd)
-        v = rearrange(v, "b t (h d) -> b h t d", d=self.hd)
+        q, k, v = (heads(z, self.hd) for z in (q, k, v))
         q, k = self.rope(q, k, start)
         if cache is not None:
             k, v = cache.update(k, v, start)
-        if k.shape[2] == t:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        if k.shape[2] == t or t == 1:  # t == 1: the newest query sees every cached key, no mask needed
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
         else:  # queries at start..start+t-1 see keys 0..start+t-1
             mask = torch.arange(k.shape[2], device=x.device) <= torch.arange(start, start + t, device=x.device)[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o(self.sub_norm(rearrange(y, "b h t d -> b t (h d)")))
+        return self.o(self.sub_norm(y.transpose(1, 2).flatten(2)))  # b h t d -> b t (h d)
+
+
+def heads(z: torch.Tensor, d: int) -> torch.Tensor:
+    """b t (h d) -> b h t d (a view: einops' rearrange costs ~4x the time at decode, 4 calls a layer)"""
+    return z.unflatten(-1, (-1, d)).transpose(1, 2)
 
 
 def register(registry) -> None:

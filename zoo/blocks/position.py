@@ -30,6 +30,7 @@ class RoPE(nn.Module):
         self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)  # sin±: [-sin, sin] over the two halves
+        self._cast: dict = {}  # (dtype, device) -> the tables in that compute dtype (a decode step reads one row)
 
     def _table(self, device) -> None:
         even = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
@@ -37,6 +38,7 @@ class RoPE(nn.Module):
         ang = torch.outer(torch.arange(self.max_len, device=device, dtype=torch.float64), inv)
         self.cos = torch.cat([ang.cos(), ang.cos()], dim=-1)  # float64; cast to the compute dtype per call
         self.sin = torch.cat([-ang.sin(), ang.sin()], dim=-1)
+        self._cast = {}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: [B, heads, T, head_dim]."""
@@ -44,7 +46,10 @@ class RoPE(nn.Module):
             self._table(q.device)
         t = q.shape[2]
         dtype = torch.promote_types(q.dtype, torch.float32)  # rotate in fp32 at least, fp64 for fp64 models
-        cos, sin = self.cos[start:start + t].to(dtype), self.sin[start:start + t].to(dtype)
+        key = (dtype, q.device)
+        if key not in self._cast:
+            self._cast[key] = (self.cos.to(dtype), self.sin.to(dtype))
+        cos, sin = (table[start:start + t] for table in self._cast[key])
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

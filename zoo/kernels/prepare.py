@@ -3,8 +3,8 @@
 - full-precision weights with a top-K sparsity block (`k` kept inputs per token): `TopKLinear`,
   the weight held once as Wt [in, out] and multiplied by the sparse-input kernel when
   rows · keep < 1 (decode), densely otherwise;
-- other full-precision fp32 weights on CPU: `TransposedLinear`, the same Wt layout, `x @ Wt`
-  (a batch-1 GEMV reads it faster than `F.linear` reads W);
+- other full-precision fp32 weights on CPU, and an untied LM head: `TransposedLinear`, the same Wt
+  layout, `x @ Wt` (a batch-1 GEMV reads it faster than `F.linear` reads W);
 - frozen BitNet b1.58 weights (`packed` + `scale`): `TernaryLinear`, int8 activations times the
   ternary weight (CPU: unpacked once to int8 for `torch._int_mm`; CUDA: the packed Triton kernel,
   with the top-K gather fused in when the projection's input is top-K sparse).
@@ -169,6 +169,10 @@ def prepare_inference(model: nn.Module, impl: str = "auto") -> nn.Module:
             proj.linear = TopKLinear(linear.weight, linear.bias, k, impl)
         elif isinstance(linear, nn.Linear) and transposed_pays(linear.weight):
             proj.linear = TransposedLinear(linear.weight, linear.bias)
+    head, embed = getattr(model, "head", None), getattr(model, "embed", None)
+    tied = embed is not None and head is not None and head.weight is embed.weight
+    if isinstance(head, nn.Linear) and not tied and transposed_pays(head.weight):
+        model.head = TransposedLinear(head.weight, head.bias)  # an untied LM head is one more dense GEMV
     return model
 
 
