@@ -363,10 +363,12 @@ def test_experts_equal_dense_ffns_with_the_same_weights_and_sparsity(weights, sp
     torch.testing.assert_close(moe(x), ref, rtol=1e-10, atol=1e-12)
 
 
-def test_moe_bitnet_qsparse_trains_and_freezes(tmp_path):
+@pytest.mark.parametrize("scale,beta_shape", [("matrix", (8, 1)), ("row", (8, 512, 1))])
+def test_moe_bitnet_qsparse_trains_and_freezes(tmp_path, scale, beta_shape):
     torch.manual_seed(11)
     recipe = zoo.load_recipe(RECIPES / "tiny/moe-bitnet-qsparse.toml",
-                             ["model.n_layers=2", "model.d_model=32", "model.n_heads=2"])
+                             ["model.n_layers=2", "model.d_model=32", "model.n_heads=2",
+                              f"model.weights.scale='{scale}'"])
     model = zoo.build(recipe)
     up = model.blocks[0].ffn.experts.up_gate
     assert type(up.linear).__name__ == "BitLinear" and up.keep == 0.5 and up.role == "expert_up_gate"
@@ -379,9 +381,9 @@ def test_moe_bitnet_qsparse_trains_and_freezes(tmp_path):
     before = model(idx).logits
     model.freeze()
     torch.testing.assert_close(model(idx).logits, before)
-    up = model.blocks[0].ffn.experts.up_gate.linear  # packed 2-bit per expert, one β per expert
+    up = model.blocks[0].ffn.experts.up_gate.linear  # packed 2-bit per expert, β per expert (or per its rows)
     assert not any(n.endswith("weight") and p.dim() == 3 for n, p in up.named_parameters())
-    assert up.packed.dtype == torch.uint8 and up.packed.shape == (8, 32, 512 // 4) and up.scale.shape == (8, 1)
+    assert up.packed.dtype == torch.uint8 and up.packed.shape == (8, 32, 512 // 4) and up.scale.shape == beta_shape
     acc = zoo.account(model)
     held = sum(b.numel() * b.element_size() for m in model.modules() if hasattr(m, "packed")
                for b in (m.packed, m.scale))
