@@ -134,7 +134,7 @@ def test_frozen_model_matches_training_forward_and_round_trips(name, dtype, tmp_
 
 
 @pytest.mark.parametrize("scale", ["matrix", "row"])
-def test_packed_file_is_at_most_a_fourteenth_of_fp32_for_the_projections(tmp_path, scale):
+def test_packed_file_is_two_bits_a_weight_plus_beta(tmp_path, scale):
     """2 bits a weight plus β: one per matrix (4 bytes), or one per output row (4 bytes a row)."""
     model = zoo.build(tiny("bitnet", f"model.weights.scale='{scale}'"))
     zoo.save(model, tmp_path / "fp32")

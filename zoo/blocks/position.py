@@ -36,7 +36,7 @@ class RoPE(nn.Module):
         even = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
         inv = 1.0 / self.theta ** (even / self.head_dim)
         ang = torch.outer(torch.arange(self.max_len, device=device, dtype=torch.float64), inv)
-        self.cos = torch.cat([ang.cos(), ang.cos()], dim=-1)  # float64; cast to the compute dtype per call
+        self.cos = torch.cat([ang.cos(), ang.cos()], dim=-1)  # float64; cast once per compute dtype (_cast)
         self.sin = torch.cat([-ang.sin(), ang.sin()], dim=-1)
         self._cast = {}
 
