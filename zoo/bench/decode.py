@@ -15,11 +15,13 @@ from zoo.kernels.prepare import prepare_inference
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "paper" / "300m.toml"
 TOPK = ["model.sparsity.kind='topk'", "model.sparsity.keep=0.5"]
 BITNET = ["model.weights.kind='bitnet158'"]
-# (name, recipe overrides, freeze BitNet weights, prepare_inference). The dense twin runs both ways, as
-# built (nn.Linear) and prepared (Wt layout): the faster of the two is every row's baseline.
-DENSE = [("dense fp32 (nn.Linear)", [], False, False), ("dense fp32 (prepared, Wt layout)", [], False, True)]
-VARIANTS = [*DENSE, ("qsparse keep 0.5", TOPK, False, True), ("bitnet b1.58", BITNET, True, True),
-            ("bitnet + qsparse 0.5", BITNET + TOPK, True, True)]
+# (name, recipe overrides, freeze BitNet weights, prepare_inference's impl or None: not prepared). The
+# dense twin runs three ways: as built (nn.Linear), prepared with torch's ops only (`x @ Wt`), and
+# prepared with zoo's kernels (the compiled GEMV where it is built). The fastest is every row's baseline.
+DENSE = [("dense fp32 (nn.Linear)", [], False, None), ("dense fp32 (prepared, torch ops)", [], False, "torch"),
+         ("dense fp32 (prepared, zoo kernels)", [], False, "auto")]
+VARIANTS = [*DENSE, ("qsparse keep 0.5", TOPK, False, "auto"), ("bitnet b1.58", BITNET, True, "auto"),
+            ("bitnet + qsparse 0.5", BITNET + TOPK, True, "auto")]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +61,7 @@ def run(args) -> int:
         params = sum(p.numel() for p in model.parameters())
         if freeze:
             model.freeze()
-        models.append((name, params, prepare_inference(model) if prepare else model))
+        models.append((name, params, model if prepare is None else prepare_inference(model, prepare)))
     rounds = [[decode_ms(model, args.prompt, args.tokens) for _, _, model in models] for _ in range(args.rounds)]
     timed = [(name, params, Timing(min(r[i].best for r in rounds), statistics.median(r[i].median for r in rounds)))
              for i, (name, params, _) in enumerate(models)]

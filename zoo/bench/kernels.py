@@ -56,16 +56,21 @@ def cold(make, nbytes: int) -> list:
 def bench_topk(args, device, gbs) -> list[dict]:
     """Top-K sparse-input matmul vs the fastest dense matmul on the same rows, per dtype, batch and keep.
 
-    The dense baseline is the fastest dense way to the same rows, all timed here: `F.linear(x, W)`
+    The baseline is the fastest of torch's dense ways to the same rows, all timed here: `F.linear(x, W)`
     (W [out, in], nn.Linear's), `x @ Wt` (Wt [in, out], the kernel's layout) and, for one row,
     `F.linear` on the row repeated twice (on CPU bf16 two rows take a faster GEMM path than one).
+    Where zoo's compiled CPU kernels are built, a second ratio is printed against zoo's own dense GEMV
+    (the same kernel reading every row of Wt): the ratio of bytes read, at equal read speed.
     """
+    from zoo.kernels import cpu
+
     rows = []
     for name, d_in, d_out in _shapes(args, SHAPES):
         for dtype_name in args.dtype:
             dtype = DTYPES[dtype_name]
             ws = cold(functools.partial(torch.randn, d_out, d_in, device=device, dtype=dtype), d_in * d_out * 4)
             wts = [w.t().contiguous() for w in ws]
+            compiled = device.type == "cpu" and cpu.usable(wts[0])
             for n in _batches(args, device):
                 x = torch.randn(n, d_in, device=device, dtype=dtype)
                 dense_ways = {"F.linear(x, W)": time_ms(F.linear, [(x, w) for w in ws], device, args.repeat),
@@ -75,13 +80,24 @@ def bench_topk(args, device, gbs) -> list[dict]:
                     dense_ways["F.linear(2 rows)"] = time_ms(F.linear, [(pair, w) for w in ws], device, args.repeat)
                 way, dense = min(dense_ways.items(), key=lambda kv: kv[1].best)
                 baseline = {"baseline": way, **{f"dense {k} ms": round(t.best, 4) for k, t in dense_ways.items()}}
+                zoo_dense = None
+                if compiled and n == 1:
+                    zoo_dense = time_ms(cpu.gather_gemv, [(x.float(), None, wt) for wt in wts], device, args.repeat)
+                    baseline["dense zoo GEMV ms"] = round(zoo_dense.best, 4)
                 for keep in args.keep:
                     k = int(keep * d_in)
                     values, idx = TopK(d_in, k).entries(x)  # the model's selection: ascending indices
                     ms = time_ms(topk_matmul, [(values, idx, wt) for wt in wts], device, args.repeat)
                     read = n * k * d_out * dtype.itemsize
+                    extra = {"impl": "zoo cpu" if compiled else ("triton" if device.type == "cuda" else "torch")}
+                    if zoo_dense is not None:
+                        extra["speedup_vs_zoo_dense"] = round(zoo_dense.best / ms.best, 3)
+                    if compiled:  # the pure-torch path (F.embedding_bag) beside it
+                        bag = time_ms(functools.partial(topk_matmul, impl="torch"),
+                                      [(values, idx, wt) for wt in wts], device, args.repeat)
+                        extra["embedding_bag ms"] = round(bag.best, 4)
                     rows.append(row("topk", f"{name} {d_in}->{d_out} {dtype_name} b{n} keep{keep}", ms, dense,
-                                    read, gbs, GBs=round(read / ms.best / 1e6, 1), **baseline))
+                                    read, gbs, GBs=round(read / ms.best / 1e6, 1), **extra, **baseline))
     return rows
 
 

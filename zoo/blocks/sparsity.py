@@ -143,6 +143,12 @@ class TopK(nn.Module):
     def keep_fraction(self) -> float:
         return self.k / self.width
 
+    @property
+    def magnitude_topk(self) -> bool:
+        """True when the kept entries are exactly the k largest |x| of the row, ties to the lower index,
+        unscaled: a fused inference kernel may then select them itself (zoo.kernels.cpu.topk_gemv)."""
+        return not self.rescale
+
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         return topk_mask(x.detach().abs(), self.k)
 
@@ -167,6 +173,8 @@ class TopK(nn.Module):
 
 class BlockTopK(TopK):
     """y = x ⊙ M where M keeps the top `k` of |x| inside each block of `m` consecutive entries."""
+
+    magnitude_topk = False  # the top N of every block of M, not of the row
 
     def __init__(self, width: int, n: int, m: int, ste: bool = True, rescale: bool = False):
         super().__init__(width, width // m * n, ste, rescale)

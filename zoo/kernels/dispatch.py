@@ -1,9 +1,12 @@
 """Which implementation of a kernel runs: Triton on CUDA, the fastest torch path on CPU.
 
 Every kernel has three implementations with one signature: `reference` (plain torch, the
-definition), `torch` (the fastest torch path measured on CPU) and `triton`. `impl="auto"`
-picks `triton` for CUDA tensors when Triton imports, else `torch`. Triton is imported only
-when a Triton implementation is asked for, so the CPU path never needs it.
+definition), `torch` (the fastest torch path measured on CPU) and `triton`; a kernel that has a
+compiled CPU implementation (zoo/kernels/cpu.py) has a fourth, `cpu` (a kernel without one
+takes `cpu` as `torch`). `impl="auto"` picks
+`triton` for CUDA tensors when Triton imports, `cpu` for CPU tensors when the kernel has one and
+it is built, else `torch`. Triton is imported only when a Triton implementation is asked for, so
+the CPU path never needs it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 
 from zoo.errors import ZooError
 
-IMPLS = ("auto", "reference", "torch", "triton")
+IMPLS = ("auto", "reference", "torch", "triton", "cpu")
+PARALLEL_MIN_WORK = 1 << 18  # CPU: multiply-adds below which splitting one row over threads costs more than it saves
 
 
 class KernelUnavailable(ZooError):
@@ -48,13 +52,16 @@ def triton_module(name: str, device: torch.device) -> ModuleType:
     return importlib.import_module(f"zoo.kernels.{name}")
 
 
-def choose(impl: str, device: torch.device) -> str:
-    """Resolve `impl` ('auto' -> 'triton' on CUDA with Triton, else 'torch')."""
+def choose(impl: str, device: torch.device, cpu_kernel: bool = False) -> str:
+    """Resolve `impl`: 'auto' -> 'triton' on CUDA with Triton; on CPU 'cpu' when `cpu_kernel` (the
+    kernel has a compiled CPU implementation that can take these operands), else 'torch'."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    return "cpu" if device.type == "cpu" and cpu_kernel else "torch"
 
 
 def autotune_or_fixed(kernel, configs: list, key: list[str], fixed: dict):

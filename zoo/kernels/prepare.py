@@ -4,7 +4,9 @@
   the weight held once as Wt [in, out] and multiplied by the sparse-input kernel when
   rows · keep < 1 (decode), densely otherwise;
 - other full-precision fp32 weights on CPU, and an untied LM head: `TransposedLinear`, the same Wt
-  layout, `x @ Wt` (a batch-1 GEMV reads it faster than `F.linear` reads W);
+  layout; one row goes through zoo's compiled GEMV (zoo/kernels/cpu.py: both cores, ~1.6× faster
+  than MKL's one-thread GEMV), more rows, or no compiled kernels, through `x @ Wt` (which reads Wt
+  faster than `F.linear` reads W);
 - frozen BitNet b1.58 weights (`packed` + `scale`): `TernaryLinear`, int8 activations times the
   ternary weight (CPU: unpacked once to int8 for `torch._int_mm`; CUDA: the packed Triton kernel,
   with the top-K gather fused in when the projection's input is top-K sparse).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zoo.kernels import cpu
 from zoo.kernels.dispatch import choose
 from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul, unpack_ternary
 from zoo.kernels.topk_matmul import gather_pays, topk_matmul
@@ -40,18 +43,21 @@ def top_entries(x: torch.Tensor, k: int, sparsify: nn.Module | None = None) -> t
 
 
 class TransposedLinear(nn.Module):
-    """y = x·Wᵀ (+ b) from the weight held transposed, Wt [in, out] row-major, as `x @ Wt`.
+    """y = x·Wᵀ (+ b) from the weight held transposed, Wt [in, out] row-major.
 
-    On CPU a batch-1 fp32 GEMV reads Wt faster than `F.linear` reads W [out, in] (measured 10–25 %
-    at decode shapes, docs/benchmarks.md). Saves and loads `weight` [out, in] like nn.Linear, so
-    checkpoints do not change.
+    On CPU one row (decode) goes through zoo's compiled GEMV when it is built (`impl` 'auto' or
+    'cpu'; both cores stream Wt), else `x @ Wt`, which reads Wt faster than `F.linear` reads W
+    [out, in] (MKL's batch-1 GEMV: 10–25 % at decode shapes, docs/benchmarks.md). Saves and loads
+    `weight` [out, in] like nn.Linear, so checkpoints do not change.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, impl: str = "auto"):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("wt", weight.detach().t().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.impl = impl
+        self.compiled_gemv = choose(impl, self.wt.device, cpu_kernel=cpu.usable(self.wt)) == "cpu"
 
     @property
     def weight(self) -> torch.Tensor:
@@ -69,11 +75,13 @@ class TransposedLinear(nn.Module):
 
     def dense(self, rows: torch.Tensor) -> torch.Tensor:
         """rows [N, in] in wt's dtype → rows·Wᵀ (+ b)."""
+        if self.compiled_gemv and rows.shape[0] == 1:
+            return cpu.gather_gemv(rows, None, self.wt, self.bias).to(rows.dtype)
         y = rows @ self.wt
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense(x)
+        return self.dense(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}->{self.out_features}, Wt layout"
@@ -89,14 +97,17 @@ class TopKLinear(TransposedLinear):
     sparsify_inside = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, k: int, impl: str = "auto"):
-        super().__init__(weight, bias)
-        self.k, self.impl = k, impl
+        super().__init__(weight, bias, impl)
+        self.k = k
 
     def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if gather_pays(rows.shape[0], self.k / self.in_features):
-            values, idx = top_entries(rows, self.k, sparsify)  # the kernels multiply in wt's dtype
-            y = topk_matmul(values, idx, self.wt, self.bias, impl=self.impl)
+            if self.compiled_gemv and getattr(sparsify, "magnitude_topk", sparsify is None):
+                y = cpu.topk_gemv(rows, self.k, self.wt, self.bias)[0]  # selection and multiply in one call
+            else:
+                values, idx = top_entries(rows, self.k, sparsify)  # the kernels multiply in wt's dtype
+                y = topk_matmul(values, idx, self.wt, self.bias, impl=self.impl)
         else:
             y = self.dense((rows if sparsify is None else sparsify(rows)).to(self.wt.dtype))
         return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
@@ -154,7 +165,8 @@ def prepare_inference(model: nn.Module, impl: str = "auto") -> nn.Module:
     """Swap every projection's weights module for its inference kernel (in place); returns the model.
 
     Call it after moving the model to its device and dtype, and after `freeze()` for BitNet.
-    `impl` forces the kernels' implementation ('auto': Triton on CUDA, torch on CPU).
+    `impl` forces the kernels' implementation ('auto': Triton on CUDA; on CPU zoo's compiled kernels
+    where they are built, else torch; 'torch': torch's own ops only).
     """
     from zoo.model.projection import ExpertProjection, Projection
 
@@ -168,11 +180,11 @@ def prepare_inference(model: nn.Module, impl: str = "auto") -> nn.Module:
         elif isinstance(linear, nn.Linear) and k is not None:
             proj.linear = TopKLinear(linear.weight, linear.bias, k, impl)
         elif isinstance(linear, nn.Linear) and transposed_pays(linear.weight):
-            proj.linear = TransposedLinear(linear.weight, linear.bias)
+            proj.linear = TransposedLinear(linear.weight, linear.bias, impl)
     head, embed = getattr(model, "head", None), getattr(model, "embed", None)
     tied = embed is not None and head is not None and head.weight is embed.weight
     if isinstance(head, nn.Linear) and not tied and transposed_pays(head.weight):
-        model.head = TransposedLinear(head.weight, head.bias)  # an untied LM head is one more dense GEMV
+        model.head = TransposedLinear(head.weight, head.bias, impl)  # an untied LM head is one more dense GEMV
     return model
 
 

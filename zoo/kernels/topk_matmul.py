@@ -11,7 +11,8 @@ import functools
 
 import torch
 
-from zoo.kernels.dispatch import choose, triton_module
+from zoo.kernels import cpu
+from zoo.kernels.dispatch import PARALLEL_MIN_WORK, choose, triton_module
 
 
 def topk_matmul_reference(values: torch.Tensor, indices: torch.Tensor, wt: torch.Tensor,
@@ -21,8 +22,6 @@ def topk_matmul_reference(values: torch.Tensor, indices: torch.Tensor, wt: torch
     y = x @ wt.to(values.dtype)
     return y if bias is None else y + bias.to(y.dtype)
 
-
-PARALLEL_MIN_WORK = 1 << 18  # multiply-adds below which splitting a row over threads costs more than it saves
 
 
 @functools.lru_cache(maxsize=256)
@@ -54,15 +53,26 @@ def topk_matmul_torch(values: torch.Tensor, indices: torch.Tensor, wt: torch.Ten
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def topk_matmul_cpu(values: torch.Tensor, indices: torch.Tensor, wt: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """CPU path: zoo's compiled gather-GEMV (zoo/kernels/csrc): each thread streams the kept rows of wt
+    across its own range of output columns, accumulating in fp32 (fp32 or bf16 weights)."""
+    y = cpu.gather_gemv(values, indices, wt, bias)
+    return y if y.dtype == values.dtype else y.to(values.dtype)
+
+
 def topk_matmul(values: torch.Tensor, indices: torch.Tensor, wt: torch.Tensor,
                 bias: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """y [N, out] from the kept `values` [N, K] at `indices` [N, K] of rows of x, and wt [in, out].
 
-    `impl`: 'auto' (Triton on CUDA, else the torch path), 'reference', 'torch', 'triton'.
+    `impl`: 'auto' (Triton on CUDA; on CPU the compiled kernel when it is built and wt is fp32/bf16,
+    else the torch path), 'reference', 'torch', 'cpu', 'triton'.
     """
-    impl = choose(impl, values.device)
+    impl = choose(impl, values.device, cpu_kernel=impl == "auto" and cpu.usable(wt))
     if impl == "triton":
         return triton_module("triton_topk", values.device).topk_matmul(values, indices, wt, bias)
+    if impl == "cpu":
+        return topk_matmul_cpu(values, indices, wt, bias)
     return (topk_matmul_reference if impl == "reference" else topk_matmul_torch)(values, indices, wt, bias)
 
 

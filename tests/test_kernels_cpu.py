@@ -1,0 +1,145 @@
+"""zoo's compiled CPU kernels (zoo/kernels/csrc) against float64 references: odd sizes, every code
+path of the C++ (one thread, column split, row split, several tiles, remainder rows), exact
+top-K selection with ties, poisoned outputs, and the fallback when they cannot be built."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zoo.blocks.sparsity import BlockTopK, TopK
+from zoo.kernels import cpu
+from zoo.kernels.prepare import TopKLinear, TransposedLinear
+from zoo.kernels.topk_matmul import topk_matmul, topk_matmul_reference
+
+from .test_kernels import TOL, rel_err
+
+COMPILER = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+needs_build = pytest.mark.skipif(not COMPILER, reason="no C++ compiler on this machine: the pure-torch paths run")
+
+
+def test_builds_wherever_there_is_a_compiler():
+    """Where a compiler exists the kernels must build: a broken build must not hide behind the fallback."""
+    if COMPILER:
+        assert cpu.available(), cpu._load()
+
+
+@pytest.fixture
+def threads():
+    """Run with 2 torch threads (the parallel paths), restoring the count after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(old)
+
+
+# (rows, in, out, k): one thread; several rows; k < 16 (remainder rows only); the column split
+# over threads; the row split (narrow output); an output wider than one tile of accumulators
+SHAPES = [(1, 77, 53, 30), (5, 200, 130, 91), (3, 33, 255, 13), (1, 1501, 4801, 733), (1, 2731, 1025, 1365),
+          (2, 300, 9001, 150)]
+
+
+@needs_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,width,out,k", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gather_gemv_matches_float64(poison, threads, dtype, n, width, out, k, with_bias):
+    x = torch.randn(n, width)
+    idx = torch.stack([torch.randperm(width)[:k].sort().values for _ in range(n)])
+    vals, wt = x.gather(-1, idx), torch.randn(width, out).to(dtype)
+    bias = torch.randn(out) if with_bias else None
+    ref = topk_matmul_reference(vals.double(), idx, wt.double(), None if bias is None else bias.double())
+    y = cpu.gather_gemv(vals, idx, wt, bias)
+    assert y.shape == (n, out) and y.dtype == torch.float32
+    assert rel_err(y, ref) < TOL[torch.float32]  # fp32 accumulation of exactly-widened bf16 weights
+
+
+@needs_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width,out", [(77, 53), (1501, 4801), (2731, 1025)])
+def test_dense_gemv_matches_float64(poison, threads, dtype, width, out):
+    x, wt, bias = torch.randn(1, width), torch.randn(width, out).to(dtype), torch.randn(out)
+    ref = x.double() @ wt.double() + bias.double()
+    assert rel_err(cpu.gather_gemv(x, None, wt, bias), ref) < TOL[torch.float32]
+
+
+def tied_rows(n: int, width: int) -> torch.Tensor:
+    """Rows full of ties at every magnitude (small integers, both signs), one all zero, one with NaN."""
+    x = torch.randint(-3, 4, (n, width)).float()
+    x[0] = 0.0
+    x[-1, width // 3] = float("nan")
+    return x
+
+
+@needs_build
+@pytest.mark.parametrize("n,width,out,k", [(4, 61, 37, 20), (3, 1024, 700, 512), (2, 2731, 1025, 1365)])
+def test_topk_gemv_selects_exactly_what_the_block_keeps(poison, threads, n, width, out, k):
+    for x in (torch.randn(n, width), tied_rows(n, width)):
+        wt, bias = torch.randn(width, out), torch.randn(out)
+        y, idx = cpu.topk_gemv(x, k, wt, bias)
+        block = TopK(width, k)
+        assert torch.equal(idx, block.kept_indices(x.abs().nan_to_num(float("inf")))), "not the block's entries"
+        kept = block(x)  # the training path: x ⊙ mask
+        finite = ~x.isnan().any(-1)
+        ref = kept[finite].double() @ wt.double() + bias.double()
+        assert rel_err(y[finite], ref) < TOL[torch.float32]
+        assert y[~finite].isnan().all()  # a NaN input is kept and shows
+
+
+@needs_build
+def test_topk_matmul_auto_takes_the_compiled_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "gather_gemv", lambda *a: calls.append(a) or torch.zeros(1, 5))
+    vals, idx, wt = torch.randn(1, 3), torch.tensor([[0, 2, 4]]), torch.randn(6, 5)
+    topk_matmul(vals, idx, wt)
+    assert len(calls) == 1
+    topk_matmul(vals, idx, wt.half())  # fp16: not a compiled dtype, the torch path
+    assert len(calls) == 1
+
+
+@needs_build
+def test_prepared_linears_use_the_compiled_kernels_and_match(poison):
+    weight, bias = torch.randn(300, 257), torch.randn(300)
+    x = torch.randn(1, 1, 257)
+    lin = TransposedLinear(weight, bias)
+    assert lin.compiled_gemv and not TransposedLinear(weight, bias, impl="torch").compiled_gemv
+    ref = x.double() @ weight.double().t() + bias.double()
+    assert rel_err(lin(x), ref) < TOL[torch.float32]
+    top = TopKLinear(weight, bias, 100)
+    block = TopK(257, 100)
+    ref = block(x).double() @ weight.double().t() + bias.double()
+    assert rel_err(top(x, block), ref) < TOL[torch.float32]
+    nm = BlockTopK(256, 2, 4)  # not the row's top-K: the selection stays the block's own
+    x = torch.randn(1, 256)
+    top = TopKLinear(weight[:, :256], bias, 128)
+    ref = nm(x).double() @ weight[:, :256].double().t() + bias.double()
+    assert rel_err(top(x, nm), ref) < TOL[torch.float32]
+
+
+def test_without_the_compiled_kernels_everything_falls_back(tmp_path):
+    """ZOO_CPU_KERNELS=0: not built, no warning, the torch paths give the same results; asking for
+    impl='cpu' explicitly is a clear error."""
+    script = """
+import warnings, torch
+warnings.simplefilter("error")
+from zoo.kernels import cpu
+from zoo.kernels.prepare import TopKLinear
+from zoo.kernels.topk_matmul import topk_matmul
+assert not cpu.available()
+w, x = torch.randn(40, 30), torch.randn(1, 30)
+top = TopKLinear(w, None, 10)
+assert not top.compiled_gemv
+top(x)
+try:
+    topk_matmul(x[:, :10], torch.arange(10)[None], w.t().contiguous(), impl="cpu")
+except cpu.CpuKernelsUnavailable as err:
+    print("error:", err)
+"""
+    env = {**os.environ, "ZOO_CPU_KERNELS": "0", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "error: zoo's CPU kernels are not available: ZOO_CPU_KERNELS=0" in out.stdout
+    assert not list(tmp_path.iterdir())  # nothing was built

@@ -1,0 +1,124 @@
+"""zoo's compiled CPU kernels (`csrc/cpu_kernels.cpp`), built once per machine on first use.
+
+The source is compiled with torch's own extension builder (`torch.utils.cpp_extension.load`:
+ninja + the system C++ compiler, `-O3 -march=native`, a few seconds) into torch's extension cache,
+and its ops are registered as `torch.ops.zoo_cpu.*`. The build is keyed by a hash of the source,
+the torch version and this CPU's instruction-set flags, so a changed source, a new torch or
+another machine sharing the cache builds its own copy.
+
+Where the build cannot run (no compiler, no ninja, ZOO_CPU_KERNELS=0), `available()` is False,
+one line says why, and every caller takes its pure-torch path: the compiled kernels are a speed-up,
+never a requirement.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from zoo.kernels.dispatch import PARALLEL_MIN_WORK
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class CpuKernelsUnavailable(RuntimeError):
+    """The compiled CPU kernels were asked for explicitly and cannot be built or loaded here."""
+
+
+def _cpu_flags() -> str:
+    """This CPU's instruction-set flags (part of the build key: the code is compiled for -march=native)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def build_name() -> str:
+    key = SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
+    return "zoo_cpu_" + hashlib.sha256(key).hexdigest()[:12]
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build (first time) and load the library; None when it works, else the reason it does not."""
+    if os.environ.get("ZOO_CPU_KERNELS", "1") in ("0", "", "off", "false"):
+        return "ZOO_CPU_KERNELS=0"
+    if sys.platform == "win32":
+        return "the CPU kernels are built with GCC/Clang flags; not on Windows"
+    try:
+        from torch.utils import cpp_extension
+
+        name = build_name()
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        if not any(Path(root).glob(f"*/{name}/{name}.so")) and not (Path(root) / name / f"{name}.so").exists():
+            print(f"zoo: compiling the CPU kernels once, into {root} (a few seconds)", file=sys.stderr)
+        cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           is_python_module=False, verbose=False)
+    except Exception as err:  # no compiler, no ninja, a failed build: the torch paths remain
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        return f"{type(err).__name__}: {reason}"
+    return None
+
+
+def available() -> bool:
+    """True when the compiled CPU kernels are loaded (building them the first time)."""
+    reason = _load()
+    if reason is not None and reason != "ZOO_CPU_KERNELS=0":
+        _warn_once(reason)
+    return reason is None
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"zoo: CPU kernels not built ({reason}); using the pure-torch paths", stacklevel=3)
+
+
+def usable(weight: torch.Tensor) -> bool:
+    """Whether gather_gemv can multiply by this weight: on CPU, fp32 or bf16, and the library loads."""
+    return weight.device.type == "cpu" and weight.dtype in WEIGHT_DTYPES and available()
+
+
+def gather_gemv(values: torch.Tensor, indices: torch.Tensor | None, wt: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y [N, out] fp32 = Σ_k values[:, k] · wt[indices[:, k]] (+ bias); without indices a dense GEMV
+    (values [N, in]). wt [in, out] fp32 or bf16; accumulation in fp32."""
+    if not available():
+        raise CpuKernelsUnavailable(f"zoo's CPU kernels are not available: {_load()}")
+    n, k = values.shape
+    out = wt.shape[1]
+    threads = torch.get_num_threads() if n * k * out >= PARALLEL_MIN_WORK else 1
+    y = torch.empty(n, out, dtype=torch.float32)
+    torch.ops.zoo_cpu.gather_gemv(values.float().contiguous(),
+                                  None if indices is None else indices.long().contiguous(),
+                                  wt.contiguous(), None if bias is None else bias.float().contiguous(),
+                                  threads, y)
+    return y
+
+
+def topk_gemv(x: torch.Tensor, k: int, wt: torch.Tensor, bias: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [N, out] fp32, indices [N, k]): each row of x [N, in] keeps its k entries of largest |x|
+    (ties to the lower index: `zoo.blocks.sparsity.topk_mask`'s choice), then y = kept·Wᵀ (+ bias)
+    by `gather_gemv` — selection and multiply in one call."""
+    if not available():
+        raise CpuKernelsUnavailable(f"zoo's CPU kernels are not available: {_load()}")
+    n = x.shape[0]
+    out = wt.shape[1]
+    threads = torch.get_num_threads() if n * k * out >= PARALLEL_MIN_WORK else 1
+    y = torch.empty(n, out, dtype=torch.float32)
+    idx = torch.empty(n, k, dtype=torch.long)
+    torch.ops.zoo_cpu.topk_gemv(x.float().contiguous(), k, wt.contiguous(),
+                                None if bias is None else bias.float().contiguous(), threads, y, idx)
+    return y, idx

@@ -1,0 +1,191 @@
+// zoo's CPU kernels, compiled once per machine by zoo/kernels/cpu.py (torch.utils.cpp_extension)
+// and registered as torch ops: torch.ops.zoo_cpu.<name>.
+//
+// gather_gemv: y[n] = bias + Σ_k values[n, k] · wt[indices[n, k]]   (wt [in, out] row-major)
+//   the sparse-input GEMV of Q-Sparse decode. Without indices, row k of wt is row k (a dense GEMV).
+// topk_gemv: the same after selecting, in each row of x, the k entries of largest |x| (ties to the
+//   lower index, as zoo.blocks.sparsity.topk_mask keeps them; a NaN counts as largest, so it is kept
+//   and shows in y), so a Q-Sparse projection at decode is one call.
+//
+// Why not F.embedding_bag, which computes the same sum: it walks the output in short vectors and,
+// for each, every kept row, so the weight rows are read in scattered 64-byte pieces. Here each
+// thread owns a column range of y, keeps it in L1 as fp32 accumulators, and streams R weight rows
+// at a time across the whole range: every read is a long contiguous run the prefetcher can follow,
+// and each accumulator is loaded and stored once per R rows.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float widen(float x) { return x; }
+inline float widen(c10::BFloat16 x) {  // bf16 is the top half of an fp32: exact
+  const uint32_t bits = uint32_t(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+constexpr int64_t TILE = 8192;  // accumulators per pass (32 KiB of fp32: one core's L1)
+constexpr int R = 16;           // weight rows summed per pass over the accumulators
+constexpr int64_t SPLIT_K_BELOW = 2048;  // output columns per thread below which threads split the rows instead
+
+// y[c0:c1] = bias[c0:c1] + Σ_k v[k] · wt[row(k), c0:c1], row(k) = idx[k] (idx == nullptr: k)
+template <typename T>
+void gemv_columns(const float* v, const int64_t* idx, int64_t K, const T* wt, int64_t out, const float* bias,
+                  float* y, int64_t c0, int64_t c1) {
+  alignas(64) float acc[TILE];
+  for (int64_t t0 = c0; t0 < c1; t0 += TILE) {
+    const int64_t n = std::min(TILE, c1 - t0);
+    for (int64_t j = 0; j < n; ++j) acc[j] = bias ? bias[t0 + j] : 0.f;
+    int64_t k = 0;
+    for (; k + R <= K; k += R) {
+      const T* r[R];
+      float a[R];
+      for (int p = 0; p < R; ++p) {
+        r[p] = wt + (idx ? idx[k + p] : k + p) * out + t0;
+        a[p] = v[k + p];
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+        for (int p = 0; p < R; p += 4) {
+          s0 += a[p] * widen(r[p][j]);
+          s1 += a[p + 1] * widen(r[p + 1][j]);
+          s2 += a[p + 2] * widen(r[p + 2][j]);
+          s3 += a[p + 3] * widen(r[p + 3][j]);
+        }
+        acc[j] += (s0 + s1) + (s2 + s3);
+      }
+    }
+    for (; k < K; ++k) {
+      const T* row = wt + (idx ? idx[k] : k) * out + t0;
+      const float a = v[k];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) acc[j] += a * widen(row[j]);
+    }
+    std::memcpy(y + t0, acc, n * sizeof(float));
+  }
+}
+
+template <typename T>
+void gather_gemv_typed(const at::Tensor& values, const int64_t* idx, const at::Tensor& wt, const float* bias,
+                       at::Tensor& y, int64_t chunks) {
+  const int64_t N = values.size(0), K = values.size(1), out = wt.size(1);
+  const float* v = values.data_ptr<float>();
+  const T* w = wt.data_ptr<T>();
+  float* yp = y.data_ptr<float>();
+  if (chunks > 1 && out < SPLIT_K_BELOW * chunks && K >= 2 * R * chunks) {
+    // a narrow output: each thread takes a share of the rows over all columns (longer contiguous
+    // reads than a share of the columns), and the partial sums are added at the end
+    const int64_t share = ((K + chunks - 1) / chunks + R - 1) / R * R;
+    std::vector<float> partial((chunks - 1) * N * out);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t k0 = std::min(K, c * share), k1 = std::min(K, (c + 1) * share);
+        for (int64_t i = 0; i < N; ++i) {
+          float* dst = c == 0 ? yp + i * out : partial.data() + ((c - 1) * N + i) * out;
+          gemv_columns<T>(v + i * K + k0, idx ? idx + i * K + k0 : nullptr, k1 - k0, idx ? w : w + k0 * out, out,
+                          c == 0 ? bias : nullptr, dst, 0, out);
+        }
+      }
+    });
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t i = 0; i < N * out; ++i) yp[i] += partial[(c - 1) * N * out + i];
+    return;
+  }
+  const int64_t chunk = ((out + chunks - 1) / chunks + 15) / 16 * 16;  // 64-byte aligned column ranges
+  at::parallel_for(0, (out + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      for (int64_t i = 0; i < N; ++i)
+        gemv_columns<T>(v + i * K, idx ? idx + i * K : nullptr, K, w, out, bias, yp + i * out, c * chunk,
+                        std::min(out, (c + 1) * chunk));
+  });
+}
+
+void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indices, const at::Tensor& wt,
+                 const std::optional<at::Tensor>& bias, int64_t chunks, at::Tensor& y) {
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "gather_gemv: values must be contiguous float32 [N, K]");
+  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "gather_gemv: wt must be contiguous [in, out]");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == values.size(0) &&
+              y.size(1) == wt.size(1), "gather_gemv: y must be contiguous float32 [N, out]");
+  const int64_t* idx = nullptr;
+  if (indices.has_value()) {
+    TORCH_CHECK(indices->sizes() == values.sizes() && indices->scalar_type() == at::kLong && indices->is_contiguous(),
+                "gather_gemv: indices must be contiguous int64 of the shape of values");
+    idx = indices->data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(values.size(1) == wt.size(0), "gather_gemv: dense rows need K == in");
+  }
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == wt.size(1) && bias->is_contiguous(),
+                "gather_gemv: bias must be contiguous float32 [out]");
+    b = bias->data_ptr<float>();
+  }
+  chunks = std::max<int64_t>(1, chunks);
+  if (wt.scalar_type() == at::kFloat) {
+    gather_gemv_typed<float>(values, idx, wt, b, y, chunks);
+  } else if (wt.scalar_type() == at::kBFloat16) {
+    gather_gemv_typed<c10::BFloat16>(values, idx, wt, b, y, chunks);
+  } else {
+    TORCH_CHECK(false, "gather_gemv: wt must be float32 or bfloat16");
+  }
+}
+
+// The k entries of largest |x| of one row, as ascending indices and their values. A threshold (the
+// k-th largest |x|, nth_element) and one left-to-right pass: entries above it, then tied ones while
+// fewer than k are kept.
+void select_topk(const float* x, int64_t width, int64_t k, std::vector<float>& scratch, int64_t* idx, float* val) {
+  scratch.resize(width);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < width; ++j) scratch[j] = std::isnan(x[j]) ? inf : std::fabs(x[j]);
+  std::vector<float> part(scratch);
+  std::nth_element(part.begin(), part.begin() + (width - k), part.end());
+  const float t = part[width - k];
+  int64_t above = 0;
+  for (int64_t j = 0; j < width; ++j) above += scratch[j] > t;
+  int64_t ties = k - above, n = 0;
+  for (int64_t j = 0; j < width && n < k; ++j) {
+    if (scratch[j] > t || (scratch[j] == t && ties-- > 0)) {
+      idx[n] = j;
+      val[n++] = x[j];
+    }
+  }
+}
+
+void topk_gemv(const at::Tensor& x, int64_t k, const at::Tensor& wt, const std::optional<at::Tensor>& bias,
+               int64_t chunks, at::Tensor& y, at::Tensor& indices) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "topk_gemv: x must be contiguous float32 [N, in]");
+  TORCH_CHECK(x.size(1) == wt.size(0) && 0 < k && k <= x.size(1), "topk_gemv: need 0 < k <= in == wt.size(0)");
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.is_contiguous() && indices.dim() == 2 &&
+              indices.size(0) == x.size(0) && indices.size(1) == k, "topk_gemv: indices must be int64 [N, k]");
+  const int64_t N = x.size(0), width = x.size(1);
+  at::Tensor values = at::empty({N, k}, x.options());
+  std::vector<float> scratch;
+  for (int64_t i = 0; i < N; ++i)
+    select_topk(x.data_ptr<float>() + i * width, width, k, scratch, indices.data_ptr<int64_t>() + i * k,
+                values.data_ptr<float>() + i * k);
+  gather_gemv(values, indices, wt, bias, chunks, y);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(zoo_cpu, m) {
+  m.def("gather_gemv(Tensor values, Tensor? indices, Tensor wt, Tensor? bias, int chunks, Tensor(a!) y) -> ()");
+  m.def("topk_gemv(Tensor x, int k, Tensor wt, Tensor? bias, int chunks, Tensor(a!) y, Tensor(b!) indices) -> ()");
+}
+TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
+  m.impl("gather_gemv", &gather_gemv);
+  m.impl("topk_gemv", &topk_gemv);
+}
