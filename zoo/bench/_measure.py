@@ -76,6 +76,35 @@ def time_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], device: torch.
     return Timing(min(times) * 1e3, statistics.median(times) * 1e3)
 
 
+def time_interleaved(calls: dict[str, tuple[Callable[..., object], Sequence[tuple]]], device: torch.device,
+                     repeat: int = 15, warmup: int = 3) -> dict[str, Timing]:
+    """`time_ms` of several (fn, arg_sets), taken in turns — one call of each per round — so that a slow
+    stretch of a shared machine (its memory bandwidth drifts by tens of percent over seconds) falls on
+    all of them alike, and the ratios between them stay fair. Every call takes the next copy of its
+    operands in one count over all calls, so no call finds in cache what the call before it read.
+    """
+    count = 0  # one count over all calls: consecutive calls read different copies of their operands
+
+    def next_args(arg_sets: Sequence[tuple]) -> tuple:
+        nonlocal count
+        count += 1
+        return arg_sets[count % len(arg_sets)]
+
+    for _ in range(warmup):
+        for fn, arg_sets in calls.values():
+            fn(*next_args(arg_sets))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeat):
+        for name, (fn, arg_sets) in calls.items():
+            args = next_args(arg_sets)
+            sync(device)
+            t = time.perf_counter()
+            fn(*args)
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: Timing(min(ts) * 1e3, statistics.median(ts) * 1e3) for name, ts in times.items()}
+
+
 def bandwidth_gbs(device: torch.device, nbytes: int = 512 << 20) -> float:
     """Read bandwidth (GB/s) measured now: the sum of a buffer much larger than the cache."""
     buf = torch.ones(nbytes // 4, device=device)

@@ -17,6 +17,7 @@ from zoo.bench._measure import (
     machine,
     report,
     row,
+    time_interleaved,
     time_ms,
 )
 from zoo.blocks.sparsity import TopK
@@ -56,7 +57,8 @@ def cold(make, nbytes: int) -> list:
 def bench_topk(args, device, gbs) -> list[dict]:
     """Top-K sparse-input matmul vs the fastest dense matmul on the same rows, per dtype, batch and keep.
 
-    The baseline is the fastest of torch's dense ways to the same rows, all timed here: `F.linear(x, W)`
+    Every way is timed in turns (`time_interleaved`). The baseline is the fastest of torch's dense
+    ways to the same rows: `F.linear(x, W)`
     (W [out, in], nn.Linear's), `x @ Wt` (Wt [in, out], the kernel's layout) and, for one row,
     `F.linear` on the row repeated twice (on CPU bf16 two rows take a faster GEMM path than one).
     Where zoo's compiled CPU kernels are built, a second ratio is printed against zoo's own dense GEMV
@@ -73,30 +75,33 @@ def bench_topk(args, device, gbs) -> list[dict]:
             compiled = device.type == "cpu" and cpu.usable(wts[0])
             for n in _batches(args, device):
                 x = torch.randn(n, d_in, device=device, dtype=dtype)
-                dense_ways = {"F.linear(x, W)": time_ms(F.linear, [(x, w) for w in ws], device, args.repeat),
-                              "x @ Wt": time_ms(torch.matmul, [(x, wt) for wt in wts], device, args.repeat)}
+                calls = {"F.linear(x, W)": (F.linear, [(x, w) for w in ws]),
+                         "x @ Wt": (torch.matmul, [(x, wt) for wt in wts])}
                 if n == 1:
                     pair = x.expand(2, -1).contiguous()
-                    dense_ways["F.linear(2 rows)"] = time_ms(F.linear, [(pair, w) for w in ws], device, args.repeat)
-                way, dense = min(dense_ways.items(), key=lambda kv: kv[1].best)
-                baseline = {"baseline": way, **{f"dense {k} ms": round(t.best, 4) for k, t in dense_ways.items()}}
-                zoo_dense = None
+                    calls["F.linear(2 rows)"] = (F.linear, [(pair, w) for w in ws])
+                dense_ways = list(calls)
                 if compiled and n == 1:
-                    zoo_dense = time_ms(cpu.gather_gemv, [(x.float(), None, wt) for wt in wts], device, args.repeat)
-                    baseline["dense zoo GEMV ms"] = round(zoo_dense.best, 4)
+                    calls["zoo GEMV"] = (cpu.gather_gemv, [(x.float(), None, wt) for wt in wts])
                 for keep in args.keep:
-                    k = int(keep * d_in)
-                    values, idx = TopK(d_in, k).entries(x)  # the model's selection: ascending indices
-                    ms = time_ms(topk_matmul, [(values, idx, wt) for wt in wts], device, args.repeat)
-                    read = n * k * d_out * dtype.itemsize
-                    extra = {"impl": "zoo cpu" if compiled else ("triton" if device.type == "cuda" else "torch")}
-                    if zoo_dense is not None:
-                        extra["speedup_vs_zoo_dense"] = round(zoo_dense.best / ms.best, 3)
+                    values, idx = TopK(d_in, int(keep * d_in)).entries(x)  # the model's selection: ascending
+                    calls[f"topk {keep}"] = (topk_matmul, [(values, idx, wt) for wt in wts])
                     if compiled:  # the pure-torch path (F.embedding_bag) beside it
-                        bag = time_ms(functools.partial(topk_matmul, impl="torch"),
-                                      [(values, idx, wt) for wt in wts], device, args.repeat)
-                        extra["embedding_bag ms"] = round(bag.best, 4)
-                    rows.append(row("topk", f"{name} {d_in}->{d_out} {dtype_name} b{n} keep{keep}", ms, dense,
+                        calls[f"bag {keep}"] = (functools.partial(topk_matmul, impl="torch"),
+                                                [(values, idx, wt) for wt in wts])
+                t = time_interleaved(calls, device, args.repeat)
+                way = min(dense_ways, key=lambda k: t[k].best)
+                baseline = {"baseline": way, **{f"dense {k} ms": round(t[k].best, 4) for k in dense_ways}}
+                if "zoo GEMV" in t:
+                    baseline["dense zoo GEMV ms"] = round(t["zoo GEMV"].best, 4)
+                for keep in args.keep:
+                    ms, read = t[f"topk {keep}"], n * int(keep * d_in) * d_out * dtype.itemsize
+                    extra = {"impl": "zoo cpu" if compiled else ("triton" if device.type == "cuda" else "torch")}
+                    if "zoo GEMV" in t:
+                        extra["speedup_vs_zoo_dense"] = round(t["zoo GEMV"].best / ms.best, 3)
+                    if compiled:
+                        extra["embedding_bag ms"] = round(t[f"bag {keep}"].best, 4)
+                    rows.append(row("topk", f"{name} {d_in}->{d_out} {dtype_name} b{n} keep{keep}", ms, t[way],
                                     read, gbs, GBs=round(read / ms.best / 1e6, 1), **extra, **baseline))
     return rows
 
