@@ -143,3 +143,58 @@ except cpu.CpuKernelsUnavailable as err:
     assert out.returncode == 0, out.stderr
     assert "error: zoo's CPU kernels are not available: ZOO_CPU_KERNELS=0" in out.stdout
     assert not list(tmp_path.iterdir())  # nothing was built
+
+
+@needs_build
+@pytest.mark.parametrize("n,width,out,k", [(1, 77, 53, 30), (3, 200, 130, 0), (1, 2731, 1025, 1365),
+                                          (2, 300, 9001, 150)])
+def test_int8_gather_gemv_is_exact(poison, threads, n, width, out, k):
+    """Ternary weights times int8 activations: integer sums, equal to float64's exactly (fewer than 16
+    rows, the row split, several tiles)."""
+    w = torch.randint(-1, 2, (width, out), dtype=torch.int8)
+    x = torch.randint(-128, 128, (n, width)).float()
+    idx = torch.stack([torch.randperm(width)[:k].sort().values for _ in range(n)]) if k else None
+    vals = x if idx is None else x.gather(-1, idx)
+    ref = topk_matmul_reference(vals.double(), idx, w.double()) if k else x.double() @ w.double()
+    assert torch.equal(cpu.gather_gemv(vals, idx, w).double(), ref)
+
+
+@needs_build
+@pytest.mark.parametrize("k", [0, 1, 40, 101])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_ternary_gemv_is_the_bitnet_projection(poison, threads, k, per_row):
+    """One call = top-K (optional) + absmax int8 quantization + exact ternary GEMV + 1/s · β + bias,
+    as the torch ops compute it (rows full of ties included)."""
+    from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul_reference
+
+    width, out = 101, 67
+    for x in (torch.randn(2, width), tied_rows(2, width)[:, :width].nan_to_num(0.0)):
+        w = torch.randint(-1, 2, (out, width))
+        beta = torch.rand(out if per_row else 1) + 0.5
+        bias = torch.randn(out)
+        kept = TopK(width, k)(x) if k else x
+        xq, s = quantize_rows(kept)
+        ref = ternary_matmul_reference(xq, TernaryWeight.from_ternary(w, ("int8",)), 1 / s).double() * beta.double()
+        ref = ref + bias.double()
+        y = cpu.ternary_gemv(x, k, w.to(torch.int8).t().contiguous(), beta, bias)
+        assert rel_err(y, ref) < 1e-6
+
+
+
+@needs_build
+@pytest.mark.parametrize("n,k", [(1, 0), (1, 37), (3, 0), (3, 37)])
+def test_ternary_matmul_cpu_on_the_rows_layout(poison, n, k):
+    """ternary_matmul impl='cpu' (auto with the rows layout): one row through the compiled GEMV, more
+    rows through torch._int_mm on the same [in, out] layout; both exact before the scales."""
+    from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul, ternary_matmul_reference
+
+    width, out = 90, 41
+    w = torch.randint(-1, 2, (out, width))
+    tw = TernaryWeight.from_ternary(w, ("rows",))
+    assert tw.int8 is None and tw.rows.shape == (width, out)
+    xq, s = quantize_rows(torch.randn(n, width))
+    idx = xq.float().abs().topk(k, dim=-1).indices if k else None
+    xk = xq if idx is None else xq.gather(-1, idx)
+    ref = ternary_matmul_reference(xk, tw, 1 / s, idx)
+    for impl in ("cpu", "auto", "torch"):
+        assert rel_err(ternary_matmul(xk, tw, 1 / s, idx, impl=impl), ref) < 1e-6

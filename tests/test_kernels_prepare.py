@@ -31,7 +31,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).double().norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "auto"])  # auto on CPU: the compiled kernels where built
 def test_topk_model_prepared_matches(impl):
     model = build(TOPK)
     torch.manual_seed(0)
@@ -44,13 +44,20 @@ def test_topk_model_prepared_matches(impl):
         assert rel(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("impl,sparse", [("torch", False), ("torch", True), ("triton", True)])
+@pytest.mark.parametrize("impl,sparse", [("torch", False), ("torch", True), ("triton", True), ("auto", False),
+                                         ("auto", True)])
 def test_frozen_bitnet_prepared_matches(impl, sparse):
+    """Decode steps through each path; `auto` on CPU: the fused `ternary_gemv` where the kernels are built."""
+    from zoo.kernels import cpu
+
     model = build(BITNET + (TOPK if sparse else []), freeze=True)
     torch.manual_seed(0)
     before = logits_two_ways(model)
     prepare_inference(model, impl=impl)
-    assert sum(isinstance(m, TernaryLinear) for m in model.modules()) == 2 * 4
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    assert len(layers) == 2 * 4
+    if impl == "auto" and not torch.cuda.is_available():
+        assert {m.layout for m in layers} == {"rows" if cpu.available() else "int8"}
     torch.manual_seed(0)
     after = logits_two_ways(model)
     for a, b in zip(after, before):

@@ -122,3 +122,21 @@ def topk_gemv(x: torch.Tensor, k: int, wt: torch.Tensor, bias: torch.Tensor | No
     torch.ops.zoo_cpu.topk_gemv(x.float().contiguous(), k, wt.contiguous(),
                                 None if bias is None else bias.float().contiguous(), threads, y, idx)
     return y, idx
+
+
+def ternary_gemv(x: torch.Tensor, k: int, w: torch.Tensor, beta: torch.Tensor, bias: torch.Tensor | None = None,
+                 eps: float = 1e-5) -> torch.Tensor:
+    """A frozen BitNet b1.58 projection after its input norm, in one call: y [N, out] fp32 from x [N, in].
+
+    Keeps the k largest |x| of each row (k = 0: all), quantizes the row to int8 by its absmax
+    (`zoo.kernels.ternary.quantize_rows`), multiplies exactly by the ternary weight w (int8 [in, out],
+    the `rows` layout) over the kept rows only, and scales by 1/s and β (one value or one per output).
+    """
+    if not available():
+        raise CpuKernelsUnavailable(f"zoo's CPU kernels are not available: {_load()}")
+    n, out = x.shape[0], w.shape[1]
+    threads = torch.get_num_threads() if n * (k or x.shape[1]) * out >= PARALLEL_MIN_WORK else 1
+    y = torch.empty(n, out, dtype=torch.float32)
+    torch.ops.zoo_cpu.ternary_gemv(x.float().contiguous(), k, w, beta.float().reshape(-1).contiguous(),
+                                   None if bias is None else bias.float().contiguous(), eps, threads, y)
+    return y

@@ -8,8 +8,10 @@
   than MKL's one-thread GEMV), more rows, or no compiled kernels, through `x @ Wt` (which reads Wt
   faster than `F.linear` reads W);
 - frozen BitNet b1.58 weights (`packed` + `scale`): `TernaryLinear`, int8 activations times the
-  ternary weight (CPU: unpacked once to int8 for `torch._int_mm`; CUDA: the packed Triton kernel,
-  with the top-K gather fused in when the projection's input is top-K sparse).
+  ternary weight (CPU: unpacked once to int8 — [in, out] for zoo's compiled GEMV, which at decode
+  reads only the kept inputs' rows when the input is top-K sparse, or [out, in] for
+  `torch._int_mm` without the compiled kernels; CUDA: the packed Triton kernel, with the top-K
+  gather fused in when the projection's input is top-K sparse).
 
 The outputs equal the unprepared model's up to rounding, and state dicts keep their keys, so a
 prepared model still saves to an ordinary checkpoint.
@@ -40,6 +42,12 @@ def top_entries(x: torch.Tensor, k: int, sparsify: nn.Module | None = None) -> t
     x = x if sparsify is None else sparsify(x)
     idx = x.abs().topk(k, dim=-1, sorted=False).indices
     return x.gather(-1, idx), idx
+
+
+def kernel_selects(sparsify: nn.Module | None) -> bool:
+    """Whether a fused kernel may take the raw row and select the kept entries itself: no sparsity, or a
+    block whose kept entries are the row's k largest |x| (ties to the lower index, unscaled)."""
+    return sparsify is None or isinstance(sparsify, nn.Identity) or getattr(sparsify, "magnitude_topk", False)
 
 
 class TransposedLinear(nn.Module):
@@ -103,7 +111,7 @@ class TopKLinear(TransposedLinear):
     def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if gather_pays(rows.shape[0], self.k / self.in_features):
-            if self.compiled_gemv and getattr(sparsify, "magnitude_topk", sparsify is None):
+            if self.compiled_gemv and kernel_selects(sparsify):
                 y = cpu.topk_gemv(rows, self.k, self.wt, self.bias)[0]  # selection and multiply in one call
             else:
                 values, idx = top_entries(rows, self.k, sparsify)  # the kernels multiply in wt's dtype
@@ -128,25 +136,40 @@ class TernaryLinear(nn.Module):
         self.norm, self.bias = bitlinear.norm, bitlinear.bias
         self.register_buffer("packed", bitlinear.packed)  # the checkpoint's storage, kept as is
         self.register_buffer("scale", bitlinear.scale)
-        self.impl = choose(impl, device)
+        self.impl = choose(impl, device, cpu_kernel=cpu.available())
         self.triton = self.impl == "triton"
-        # the checkpoint storage is already the packed kernel layout; the CPU unpacks it once, here
-        kernel_layout = self.packed if self.triton else unpack_ternary(self.packed, self.out_features)
+        # the checkpoint storage is already the packed kernel layout; the CPU unpacks it once, here:
+        # [in, out] for the compiled kernels (kept inputs read contiguous rows), [out, in] for torch's
+        if self.triton:
+            kernel_layout, self.layout = self.packed, "packed"
+        elif self.impl == "cpu":
+            kernel_layout, self.layout = unpack_ternary(self.packed, self.out_features).t().contiguous(), "rows"
+        else:
+            kernel_layout, self.layout = unpack_ternary(self.packed, self.out_features), "int8"
         self.register_buffer("kernel_weight", kernel_layout, persistent=False)
 
     def ternary_weight(self) -> TernaryWeight:
-        layout = {"packed": self.kernel_weight} if self.triton else {"int8": self.kernel_weight}
-        return TernaryWeight(self.in_features, self.out_features, **layout)
+        return TernaryWeight(self.in_features, self.out_features, **{self.layout: self.kernel_weight})
+
+    def fused(self, x: torch.Tensor, sparsify: nn.Module | None) -> bool:
+        """Whether one `cpu.ternary_gemv` call does it all: the compiled kernels, one fp32 row (decode),
+        and no sparsity or a top-K the kernel selects itself."""
+        return (self.layout == "rows" and x.dtype == torch.float32 and x.numel() == self.in_features
+                and kernel_selects(sparsify))
 
     def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
         x = self.norm(x)
+        if self.fused(x, sparsify):
+            k = 0 if sparsify is None else kept_count(sparsify, self.in_features) or 0
+            y = cpu.ternary_gemv(x.reshape(1, -1), k, self.kernel_weight, self.scale, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         if sparsify is not None:
             x = sparsify(x)
         rows = x.reshape(-1, self.in_features)
         xq, s = quantize_rows(rows)
         k = None if sparsify is None else kept_count(sparsify, self.in_features)
         idx = None
-        if self.triton and k is not None and gather_pays(rows.shape[0], k / self.in_features):
+        if self.layout != "int8" and k is not None and gather_pays(rows.shape[0], k / self.in_features):
             idx = top_entries(rows, k)[1]
             xq = xq.gather(-1, idx)
         wide = torch.promote_types(x.dtype, torch.float32)
@@ -156,7 +179,8 @@ class TernaryLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kind = "packed 2-bit, Triton" if self.triton else "int8, torch._int_mm"
+        kind = {"packed": "packed 2-bit, Triton", "rows": "int8 [in, out], zoo cpu",
+                "int8": "int8, torch._int_mm"}[self.layout]
         return f"{self.in_features}->{self.out_features}, {kind}"
 
 

@@ -10,7 +10,9 @@ Layouts (`TernaryWeight`):
 - `packed` [in, ceil(out/4)] uint8, for the Triton kernel: kept inputs read contiguous rows. Byte
   (i, j) holds the weights of outputs j, j+R, j+2R, j+3R (R = ceil(out/4)) at bits 0-1, 2-3,
   4-5, 6-7, each stored as w̃ + 1 ∈ {0, 1, 2}; padding outputs hold 1 (weight 0).
-- `int8` [out, in] int8, for the CPU path: unpacked once at load, multiplied with `torch._int_mm`.
+- `int8` [out, in] int8, for the torch CPU path: unpacked once at load, multiplied with `torch._int_mm`.
+- `rows` [in, out] int8, for the compiled CPU path (zoo/kernels/cpu.py): one row (decode) is a GEMV
+  streaming the rows of kept inputs on every core; more rows go to `torch._int_mm` on the same layout.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zoo.kernels import cpu
 from zoo.kernels.dispatch import choose, triton_module
 
 
@@ -49,16 +52,20 @@ class TernaryWeight:
     out_features: int
     packed: torch.Tensor | None = None
     int8: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     @classmethod
     def from_ternary(cls, w: torch.Tensor, layouts: tuple[str, ...] = ("packed", "int8")) -> TernaryWeight:
         """From [out, in] ternary values, keeping the named layouts."""
         return cls(w.shape[1], w.shape[0], pack_ternary(w) if "packed" in layouts else None,
-                   w.to(torch.int8).contiguous() if "int8" in layouts else None)
+                   w.to(torch.int8).contiguous() if "int8" in layouts else None,
+                   w.to(torch.int8).t().contiguous() if "rows" in layouts else None)
 
     def values(self) -> torch.Tensor:
         """[out, in] int8 ternary values, from whichever layout is held."""
-        return self.int8 if self.int8 is not None else unpack_ternary(self.packed, self.out_features)
+        if self.int8 is not None:
+            return self.int8
+        return self.rows.t() if self.rows is not None else unpack_ternary(self.packed, self.out_features)
 
 
 def _dense_rows(xq: torch.Tensor, indices: torch.Tensor | None, in_features: int) -> torch.Tensor:
@@ -92,10 +99,26 @@ def ternary_matmul_torch(xq: torch.Tensor, weight: TernaryWeight, row_scale: tor
     With `indices` the kept entries are scattered back into a dense int8 row: on CPU the dense
     int8 GEMV (a quarter of fp32's bytes) is faster than any torch gather of int8 rows.
     """
-    if weight.int8 is None:
-        raise ValueError("the torch ternary path needs the int8 layout (TernaryWeight.from_ternary(w, ('int8',)))")
+    if weight.int8 is None and weight.rows is None:
+        raise ValueError("the torch ternary path needs the int8 or rows layout (TernaryWeight.from_ternary)")
     x = _dense_rows(xq, indices, weight.in_features)
-    return finish(torch._int_mm(x, weight.int8.t()), row_scale, bias, out_dtype)
+    w = weight.int8.t() if weight.int8 is not None else weight.rows
+    return finish(torch._int_mm(x, w), row_scale, bias, out_dtype)
+
+
+def ternary_matmul_cpu(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch.Tensor,
+                       indices: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Compiled CPU path on the `rows` layout [in, out]: one row through zoo's gather-GEMV (the kept
+    rows of the int8 weight only, when `indices` is given; exact integer sums), more rows through
+    `torch._int_mm` on the same layout."""
+    if weight.rows is None:
+        raise ValueError("the cpu ternary path needs the rows layout (TernaryWeight.from_ternary(w, ('rows',)))")
+    if xq.shape[0] == 1:
+        acc = cpu.gather_gemv(xq.float(), indices, weight.rows)
+    else:
+        acc = torch._int_mm(_dense_rows(xq, indices, weight.in_features), weight.rows)
+    return finish(acc, row_scale, bias, out_dtype)
 
 
 def ternary_matmul(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch.Tensor,
@@ -103,11 +126,14 @@ def ternary_matmul(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch.Ten
                    out_dtype: torch.dtype = torch.float32, impl: str = "auto") -> torch.Tensor:
     """y [N, out] = row_scale · (xq · w̃ᵀ) (+ bias); xq int8 [N, in], or [N, K] kept entries at `indices`.
 
-    `impl`: 'auto' (Triton on CUDA, else torch), 'reference', 'torch', 'triton'.
+    `impl`: 'auto' (Triton on CUDA; on CPU the compiled path when the weight holds the `rows` layout and
+    the kernels are built, else torch), 'reference', 'torch', 'cpu', 'triton'.
     """
-    impl = choose(impl, xq.device)
+    impl = choose(impl, xq.device, cpu_kernel=impl == "auto" and weight.rows is not None and cpu.available())
     if impl == "triton":
         kernel = triton_module("triton_ternary", xq.device).ternary_matmul
+    elif impl == "cpu":
+        kernel = ternary_matmul_cpu
     else:
         kernel = ternary_matmul_reference if impl == "reference" else ternary_matmul_torch
     return kernel(xq, weight, row_scale, indices, bias, out_dtype)

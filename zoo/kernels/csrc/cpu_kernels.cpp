@@ -3,9 +3,14 @@
 //
 // gather_gemv: y[n] = bias + Σ_k values[n, k] · wt[indices[n, k]]   (wt [in, out] row-major)
 //   the sparse-input GEMV of Q-Sparse decode. Without indices, row k of wt is row k (a dense GEMV).
+//   wt float32, bfloat16 or int8 — int8 meaning BitNet's ternary weights {-1, 0, +1}, with integer
+//   activations in [-128, 127] as the values: summed exactly in integers (see gemv_columns<int8_t>).
 // topk_gemv: the same after selecting, in each row of x, the k entries of largest |x| (ties to the
 //   lower index, as zoo.blocks.sparsity.topk_mask keeps them; a NaN counts as largest, so it is kept
 //   and shows in y), so a Q-Sparse projection at decode is one call.
+// ternary_gemv: a frozen BitNet b1.58 projection after its norm, in one call: optional top-K (as
+//   above), per-token absmax int8 quantization (s = 127 / max(max|x|, eps), q = clamp(round(x·s))),
+//   the exact integer GEMV over the kept rows of the ternary weight, then y = acc / s · β (+ bias).
 //
 // Why not F.embedding_bag, which computes the same sum: it walks the output in short vectors and,
 // for each, every kept row, so the weight rows are read in scattered 64-byte pieces. Here each
@@ -76,6 +81,41 @@ void gemv_columns(const float* v, const int64_t* idx, int64_t K, const T* wt, in
   }
 }
 
+// Ternary weights (int8 holding -1, 0, +1) times integer activations in [-128, 127] (the values, as
+// floats): 16 rows are summed in int16 lanes (|Σ| <= 16·128 fits), twice as many lanes per vector as
+// fp32, then added into int32 accumulators; the result is exact, like an int32 matmul.
+template <>
+void gemv_columns<int8_t>(const float* v, const int64_t* idx, int64_t K, const int8_t* wt, int64_t out,
+                          const float* bias, float* y, int64_t c0, int64_t c1) {
+  alignas(64) int32_t acc[TILE];
+  for (int64_t t0 = c0; t0 < c1; t0 += TILE) {
+    const int64_t n = std::min(TILE, c1 - t0);
+    for (int64_t j = 0; j < n; ++j) acc[j] = 0;
+    int64_t k = 0;
+    for (; k + R <= K; k += R) {
+      const int8_t* r[R];
+      int16_t a[R];
+      for (int p = 0; p < R; ++p) {
+        r[p] = wt + (idx ? idx[k + p] : k + p) * out + t0;
+        a[p] = static_cast<int16_t>(v[k + p]);
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        int16_t s = 0;
+        for (int p = 0; p < R; ++p) s = static_cast<int16_t>(s + a[p] * r[p][j]);
+        acc[j] += s;
+      }
+    }
+    for (; k < K; ++k) {
+      const int8_t* row = wt + (idx ? idx[k] : k) * out + t0;
+      const int32_t a = static_cast<int32_t>(v[k]);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) acc[j] += a * row[j];
+    }
+    for (int64_t j = 0; j < n; ++j) y[t0 + j] = static_cast<float>(acc[j]) + (bias ? bias[t0 + j] : 0.f);
+  }
+}
+
 template <typename T>
 void gather_gemv_typed(const at::Tensor& values, const int64_t* idx, const at::Tensor& wt, const float* bias,
                        at::Tensor& y, int64_t chunks) {
@@ -137,8 +177,10 @@ void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indi
     gather_gemv_typed<float>(values, idx, wt, b, y, chunks);
   } else if (wt.scalar_type() == at::kBFloat16) {
     gather_gemv_typed<c10::BFloat16>(values, idx, wt, b, y, chunks);
+  } else if (wt.scalar_type() == at::kChar) {
+    gather_gemv_typed<int8_t>(values, idx, wt, b, y, chunks);
   } else {
-    TORCH_CHECK(false, "gather_gemv: wt must be float32 or bfloat16");
+    TORCH_CHECK(false, "gather_gemv: wt must be float32, bfloat16 or int8");
   }
 }
 
@@ -179,13 +221,57 @@ void topk_gemv(const at::Tensor& x, int64_t k, const at::Tensor& wt, const std::
   gather_gemv(values, indices, wt, bias, chunks, y);
 }
 
+void ternary_gemv(const at::Tensor& x, int64_t k, const at::Tensor& w, const at::Tensor& beta,
+                  const std::optional<at::Tensor>& bias, double eps, int64_t chunks, at::Tensor& y) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "ternary_gemv: x must be contiguous float32 [N, in]");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous() && w.size(0) == x.size(1),
+              "ternary_gemv: w must be contiguous int8 [in, out]");
+  TORCH_CHECK(0 <= k && k <= x.size(1), "ternary_gemv: need 0 <= k <= in (0: no top-K)");
+  const int64_t N = x.size(0), width = x.size(1), out = w.size(1), kept = k > 0 ? k : width;
+  TORCH_CHECK(beta.scalar_type() == at::kFloat && beta.is_contiguous() && (beta.numel() == 1 || beta.numel() == out),
+              "ternary_gemv: beta must be contiguous float32, one value or one per output");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == N && y.size(1) == out,
+              "ternary_gemv: y must be contiguous float32 [N, out]");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == out && bias->is_contiguous(),
+                "ternary_gemv: bias must be contiguous float32 [out]");
+  at::Tensor values = at::empty({N, kept}, x.options());
+  at::Tensor indices = at::empty({N, k > 0 ? kept : 0}, x.options().dtype(at::kLong));
+  std::vector<float> scratch, rscale(N);
+  float* v = values.data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i) {
+    const float* xi = x.data_ptr<float>() + i * width;
+    float* vi = v + i * kept;
+    if (k > 0) select_topk(xi, width, k, scratch, indices.data_ptr<int64_t>() + i * kept, vi);
+    else std::memcpy(vi, xi, width * sizeof(float));
+    float amax = 0.f;
+    for (int64_t j = 0; j < kept; ++j) amax = std::max(amax, std::fabs(vi[j]));
+    const float s = 127.f / std::max(amax, static_cast<float>(eps));
+    for (int64_t j = 0; j < kept; ++j) vi[j] = std::min(127.f, std::max(-128.f, std::nearbyint(vi[j] * s)));
+    rscale[i] = 1.f / s;
+  }
+  gather_gemv(values, k > 0 ? std::optional<at::Tensor>(indices) : std::nullopt, w, std::nullopt, chunks, y);
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* be = beta.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < out; ++j) {
+      float t = yp[i * out + j] * rscale[i];
+      t = t * be[beta.numel() == 1 ? 0 : j];
+      yp[i * out + j] = b ? t + b[j] : t;
+    }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(zoo_cpu, m) {
   m.def("gather_gemv(Tensor values, Tensor? indices, Tensor wt, Tensor? bias, int chunks, Tensor(a!) y) -> ()");
   m.def("topk_gemv(Tensor x, int k, Tensor wt, Tensor? bias, int chunks, Tensor(a!) y, Tensor(b!) indices) -> ()");
+  m.def("ternary_gemv(Tensor x, int k, Tensor w, Tensor beta, Tensor? bias, float eps, int chunks, Tensor(a!) y) -> ()");
 }
 TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
   m.impl("gather_gemv", &gather_gemv);
   m.impl("topk_gemv", &topk_gemv);
+  m.impl("ternary_gemv", &ternary_gemv);
 }
