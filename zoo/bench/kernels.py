@@ -107,29 +107,44 @@ def bench_topk(args, device, gbs) -> list[dict]:
 
 
 def bench_ternary(args, device, gbs) -> list[dict]:
-    """Ternary (int8 layout on CPU, packed on CUDA), alone and with the top-K gather, vs dense float
-    (fp32 on CPU, bf16 on CUDA)."""
+    """Ternary (packed on CUDA; on CPU the compiled kernel's [in, out] int8 rows where built, else the
+    int8 layout for `torch._int_mm`), alone and with the top-K gather, vs the fastest dense float way
+    (fp32 on CPU: `F.linear` or `x @ Wt`; bf16 `F.linear` on CUDA), all timed in turns."""
+    from zoo.kernels import cpu
+
     rows, cuda = [], device.type == "cuda"
     base_dtype = torch.bfloat16 if cuda else torch.float32
     per_weight = 0.25 if cuda else 1.0  # bytes read per weight
-    layouts = ("packed",) if cuda else ("int8",)
+    compiled = not cuda and cpu.available()
+    layouts = ("packed",) if cuda else ("rows",) if compiled else ("int8",)
     for name, d_in, d_out in _shapes(args, SHAPES):
         ws = cold(functools.partial(torch.randn, d_out, d_in, device=device, dtype=base_dtype), d_in * d_out * 4)
+        wts = [w.t().contiguous() for w in ws]
         tws = cold(functools.partial(_ternary, d_out, d_in, device, layouts), int(d_in * d_out * per_weight))
+        tws = (tws * -(-len(ws) // len(tws)))[:max(len(ws), len(tws))]
         for n in _batches(args, device):
             x = torch.randn(n, d_in, device=device, dtype=base_dtype)
-            dense = time_ms(F.linear, [(x, w) for w in ws], device, args.repeat)
             xq, s = quantize_rows(x)
-            ms = time_ms(ternary_matmul, [(xq, tw, 1 / s) for tw in tws], device, args.repeat)
-            rows.append(row("ternary", f"{name} {d_in}->{d_out} b{n} vs {str(base_dtype)[6:]}", ms, dense,
-                            int(d_in * d_out * per_weight), gbs))
+            calls = {"F.linear": (F.linear, [(x, w) for w in ws])}
+            if not cuda:
+                calls["x @ Wt"] = (torch.matmul, [(x, wt) for wt in wts])
+            dense_ways = list(calls)
+            calls["ternary"] = (ternary_matmul, [(xq, tw, 1 / s) for tw in tws])
+            for keep in args.keep:
+                idx = x.abs().topk(int(keep * d_in), dim=-1).indices
+                calls[f"topk {keep}"] = (ternary_matmul, [(xq.gather(-1, idx), tw, 1 / s, idx) for tw in tws])
+            t = time_interleaved(calls, device, args.repeat)
+            way = min(dense_ways, key=lambda k: t[k].best)
+            extra = {"impl": "triton" if cuda else "zoo cpu" if compiled else "torch", "baseline": way}
+            rows.append(row("ternary", f"{name} {d_in}->{d_out} b{n} vs {str(base_dtype)[6:]}", t["ternary"],
+                            t[way], int(d_in * d_out * per_weight), gbs, **extra))
             for keep in args.keep:
                 k = int(keep * d_in)
-                idx = x.abs().topk(k, dim=-1).indices
-                ms = time_ms(ternary_matmul, [(xq.gather(-1, idx), tw, 1 / s, idx) for tw in tws], device,
-                               args.repeat)
-                read = n * k * d_out * per_weight if cuda else d_in * d_out  # CPU: dense int8 on the masked row
-                rows.append(row("ternary+topk", f"{name} {d_in}->{d_out} b{n} keep{keep}", ms, dense, int(read), gbs))
+                # bytes read: the kept rows (CUDA, and the compiled CPU kernel at one row); torch's CPU path
+                # multiplies the masked row densely
+                read = n * k * d_out * per_weight if cuda or (compiled and n == 1) else d_in * d_out
+                rows.append(row("ternary+topk", f"{name} {d_in}->{d_out} b{n} keep{keep}", t[f"topk {keep}"],
+                                t[way], int(read), gbs, **extra))
     return rows
 
 
