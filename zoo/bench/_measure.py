@@ -106,9 +106,19 @@ def time_interleaved(calls: dict[str, tuple[Callable[..., object], Sequence[tupl
 
 
 def bandwidth_gbs(device: torch.device, nbytes: int = 512 << 20) -> float:
-    """Read bandwidth (GB/s) measured now: the sum of a buffer much larger than the cache."""
+    """Read bandwidth (GB/s) measured now: the faster of two reads of a buffer much larger than the
+    cache — `torch.sum`, and on CPU zoo's compiled GEMV streaming it as a matrix (it reads faster
+    than torch's reduction here, and a floor must not be slower than what a kernel reaches)."""
     buf = torch.ones(nbytes // 4, device=device)
-    return nbytes / time_ms(torch.sum, [(buf,)], device, repeat=15).best / 1e6
+    best = time_ms(torch.sum, [(buf,)], device, repeat=15).best
+    if device.type == "cpu":
+        from zoo.kernels import cpu
+
+        if cpu.available():
+            rows = buf.view(-1, 4096)
+            x = torch.ones(1, rows.shape[0])
+            best = min(best, time_ms(cpu.gather_gemv, [(x, None, rows)], device, repeat=15).best)
+    return nbytes / best / 1e6
 
 
 def row(name: str, shape: str, t: Timing, base: Timing, nbytes: int, gbs: float, **extra) -> dict:
