@@ -4,7 +4,7 @@
   the weight held once as Wt [in, out] and multiplied by the sparse-input kernel when
   rows · keep < 1 (decode), densely otherwise;
 - other full-precision fp32 weights on CPU, and an untied LM head: `TransposedLinear`, the same Wt
-  layout; one row goes through zoo's compiled GEMV (zoo/kernels/cpu.py: both cores, ~1.6× faster
+  layout; one row goes through zoo's compiled GEMV (zoo/kernels/cpu.py: both cores, ~1.5× faster
   than MKL's one-thread GEMV), more rows, or no compiled kernels, through `x @ Wt` (which reads Wt
   faster than `F.linear` reads W);
 - frozen BitNet b1.58 weights (`packed` + `scale`): `TernaryLinear`, int8 activations times the
