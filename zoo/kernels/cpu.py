@@ -60,6 +60,7 @@ def _load() -> str | None:
     try:
         from torch.utils import cpp_extension
 
+        _ninja_on_path()
         name = build_name()
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
         if not any(Path(root).glob(f"*/{name}/{name}.so")) and not (Path(root) / name / f"{name}.so").exists():
@@ -70,6 +71,18 @@ def _load() -> str | None:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         return f"{type(err).__name__}: {reason}"
     return None
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the ninja wheel's binary is there only in an activated
+    environment, so its folder is added (e.g. for `/path/to/venv/bin/zoo` run directly)."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    folder = getattr(ninja, "BIN_DIR", None)
+    if folder and folder not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
 
 
 def available() -> bool:
