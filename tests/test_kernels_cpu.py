@@ -3,22 +3,20 @@ path of the C++ (one thread, column split, row split, several tiles, remainder r
 top-K selection with ties, poisoned outputs, and the fallback when they cannot be built."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests.conftest import HAS_CXX as COMPILER
+from tests.conftest import needs_cxx as needs_build
 from zoo.blocks.sparsity import BlockTopK, TopK
 from zoo.kernels import cpu
 from zoo.kernels.prepare import TopKLinear, TransposedLinear
 from zoo.kernels.topk_matmul import topk_matmul, topk_matmul_reference
 
 from .test_kernels import TOL, rel_err
-
-COMPILER = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-needs_build = pytest.mark.skipif(not COMPILER, reason="no C++ compiler on this machine: the pure-torch paths run")
 
 
 def test_builds_wherever_there_is_a_compiler():

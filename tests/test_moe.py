@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zoo
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, needs_cxx
 from tests.tiny import fit
 from zoo.blocks.router import Routing
 from zoo.recipe.recipe import recipe_from_dict
@@ -410,6 +410,7 @@ def test_evaluate_reports_expert_load_and_router_entropy():
     assert layer["router_entropy"] == pytest.approx(float(stats["router_entropy"]))
 
 
+@needs_cxx
 def test_moe_model_runs_under_torch_compile_with_eager_results():
     """The dispatch (data-dependent shapes) stays eager inside a compiled model; the rest compiles."""
     recipe = zoo.load_recipe(RECIPES / "tiny/moe.toml", {"model.n_layers": 1, "model.d_model": 32, "model.n_heads": 4,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import zoo
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, needs_cxx
 from tests.tiny import tiny_run
 from zoo.cli import main
 from zoo.train import loop
@@ -145,6 +145,7 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
         train(tiny_run(tmp_path, **{"train.tensorboard": True}), tmp_path / "run", progress=False)
 
 
+@needs_cxx
 def test_compile_true_trains_through_torch_compile_with_the_eager_losses(tmp_path):
     from torch._dynamo.utils import counters
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -61,6 +62,9 @@ def _load() -> str | None:
         from torch.utils import cpp_extension
 
         _ninja_on_path()
+        compiler = os.environ.get("CXX", "c++")
+        if not shutil.which(compiler):
+            return f"no C++ compiler ({compiler}) on PATH"
         name = build_name()
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
         if not any(Path(root).glob(f"*/{name}/{name}.so")) and not (Path(root) / name / f"{name}.so").exists():
