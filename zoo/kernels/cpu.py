@@ -124,6 +124,22 @@ def gather_gemv(values: torch.Tensor, indices: torch.Tensor | None, wt: torch.Te
     return y
 
 
+def decode_row(x: torch.Tensor, k: int | None, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The lean decode call of prepared projections: x holds one contiguous fp32 row (any leading shape),
+    y = x·Wᵀ (+ bias) in x's leading shape — keeping the k largest |x| first when k is given. The caller
+    has checked what `gather_gemv` / `topk_gemv` check (available, dtypes); this path skips it, since a
+    decode step makes ~100 of these calls."""
+    out = wt.shape[1]
+    y = torch.empty(*x.shape[:-1], out)
+    row, y2 = x.view(1, -1), y.view(1, out)
+    threads = torch.get_num_threads() if (k or row.shape[1]) * out >= PARALLEL_MIN_WORK else 1
+    if k is None:
+        torch.ops.zoo_cpu.gather_gemv(row, None, wt, bias, threads, y2)
+    else:
+        torch.ops.zoo_cpu.topk_gemv(row, k, wt, bias, threads, y2, torch.empty(1, k, dtype=torch.long))
+    return y
+
+
 def topk_gemv(x: torch.Tensor, k: int, wt: torch.Tensor, bias: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [N, out] fp32, indices [N, k]): each row of x [N, in] keeps its k entries of largest |x|
