@@ -89,6 +89,22 @@ def test_moe_qsparse_model_prepared_matches():
         assert rel(a, b) < 1e-5
 
 
+def test_frozen_bitnet_moe_prepared_keeps_expert_weights_unpacked_and_matches():
+    """Frozen BitNet experts keep W̃·β unpacked after prepare_inference (not saved); logits unchanged."""
+    overrides = [*SHAPE[:3], SHAPE[4], "model.ffn.expert.hidden=24", *TOPK, *BITNET]
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/moe.toml", overrides)).eval().freeze()
+    keys = set(model.state_dict())
+    torch.manual_seed(0)
+    before = logits_two_ways(model)
+    prepare_inference(model)
+    experts = [m.linear for m in model.modules() if type(m).__name__ == "ExpertProjection"]
+    assert experts and all(e._buffers.get("dequantized") is not None for e in experts)
+    assert set(model.state_dict()) == keys  # the unpacked copy is not saved
+    torch.manual_seed(0)
+    for a, b in zip(logits_two_ways(model), before):
+        assert rel(a, b) < 1e-5
+
+
 def test_dense_fp32_model_gets_the_transposed_layout_and_matches():
     """fp32 on CPU: every dense projection becomes `x @ Wt`; logits match, the state dict keeps its keys."""
     model = build([])

@@ -107,7 +107,11 @@ class BitLinear(nn.Module):
         return isinstance(self.norm, RMSNorm)
 
     def quantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """W̃·β in `dtype` ([..., out, in]): from the latent weight (straight-through) or the packed storage."""
+        """W̃·β in `dtype` ([..., out, in]): from the latent weight (straight-through) or the packed storage
+        (or its copy kept by `keep_dequantized`)."""
+        kept = self._buffers.get("dequantized")
+        if kept is not None and kept.dtype == dtype:
+            return kept
         if self.frozen:
             scale = self.scale.reshape(*self.packed.shape[:-2], -1, 1)  # β [..., 1 or out, 1]
             return unpack_ternary(self.packed, self.out_features).to(dtype) * scale.to(dtype)
@@ -141,6 +145,14 @@ class BitLinear(nn.Module):
         del self.weight
         self.register_buffer("packed", packed)
         self.register_buffer("scale", beta if self.per_row else beta.reshape(1))
+
+    @torch.no_grad()
+    def keep_dequantized(self, dtype: torch.dtype) -> None:
+        """Frozen: keep W̃·β unpacked in `dtype` (not saved), so inference stops unpacking it at every call.
+        `zoo.kernels.prepare_inference` asks this of stacked MoE experts, whose grouped matmul takes
+        float weights: a decode step would otherwise unpack every expert of every layer per token."""
+        if self.frozen:
+            self.register_buffer("dequantized", self.quantized_weight(dtype), persistent=False)
 
     def packed_nbytes(self) -> int:
         """Bytes of the inference storage: packed matrix, float32 β, bias."""

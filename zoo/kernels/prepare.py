@@ -13,6 +13,10 @@
   `torch._int_mm` without the compiled kernels; CUDA: the packed Triton kernel, with the top-K
   gather fused in when the projection's input is top-K sparse).
 
+Stacked MoE experts keep running through their kernel backend; frozen BitNet experts are asked to
+keep their weights unpacked (`keep_dequantized`: the compute dtype, not saved), since the grouped
+matmul takes float weights and would otherwise unpack every expert at every call.
+
 The outputs equal the unprepared model's up to rounding, and state dicts keep their keys, so a
 prepared model still saves to an ordinary checkpoint.
 """
@@ -205,8 +209,13 @@ def prepare_inference(model: nn.Module, impl: str = "auto") -> nn.Module:
     from zoo.model.projection import ExpertProjection, Projection
 
     for proj in model.modules():
-        if not isinstance(proj, Projection) or isinstance(proj, ExpertProjection):
-            continue  # expert projections run stacked through their MoE kernel backend
+        if isinstance(proj, ExpertProjection):  # stacked experts run through their MoE kernel backend
+            keep = getattr(proj.linear, "keep_dequantized", None)
+            if keep is not None:  # a frozen weights block that would rebuild its float weights per call
+                keep(dtype_of(model))
+            continue
+        if not isinstance(proj, Projection):
+            continue
         linear, device = proj.linear, next(proj.parameters(), next(proj.buffers(), None)).device
         k = kept_count(proj.sparsify, proj.in_features)
         if getattr(linear, "sparsify_inside", False) and hasattr(linear, "packed"):
@@ -220,6 +229,12 @@ def prepare_inference(model: nn.Module, impl: str = "auto") -> nn.Module:
     if isinstance(head, nn.Linear) and not tied and transposed_pays(head.weight):
         model.head = TransposedLinear(head.weight, head.bias, impl)  # an untied LM head is one more dense GEMV
     return model
+
+
+def dtype_of(model: nn.Module) -> torch.dtype:
+    """The model's compute dtype: that of its first floating-point parameter or buffer."""
+    tensors = (*model.parameters(), *model.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
 
 
 def transposed_pays(weight: torch.Tensor) -> bool:
