@@ -150,7 +150,7 @@ class TernaryLinear(nn.Module):
         self.norm, self.bias = bitlinear.norm, bitlinear.bias
         self.register_buffer("packed", bitlinear.packed)  # the checkpoint's storage, kept as is
         self.register_buffer("scale", bitlinear.scale)
-        self.impl = choose(impl, device, cpu_kernel=cpu.available())
+        self.impl = choose(impl, device, cpu_kernel=device.type == "cpu" and cpu.available())
         self.triton = self.impl == "triton"
         # the checkpoint storage is already the packed kernel layout; the CPU unpacks it once, here:
         # [in, out] for the compiled kernels (kept inputs read contiguous rows), [out, in] for torch's
