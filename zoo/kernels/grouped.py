@@ -63,6 +63,8 @@ class _GroupedMatmulLoop(torch.autograd.Function):
         n = x.shape[0] if rows is None else rows.shape[0]
         ys = tuple(x.new_empty(n, size) for size in sizes)
         for e, (s, t) in enumerate(ctx.bounds):
+            if s == t:
+                continue  # an empty expert writes nothing (at decode most of them are)
             xe = _expert_rows(x, rows, s, t)
             for y, part in zip(ys, w[e].split(sizes)):
                 torch.mm(xe, part.T, out=y[s:t])
