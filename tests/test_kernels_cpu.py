@@ -196,3 +196,12 @@ def test_ternary_matmul_cpu_on_the_rows_layout(poison, n, k):
     ref = ternary_matmul_reference(xk, tw, 1 / s, idx)
     for impl in ("cpu", "auto", "torch"):
         assert rel_err(ternary_matmul(xk, tw, 1 / s, idx, impl=impl), ref) < 1e-6
+
+
+@needs_build
+def test_gather_gemv_rejects_an_index_out_of_range():
+    """A bad index is an error, not a read outside the weight."""
+    wt = torch.randn(10, 7)
+    for bad in (10, -1):
+        with pytest.raises(RuntimeError, match="out of range"):
+            cpu.gather_gemv(torch.randn(1, 2), torch.tensor([[0, bad]]), wt)

@@ -110,7 +110,8 @@ def usable(weight: torch.Tensor) -> bool:
 def gather_gemv(values: torch.Tensor, indices: torch.Tensor | None, wt: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """y [N, out] fp32 = Σ_k values[:, k] · wt[indices[:, k]] (+ bias); without indices a dense GEMV
-    (values [N, in]). wt [in, out] fp32 or bf16; accumulation in fp32."""
+    (values [N, in]). wt [in, out] fp32 or bf16 (accumulated in fp32), or int8 holding ternary weights
+    with integer values in [-128, 127] (accumulated exactly in integers)."""
     if not available():
         raise CpuKernelsUnavailable(f"zoo's CPU kernels are not available: {_load()}")
     n, k = values.shape

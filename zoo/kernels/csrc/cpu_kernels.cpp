@@ -163,6 +163,9 @@ void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indi
     TORCH_CHECK(indices->sizes() == values.sizes() && indices->scalar_type() == at::kLong && indices->is_contiguous(),
                 "gather_gemv: indices must be contiguous int64 of the shape of values");
     idx = indices->data_ptr<int64_t>();
+    const int64_t rows = wt.size(0);
+    for (int64_t i = 0; i < indices->numel(); ++i)
+      TORCH_CHECK(0 <= idx[i] && idx[i] < rows, "gather_gemv: index ", idx[i], " out of range [0, ", rows, ")");
   } else {
     TORCH_CHECK(values.size(1) == wt.size(0), "gather_gemv: dense rows need K == in");
   }
