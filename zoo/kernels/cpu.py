@@ -107,37 +107,26 @@ def usable(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in WEIGHT_DTYPES and available()
 
 
+def _launch(rows: int, work_per_row: int, out: int) -> tuple[int, torch.Tensor]:
+    """(threads, y): the checks every op shares, the thread count for its work, its fp32 output [rows, out]."""
+    if not available():
+        raise CpuKernelsUnavailable(f"zoo's CPU kernels are not available: {_load()}")
+    threads = torch.get_num_threads() if rows * work_per_row * out >= PARALLEL_MIN_WORK else 1
+    return threads, torch.empty(rows, out, dtype=torch.float32)
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
 def gather_gemv(values: torch.Tensor, indices: torch.Tensor | None, wt: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """y [N, out] fp32 = Σ_k values[:, k] · wt[indices[:, k]] (+ bias); without indices a dense GEMV
     (values [N, in]). wt [in, out] fp32 or bf16 (accumulated in fp32), or int8 holding ternary weights
     with integer values in [-128, 127] (accumulated exactly in integers)."""
-    if not available():
-        raise CpuKernelsUnavailable(f"zoo's CPU kernels are not available: {_load()}")
-    n, k = values.shape
-    out = wt.shape[1]
-    threads = torch.get_num_threads() if n * k * out >= PARALLEL_MIN_WORK else 1
-    y = torch.empty(n, out, dtype=torch.float32)
-    torch.ops.zoo_cpu.gather_gemv(values.float().contiguous(),
-                                  None if indices is None else indices.long().contiguous(),
-                                  wt.contiguous(), None if bias is None else bias.float().contiguous(),
-                                  threads, y)
-    return y
-
-
-def decode_row(x: torch.Tensor, k: int | None, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The lean decode call of prepared projections: x holds one contiguous fp32 row (any leading shape),
-    y = x·Wᵀ (+ bias) in x's leading shape — keeping the k largest |x| first when k is given. The caller
-    has checked what `gather_gemv` / `topk_gemv` check (available, dtypes); this path skips it, since a
-    decode step makes ~100 of these calls."""
-    out = wt.shape[1]
-    y = torch.empty(*x.shape[:-1], out)
-    row, y2 = x.view(1, -1), y.view(1, out)
-    threads = torch.get_num_threads() if (k or row.shape[1]) * out >= PARALLEL_MIN_WORK else 1
-    if k is None:
-        torch.ops.zoo_cpu.gather_gemv(row, None, wt, bias, threads, y2)
-    else:
-        torch.ops.zoo_cpu.topk_gemv(row, k, wt, bias, threads, y2, torch.empty(1, k, dtype=torch.long))
+    threads, y = _launch(*values.shape, wt.shape[1])
+    idx = None if indices is None else indices.long().contiguous()
+    torch.ops.zoo_cpu.gather_gemv(_f32(values), idx, wt.contiguous(), _f32(bias), threads, y)
     return y
 
 
@@ -146,15 +135,9 @@ def topk_gemv(x: torch.Tensor, k: int, wt: torch.Tensor, bias: torch.Tensor | No
     """(y [N, out] fp32, indices [N, k]): each row of x [N, in] keeps its k entries of largest |x|
     (ties to the lower index: `zoo.blocks.sparsity.topk_mask`'s choice), then y = kept·Wᵀ (+ bias)
     by `gather_gemv` — selection and multiply in one call."""
-    if not available():
-        raise CpuKernelsUnavailable(f"zoo's CPU kernels are not available: {_load()}")
-    n = x.shape[0]
-    out = wt.shape[1]
-    threads = torch.get_num_threads() if n * k * out >= PARALLEL_MIN_WORK else 1
-    y = torch.empty(n, out, dtype=torch.float32)
-    idx = torch.empty(n, k, dtype=torch.long)
-    torch.ops.zoo_cpu.topk_gemv(x.float().contiguous(), k, wt.contiguous(),
-                                None if bias is None else bias.float().contiguous(), threads, y, idx)
+    threads, y = _launch(x.shape[0], k, wt.shape[1])
+    idx = torch.empty(x.shape[0], k, dtype=torch.long)
+    torch.ops.zoo_cpu.topk_gemv(_f32(x), k, wt.contiguous(), _f32(bias), threads, y, idx)
     return y, idx
 
 
@@ -166,11 +149,6 @@ def ternary_gemv(x: torch.Tensor, k: int, w: torch.Tensor, beta: torch.Tensor, b
     (`zoo.kernels.ternary.quantize_rows`), multiplies exactly by the ternary weight w (int8 [in, out],
     the `rows` layout) over the kept rows only, and scales by 1/s and β (one value or one per output).
     """
-    if not available():
-        raise CpuKernelsUnavailable(f"zoo's CPU kernels are not available: {_load()}")
-    n, out = x.shape[0], w.shape[1]
-    threads = torch.get_num_threads() if n * (k or x.shape[1]) * out >= PARALLEL_MIN_WORK else 1
-    y = torch.empty(n, out, dtype=torch.float32)
-    torch.ops.zoo_cpu.ternary_gemv(x.float().contiguous(), k, w, beta.float().reshape(-1).contiguous(),
-                                   None if bias is None else bias.float().contiguous(), eps, threads, y)
+    threads, y = _launch(x.shape[0], k or x.shape[1], w.shape[1])
+    torch.ops.zoo_cpu.ternary_gemv(_f32(x), k, w, _f32(beta.reshape(-1)), _f32(bias), eps, threads, y)
     return y

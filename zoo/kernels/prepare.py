@@ -70,12 +70,6 @@ class TransposedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.impl = impl
         self.compiled_gemv = choose(impl, self.wt.device, cpu_kernel=cpu.usable(self.wt)) == "cpu"
-        # decode: one fp32 row straight into the compiled kernel (`cpu.decode_row`)
-        self.row_kernel = self.compiled_gemv and (bias is None or bias.dtype == torch.float32)
-
-    def decode_row(self, x: torch.Tensor) -> bool:
-        """Whether x is one contiguous fp32 row that `cpu.decode_row` takes as it is."""
-        return self.row_kernel and x.numel() == self.in_features and x.dtype == torch.float32 and x.is_contiguous()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -99,8 +93,6 @@ class TransposedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decode_row(x):
-            return cpu.decode_row(x, None, self.wt, self.bias)
         return self.dense(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -121,12 +113,10 @@ class TopKLinear(TransposedLinear):
         self.k = k
 
     def forward(self, x: torch.Tensor, sparsify: nn.Module | None = None) -> torch.Tensor:
-        if self.decode_row(x) and kernel_selects(sparsify):
-            return cpu.decode_row(x, self.k, self.wt, self.bias)  # selection and multiply in one call
         rows = x.reshape(-1, self.in_features)
         if gather_pays(rows.shape[0], self.k / self.in_features):
             if self.compiled_gemv and kernel_selects(sparsify):
-                y = cpu.topk_gemv(rows, self.k, self.wt, self.bias)[0]
+                y = cpu.topk_gemv(rows, self.k, self.wt, self.bias)[0]  # selection and multiply in one call
             else:
                 values, idx = top_entries(rows, self.k, sparsify)  # the kernels multiply in wt's dtype
                 y = topk_matmul(values, idx, self.wt, self.bias, impl=self.impl)
@@ -183,7 +173,8 @@ class TernaryLinear(nn.Module):
         xq, s = quantize_rows(rows)
         k = None if sparsify is None else kept_count(sparsify, self.in_features)
         idx = None
-        if self.layout != "int8" and k is not None and gather_pays(rows.shape[0], k / self.in_features):
+        gathers = self.triton or (self.layout == "rows" and rows.shape[0] == 1)  # reads only the kept rows
+        if gathers and k is not None and gather_pays(rows.shape[0], k / self.in_features):
             idx = top_entries(rows, k)[1]
             xq = xq.gather(-1, idx)
         wide = torch.promote_types(x.dtype, torch.float32)
