@@ -190,18 +190,20 @@ void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indi
 // The k entries of largest |x| of one row, as ascending indices and their values. A threshold (the
 // k-th largest |x|, nth_element) and one left-to-right pass: entries above it, then tied ones while
 // fewer than k are kept.
-void select_topk(const float* x, int64_t width, int64_t k, std::vector<float>& scratch, int64_t* idx, float* val) {
-  scratch.resize(width);
+// `mag` and `part` are scratch of `width` floats, reused across rows.
+void select_topk(const float* x, int64_t width, int64_t k, std::vector<float>& mag, std::vector<float>& part,
+                 int64_t* idx, float* val) {
+  mag.resize(width);
   const float inf = std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < width; ++j) scratch[j] = std::isnan(x[j]) ? inf : std::fabs(x[j]);
-  std::vector<float> part(scratch);
+  for (int64_t j = 0; j < width; ++j) mag[j] = std::isnan(x[j]) ? inf : std::fabs(x[j]);
+  part.assign(mag.begin(), mag.end());
   std::nth_element(part.begin(), part.begin() + (width - k), part.end());
   const float t = part[width - k];
   int64_t above = 0;
-  for (int64_t j = 0; j < width; ++j) above += scratch[j] > t;
+  for (int64_t j = 0; j < width; ++j) above += mag[j] > t;
   int64_t ties = k - above, n = 0;
   for (int64_t j = 0; j < width && n < k; ++j) {
-    if (scratch[j] > t || (scratch[j] == t && ties-- > 0)) {
+    if (mag[j] > t || (mag[j] == t && ties-- > 0)) {
       idx[n] = j;
       val[n++] = x[j];
     }
@@ -217,9 +219,9 @@ void topk_gemv(const at::Tensor& x, int64_t k, const at::Tensor& wt, const std::
               indices.size(0) == x.size(0) && indices.size(1) == k, "topk_gemv: indices must be int64 [N, k]");
   const int64_t N = x.size(0), width = x.size(1);
   at::Tensor values = at::empty({N, k}, x.options());
-  std::vector<float> scratch;
+  std::vector<float> mag, part;
   for (int64_t i = 0; i < N; ++i)
-    select_topk(x.data_ptr<float>() + i * width, width, k, scratch, indices.data_ptr<int64_t>() + i * k,
+    select_topk(x.data_ptr<float>() + i * width, width, k, mag, part, indices.data_ptr<int64_t>() + i * k,
                 values.data_ptr<float>() + i * k);
   gather_gemv(values, indices, wt, bias, chunks, y);
 }
@@ -241,12 +243,12 @@ void ternary_gemv(const at::Tensor& x, int64_t k, const at::Tensor& w, const at:
                 "ternary_gemv: bias must be contiguous float32 [out]");
   at::Tensor values = at::empty({N, kept}, x.options());
   at::Tensor indices = at::empty({N, k > 0 ? kept : 0}, x.options().dtype(at::kLong));
-  std::vector<float> scratch, rscale(N);
+  std::vector<float> mag, part, rscale(N);
   float* v = values.data_ptr<float>();
   for (int64_t i = 0; i < N; ++i) {
     const float* xi = x.data_ptr<float>() + i * width;
     float* vi = v + i * kept;
-    if (k > 0) select_topk(xi, width, k, scratch, indices.data_ptr<int64_t>() + i * kept, vi);
+    if (k > 0) select_topk(xi, width, k, mag, part, indices.data_ptr<int64_t>() + i * kept, vi);
     else std::memcpy(vi, xi, width * sizeof(float));
     float amax = 0.f;
     for (int64_t j = 0; j < kept; ++j) amax = std::max(amax, std::fabs(vi[j]));
