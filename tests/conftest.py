@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -23,7 +24,7 @@ from zoo.registry import load_registry, set_registry  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
 # torch.compile (inductor) and zoo's CPU kernels compile C++ on CPU: without a compiler they cannot run here
-HAS_CXX = any(__import__("shutil").which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
+HAS_CXX = any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
 needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler on this machine")
 
 # Tests use tiny tensors: intra-op threads only spin against each other (and against the

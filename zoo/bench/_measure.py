@@ -63,22 +63,12 @@ def time_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], device: torch.
     The fastest call is the figure of merit: on a shared CPU the other calls are slowed by other
     processes' time slices, not by the kernel; the median is reported beside it.
     """
-    for i in range(warmup):
-        fn(*arg_sets[i % len(arg_sets)])
-    times = []
-    for i in range(repeat):
-        args = arg_sets[(warmup + i) % len(arg_sets)]
-        sync(device)
-        t = time.perf_counter()
-        fn(*args)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return Timing(min(times) * 1e3, statistics.median(times) * 1e3)
+    return time_interleaved({"": (fn, arg_sets)}, device, repeat, warmup)[""]
 
 
 def time_interleaved(calls: dict[str, tuple[Callable[..., object], Sequence[tuple]]], device: torch.device,
                      repeat: int = 15, warmup: int = 3) -> dict[str, Timing]:
-    """`time_ms` of several (fn, arg_sets), taken in turns — one call of each per round — so that a slow
+    """Wall times (as `time_ms`) of several (fn, arg_sets), taken in turns — one call of each per round — so that a slow
     stretch of a shared machine (its memory bandwidth drifts by tens of percent over seconds) falls on
     all of them alike, and the ratios between them stay fair. Every call takes the next copy of its
     operands in one count over all calls, so no call finds in cache what the call before it read.
