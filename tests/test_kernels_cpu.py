@@ -117,29 +117,36 @@ def test_prepared_linears_use_the_compiled_kernels_and_match(poison):
     assert rel_err(top(x, nm), ref) < TOL[torch.float32]
 
 
-def test_without_the_compiled_kernels_everything_falls_back(tmp_path):
-    """ZOO_CPU_KERNELS=0: not built, no warning, the torch paths give the same results; asking for
-    impl='cpu' explicitly is a clear error."""
-    script = """
-import warnings, torch
-warnings.simplefilter("error")
+FALLBACK = """
+import torch
+from zoo.errors import ZooError
 from zoo.kernels import cpu
 from zoo.kernels.prepare import TopKLinear
 from zoo.kernels.topk_matmul import topk_matmul
-assert not cpu.available()
+assert not cpu.available() and not cpu.available()  # asked twice: said once
 w, x = torch.randn(40, 30), torch.randn(1, 30)
 top = TopKLinear(w, None, 10)
 assert not top.compiled_gemv
 top(x)
 try:
     topk_matmul(x[:, :10], torch.arange(10)[None], w.t().contiguous(), impl="cpu")
-except cpu.CpuKernelsUnavailable as err:
+except ZooError as err:
+    assert isinstance(err, cpu.CpuKernelsUnavailable)
     print("error:", err)
 """
-    env = {**os.environ, "ZOO_CPU_KERNELS": "0", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("env,reason,said", [({"ZOO_CPU_KERNELS": "0"}, "ZOO_CPU_KERNELS=0", False),
+                                             ({"CXX": "no-such-c++"}, "no C++ compiler (no-such-c++) on PATH", True)])
+def test_without_the_compiled_kernels_everything_falls_back(tmp_path, env, reason, said):
+    """Opted out (silently) or without a compiler (one stderr line, once): nothing is built, the torch
+    paths run, and asking for impl='cpu' explicitly is a one-line ZooError naming the reason."""
+    env = {**os.environ, **env, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "error: zoo's CPU kernels are not available: ZOO_CPU_KERNELS=0" in out.stdout
+    assert f"error: zoo's CPU kernels are not available: {reason}" in out.stdout
+    line = f"zoo: CPU kernels not built ({reason}); using the pure-torch paths\n"
+    assert out.stderr == (line if said else ""), out.stderr
     assert not list(tmp_path.iterdir())  # nothing was built
 
 

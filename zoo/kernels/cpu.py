@@ -18,18 +18,17 @@ import hashlib
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
-from zoo.kernels.dispatch import PARALLEL_MIN_WORK
+from zoo.kernels.dispatch import PARALLEL_MIN_WORK, KernelUnavailable
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 
-class CpuKernelsUnavailable(RuntimeError):
+class CpuKernelsUnavailable(KernelUnavailable):
     """The compiled CPU kernels were asked for explicitly and cannot be built or loaded here."""
 
 
@@ -99,7 +98,7 @@ def available() -> bool:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    warnings.warn(f"zoo: CPU kernels not built ({reason}); using the pure-torch paths", stacklevel=3)
+    print(f"zoo: CPU kernels not built ({reason}); using the pure-torch paths", file=sys.stderr)
 
 
 def usable(weight: torch.Tensor) -> bool:
