@@ -226,7 +226,7 @@ def test_backends_agree_with_gradients(dtype):
         torch.testing.assert_close(outs[0].double(), exact, rtol=1e-4, atol=1e-5)
 
 
-class PlainLinear(nn.Linear):
+class PlainLinear(nn.Linear, zoo.contracts.Weights):
     """A weights block without `operands`: experts then run one by one with their own parameters."""
 
 

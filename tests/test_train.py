@@ -32,7 +32,8 @@ def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
 
 
 def test_summary_times_decode_on_the_inference_form_zoo_generate_runs(tmp_path, monkeypatch):
-    from zoo.kernels.prepare import TernaryLinear, TopKLinear
+    from zoo.blocks.bitnet import TernaryLinear
+    from zoo.blocks.weights import TopKLinear
 
     seen = []
     monkeypatch.setattr(loop, "decode_tokens_per_s", lambda model, prompt: seen.append(model) or 123.0)

@@ -15,22 +15,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
+from zoo.contracts import Corpus
 from zoo.errors import RecipeError, ZooError
 from zoo.recipe.schema import param
 
 CHUNK_CHARS = 1 << 20
-
-
-class Corpus:
-    """A stream of text. `fingerprint` changes whenever the text may have changed."""
-
-    name: str = "corpus"
-
-    def chunks(self) -> Iterator[str]:
-        raise NotImplementedError
-
-    def fingerprint(self) -> str:
-        raise NotImplementedError
 
 
 def _lines_to_chunks(lines: Iterator[str]) -> Iterator[str]:

@@ -8,12 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from zoo.errors import PluginError, RecipeError, ZooError
+from zoo import contracts
+from zoo.errors import RecipeError, ZooError
 from zoo.model.config import ModelConfig
-from zoo.recipe.schema import BlockSpec, Invalid
-
-# Slots whose factories return a torch module (docs/architecture.md); anything else is the plugin's bug.
-MODULE_SLOTS = frozenset({"norm", "position", "attention", "ffn", "activation", "weights", "sparsity", "router"})
+from zoo.recipe.schema import BlockSpec, Invalid, role_chain, writes_residual
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,7 @@ class BuildContext:
     blocks: dict[str, BlockSpec] = dataclasses.field(default_factory=dict)
     role_prefix: str = ""
     source: str = ""
-    experts: Any = None  # ExpertGroups while building a MoE layer's experts: projections come stacked
+    experts: Any = None  # zoo.blocks.moe.ExpertGroups while building a MoE layer's experts: projections come stacked
 
     def block(self, slot: str) -> BlockSpec:
         return self.blocks.get(slot) or getattr(self.model, slot)
@@ -45,7 +43,8 @@ class BuildContext:
         return RecipeError(message, file=self.source or None, path=path or None)
 
     def build(self, spec: BlockSpec, *args: Any, **kwargs: Any) -> Any:
-        """Call the factory registered for spec's slot and kind (its `Invalid(key, msg)` -> RecipeError)."""
+        """Call the factory registered for spec's slot and kind (its `Invalid(key, msg)` -> RecipeError) and
+        check the block against the slot's contract (zoo/contracts.py)."""
         entry = self.registry.get(spec.slot, spec.kind)
         try:
             block = entry.factory(spec.config, self, *args, **kwargs)
@@ -57,9 +56,7 @@ class BuildContext:
             if entry.plugin.name == "builtins":
                 raise
             raise entry.failure("building", spec.path, err) from err
-        if spec.slot in MODULE_SLOTS and not isinstance(block, nn.Module):
-            raise PluginError(f"plugin {entry.plugin.name!r} ({entry.plugin.dist}): {spec.slot}.{spec.kind} at "
-                              f"{spec.path or '?'} returned {type(block).__name__}, not a torch.nn.Module")
+        contracts.check(entry, block, spec.path)
         return block
 
     def build_optional(self, spec: BlockSpec | None, *args: Any) -> nn.Module:
@@ -75,6 +72,8 @@ class BuildContext:
         sparsity = self.block("sparsity").for_role(role)
         linear = self.build(weights, in_features, out_features, bias)
         sparsify = self.build(sparsity, in_features)
+        declared = {"layer": self.layer, "base_role": role_chain(role)[-1], "residual": writes_residual(role),
+                    "bias": bias}
         if self.experts is not None:
-            return ExpertProjection(role, sparsify, linear, in_features, out_features, self.experts)
-        return Projection(role, sparsify, linear, in_features, out_features)
+            return ExpertProjection(role, sparsify, linear, in_features, out_features, self.experts, **declared)
+        return Projection(role, sparsify, linear, in_features, out_features, **declared)

@@ -26,12 +26,33 @@ ROLE_PARENTS: dict[str, str | None] = {
     "expert_up_gate": "up_gate", "expert_down": "down",
     "shared_up_gate": "up_gate", "shared_down": "down",
 }
+# Roles whose projection writes to the residual stream (init scales them by 1/sqrt(2·n_layers));
+# a role not listed inherits its parent's.
+ROLE_RESIDUAL: dict[str, bool] = {"qkv": False, "o": True, "up_gate": False, "down": True}
 ROLE_SLOTS = ("weights", "sparsity")
 
 
-def add_role(role: str, parent: str | None = None) -> None:
-    """Declare a projection role (for plugins whose blocks have projections of a new kind)."""
-    ROLE_PARENTS.setdefault(role, parent)
+def add_role(role: str, parent: str | None = None, residual: bool | None = None) -> None:
+    """Declare a projection role (for plugins whose blocks have projections of a new kind); `residual`:
+    whether its output is added to the residual stream (None: as its parent, False without one)."""
+    if role not in ROLE_PARENTS:
+        ROLE_PARENTS[role] = parent
+        ROLE_RESIDUAL.pop(role, None)  # left by a plugin that failed to register
+        if residual is not None:
+            ROLE_RESIDUAL[role] = residual
+
+
+def role_chain(role: str) -> list[str]:
+    """`role` and the roles it falls back to, nearest first (expert_down -> [expert_down, down])."""
+    chain = [role]
+    while ROLE_PARENTS.get(chain[-1]) is not None:
+        chain.append(ROLE_PARENTS[chain[-1]])
+    return chain
+
+
+def writes_residual(role: str) -> bool:
+    """Whether a projection of `role` writes to the residual stream (its own declaration, else its parent's)."""
+    return next((ROLE_RESIDUAL[r] for r in role_chain(role) if r in ROLE_RESIDUAL), False)
 
 
 class Invalid(ValueError):
