@@ -68,7 +68,8 @@ class Weights(nn.Module):
     freezable: bool = False
 
     def freeze(self) -> None:
-        """Switch to the frozen storage, irreversibly (only called when `freezable`)."""
+        """Switch to the frozen storage, irreversibly (only called when `freezable`; a frozen block's
+        `freeze()` does nothing: `zoo.load` replays it before `zoo generate` asks again)."""
 
     def inference_form(self, sparsify: Sparsity, device: torch.device, dtype: torch.dtype,
                        impl: str = "auto") -> Weights:
