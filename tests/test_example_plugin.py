@@ -62,7 +62,7 @@ def test_zoo_list_and_plugins_show_it(installed, cli):
         rows = json.loads(cli("plugins", "--json").out)
         [row] = [x for x in rows if x["name"] == "example"]
         assert (row["distribution"], row["version"], row["registered"]) == ("zoo-example", "0.1.0",
-                                                                            ["norm.scalenorm"])
+                                                                            ["norm.scalenorm", "weights.int8"])
         info = json.loads(cli("show", "norm.scalenorm", "--json").out)
         assert [f["name"] for f in info["fields"]] == ["eps"] and info["distribution"] == "zoo-example"
         assert json.loads(cli("build", PLUGIN / "example.toml", "--json").out)["name"] == "dense-scalenorm"
