@@ -12,6 +12,7 @@ from torch import nn
 import zoo
 from tests.conftest import tiny
 from zoo.contracts import FFN, KernelBackend, Sparsity, Weights
+from zoo.data import build_corpus
 from zoo.errors import PluginError
 from zoo.eval.sparsity import measure_sparsity
 from zoo.model.projection import Projection
@@ -33,6 +34,13 @@ class NoGroupedMM(KernelBackend):
 
 class PlainLinear(nn.Linear, Weights):
     """nn.Linear as a weights block."""
+
+
+class Lines:
+    """A dataset that does not subclass zoo.contracts.Corpus."""
+
+    def chunks(self):
+        yield "a line\n"
 
 
 class OutFFN(FFN):
@@ -71,6 +79,7 @@ def registry(plugin_registry):
         ("sparsity", "noforward", lambda cfg, ctx, width: NoForward()),
         ("kernel-backend", "nomm", lambda cfg, ctx: NoGroupedMM()),
         ("ffn", "out", OutFFN),
+        ("dataset", "lines", lambda cfg, source: Lines()),
     )))
 
 
@@ -87,6 +96,13 @@ def test_a_block_breaking_its_contract_is_refused_in_one_line(registry, override
         zoo.build(tiny(override))
     msg = str(info.value)
     assert msg.startswith("plugin 'contractual' (") and member in msg and "\n" not in msg, msg
+
+
+def test_a_dataset_breaking_its_contract_is_refused(registry):
+    with pytest.raises(PluginError, match=r"^plugin 'contractual' \(.*\): dataset.lines at data.dataset breaks the "
+                                          r"dataset contract \(zoo/contracts.py\): Lines is not a "
+                                          r"zoo.contracts.Corpus subclass \(it has no name, fingerprint\)$"):
+        build_corpus(tiny("data.dataset={kind='lines'}"))
 
 
 def test_a_subclass_with_only_forward_gets_every_default(registry):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo.contracts import check
 from zoo.data import corpus, tokenize
 from zoo.data.corpus import Corpus
 from zoo.data.tokenize import TOKENIZER_FILE, ByteTokenizer, Tokenizer, cache_dir, load_tokenizer_file
@@ -28,7 +29,10 @@ def build_corpus(recipe) -> Corpus:
     from zoo.registry import get_registry
 
     spec = recipe.data.dataset
-    return get_registry().get("dataset", spec.kind).factory(spec.config, recipe.source)
+    entry = get_registry().get("dataset", spec.kind)
+    corpus = entry.factory(spec.config, recipe.source)
+    check(entry, corpus, spec.path)
+    return corpus
 
 
 def build_tokenizer(recipe, corpus: Corpus | None = None) -> Tokenizer:
@@ -36,7 +40,9 @@ def build_tokenizer(recipe, corpus: Corpus | None = None) -> Tokenizer:
     from zoo.registry import get_registry
 
     spec = recipe.data.tokenizer
-    tok = get_registry().get("tokenizer", spec.kind).factory(spec.config, corpus)
+    entry = get_registry().get("tokenizer", spec.kind)
+    tok = entry.factory(spec.config, corpus)
+    check(entry, tok, spec.path)
     if tok.vocab_size > recipe.model.vocab_size:
         raise RecipeError(f"the {spec.kind!r} tokenizer has {tok.vocab_size} tokens; set model.vocab_size "
                           f">= {tok.vocab_size}", file=recipe.source or None, path="model.vocab_size")

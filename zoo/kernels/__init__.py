@@ -3,7 +3,7 @@
 - `topk_matmul`: sparse-input matmul for top-K rows (Q-Sparse decode), weight in [in, out] layout;
 - `grouped_matmul`: dropless MoE grouped matmul, forward and backward, tokens sorted by expert;
 - `ternary_matmul`: int8 activations × 2-bit packed ternary weights, optionally fused with the top-K gather;
-- `prepare_inference(model)`: swap each projection for the kernel that fits it.
+- `prepare_inference(model)`: switch every block to its inference form (declared by the block, zoo/contracts.py).
 
 Triton is imported only when a Triton kernel runs (CUDA, or TRITON_INTERPRET=1). See docs/kernels.md.
 """
