@@ -38,15 +38,16 @@ def hf_twin(model, recipe):
     """transformers' LlamaForCausalLM of the recipe's configuration, holding `model`'s weights (same function)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from zoo.io.hf import ARCHS, HFConfig, exportable, llama_config, scatter
+    from zoo.io.arch.llama import Llama
+    from zoo.io.hf import HFConfig, exportable, scatter
 
     exportable(recipe)
-    config = llama_config(recipe.model)
+    config = Llama().config(recipe.model)
     cfg = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "dtype")}
     twin = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
     twin.to(next(model.parameters()).dtype)
-    state = scatter(ARCHS["llama"].rules(HFConfig(config, "<bench>")), {k: v.detach() for k, v in
-                                                                         model.state_dict().items()})
+    state = scatter(Llama().rules(HFConfig(config, "<bench>")),
+                    {k: v.detach() for k, v in model.state_dict().items()})
     missing, unexpected = twin.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if recipe.model.tie_embeddings else set()
     assert not unexpected and set(missing) <= tied, (missing, unexpected)
