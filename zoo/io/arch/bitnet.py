@@ -82,8 +82,8 @@ class BitNet(Llama):
     """BitNet b1.58: LLaMA layout with ReLU² and SubLN norms before o and down; RoPE base 500000."""
 
     theta = 5e5
-
     gguf = None
+    config = None  # import-only: zoo does not write this layout
 
     def recipe(self, cfg: HFConfig) -> dict[str, Any]:
         """Quantized checkpoints become frozen `bitnet158` weights with one β per output row."""

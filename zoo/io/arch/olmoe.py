@@ -14,6 +14,7 @@ class Olmoe(Llama):
 
     known = MOE_KEYS | {"num_experts", "clip_qkv"}
     gguf = None
+    config = None  # import-only: zoo does not write this layout
 
     def recipe(self, cfg: HFConfig) -> dict[str, Any]:
         cfg.refuse("clip_qkv", lambda v: False, "clamping q/k/v is not implemented")

@@ -21,6 +21,7 @@ class Qwen2Moe(Llama):
     known = MOE_KEYS | {"num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
                         "decoder_sparse_step", "mlp_only_layers"}
     gguf = None
+    config = None  # import-only: zoo does not write this layout
 
     def biases(self, cfg: HFConfig) -> dict[str, bool]:
         return {"qkv_bias": bool(cfg.get("qkv_bias", True)), "o_bias": False, "mlp_bias": False}
