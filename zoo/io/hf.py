@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from zoo.errors import CheckpointError, ZooError, did_you_mean, one_of
+from zoo.files import atomic_folder
 from zoo.registry import Entry, get_registry
 
 SLOT = "converter"  # the registry slot of architecture converters (zoo.io.arch)
@@ -361,17 +361,13 @@ def export_hf(zoo_dir: str | Path, out: str | Path, arch: str | None = None) -> 
         config = conv.config(recipe.model)
         rules = conv.rules(HFConfig(config, "<export>"))
     tensors = scatter(rules, {k: v.detach() for k, v in model.state_dict().items()})
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for name in (TOKENIZER, "tokenizer_config.json"):
-            if (zoo_dir / name).is_file():
-                shutil.copyfile(zoo_dir / name, tmp / name)
-        tmp.rename(out)
+        with atomic_folder(out) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            for name in (TOKENIZER, "tokenizer_config.json"):
+                if (zoo_dir / name).is_file():
+                    shutil.copyfile(zoo_dir / name, tmp / name)
     except OSError as err:
         raise CheckpointError(f"cannot write {out}: {err.strerror or err}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from zoo.files import write_atomic
 from zoo.registry.registry import FieldInfo, Registry, describe_config
 
 DEFAULT_PATH = Path("docs/reference.md")
@@ -118,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.path} is stale: run `python -m zoo.registry.docs`", file=sys.stderr)
             return 1
         return 0
-    tmp = args.path.with_name(args.path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(args.path)
+    write_atomic(args.path, text)
     print(f"wrote {args.path}")
     return 0
 

@@ -22,6 +22,7 @@ from zoo.data.tokens import Windows
 from zoo.errors import CheckpointError, RecipeError, ZooError
 from zoo.eval.evaluate import sparsity_summary
 from zoo.eval.perplexity import autocast, decode_tokens_per_s, eval_loss, perplexity
+from zoo.files import write_atomic
 from zoo.io.checkpoint import load
 from zoo.kernels import prepare_inference
 from zoo.model.accounting import account
@@ -35,16 +36,6 @@ METRICS, SUMMARY, RECIPE_FILE = "metrics.jsonl", "summary.json", "recipe.toml"
 
 class TrainingDiverged(ZooError):
     """The loss or the gradient became NaN or infinite."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_out(out: str | Path) -> Path:
