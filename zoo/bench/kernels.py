@@ -21,7 +21,7 @@ from zoo.bench._measure import (
     time_ms,
 )
 from zoo.blocks.sparsity import TopK
-from zoo.kernels.moe_matmul import grouped_matmul, sort_by_expert
+from zoo.kernels.grouped import grouped_mm, sort_by_expert
 from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul
 from zoo.kernels.topk_matmul import topk_matmul
 
@@ -152,8 +152,8 @@ def _ternary(d_out: int, d_in: int, device, layouts) -> TernaryWeight:
     return TernaryWeight.from_ternary(torch.randint(-1, 2, (d_out, d_in), device=device), layouts)
 
 
-def _grouped_step(x, w, rows, offsets, g) -> None:
-    y = grouped_matmul(x, w, rows, offsets)
+def _grouped_step(x, w, offsets, rows, g) -> None:
+    y = grouped_mm(x, w, offsets, rows)
     if g is not None:
         y.backward(g)
 
@@ -171,7 +171,7 @@ def bench_moe(args, device, gbs) -> list[dict]:
     tokens = args.tokens or (4096 if cuda else 128)
     for name, d_model, hidden, experts, top_k in _shapes(args, MOE_SHAPES):
         x = torch.randn(tokens, d_model, device=device, dtype=dtype, requires_grad=cuda)
-        w = torch.randn(experts, d_model, hidden, device=device, dtype=dtype, requires_grad=cuda)
+        w = torch.randn(experts, hidden, d_model, device=device, dtype=dtype, requires_grad=cuda)
         routes = torch.rand(tokens, experts, device=device).topk(top_k, -1).indices
         _, token_rows, offsets = sort_by_expert(routes, experts)
         xd = torch.randn(tokens * top_k, d_model, device=device, dtype=dtype, requires_grad=cuda)
@@ -182,7 +182,7 @@ def bench_moe(args, device, gbs) -> list[dict]:
         for label, grad in [("fwd", None)] + ([("fwd+bwd", g)] if cuda else []):
             with torch.set_grad_enabled(grad is not None):
                 base = time_ms(_dense_step, [(xd, wd, grad)], device, args.repeat)
-                ms = time_ms(_grouped_step, [(x, w, token_rows, offsets, grad)], device, args.repeat)
+                ms = time_ms(_grouped_step, [(x, w, offsets, token_rows, grad)], device, args.repeat)
             mult = 1 if grad is None else 3
             rows.append(row(f"moe-{label}", f"{name} T{tokens} {d_model}->{hidden} E{experts} k{top_k} "
                             f"{str(dtype)[6:]}", ms, base, nbytes * mult, gbs,
@@ -210,7 +210,7 @@ def bench_moe_backends(args, device, gbs) -> list[dict]:
             entry = registry.get("kernel-backend", kind)
             try:
                 backend = entry.factory(entry.config(), None)
-                t = time_ms(backend.grouped_mm, [(x, w, offsets[1:].to(torch.int32))], device, args.repeat)
+                t = time_ms(backend.grouped_mm, [(x, w, offsets)], device, args.repeat)
             except Exception as err:  # a backend that cannot run here is reported, not fatal
                 rows.append({"kernel": f"moe-backend {kind}", "shape": name, "error": f"{type(err).__name__}: {err}"})
                 continue
