@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from zoo.errors import CheckpointError, ZooError, did_you_mean, one_of
 from zoo.files import atomic_folder
 from zoo.registry import Entry, get_registry
+from zoo.registry.plugins import BUILTINS
 
 SLOT = "converter"  # the registry slot of architecture converters (zoo.io.arch)
 CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
@@ -211,7 +212,7 @@ def blame(entry: Entry, doing: str, where: str) -> Iterator[None]:
     except ZooError:
         raise
     except Exception as err:
-        if entry.plugin.name == "builtins":
+        if entry.plugin.name == BUILTINS:
             raise
         raise entry.failure(doing, where, err) from err
 
