@@ -71,8 +71,8 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_build = loop.build
 
-    def poisoned(recipe):
-        model = real_build(recipe)
+    def poisoned(recipe, **kw):
+        model = real_build(recipe, **kw)
         calls = [0]
 
         def hook(module, inputs, output):

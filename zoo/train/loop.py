@@ -27,6 +27,7 @@ from zoo.io.checkpoint import load
 from zoo.kernels import prepare_inference
 from zoo.model.accounting import account
 from zoo.model.build import build
+from zoo.model.memory import allocator_failure, check_training_fits
 from zoo.recipe.recipe import Recipe, load_recipe
 from zoo.train.parallel import setup
 from zoo.train.state import TrainState, load_train_state, resolve_checkpoint, save_checkpoint, step_dirs
@@ -144,8 +145,14 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
         raise RecipeError(f"{cfg.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}",
                           file=recipe.source or None, path="train.seq_len")
     par = setup(recipe)
-    try:
+    try:  # refused before the run folder is touched when the estimate exceeds the free memory
+        check_training_fits(build(recipe, device="meta"), recipe, par.device, par.world, par.strategy)
         return _train(recipe, out, par, resume, stop_at, progress)
+    except (RuntimeError, MemoryError) as err:
+        oom = allocator_failure(err, f"{recipe.source or 'recipe'}: training")
+        if oom is None:
+            raise
+        raise oom from None
     finally:
         par.close()
 
