@@ -84,9 +84,12 @@ def activation_elements_per_token(model: nn.Module) -> tuple[float, float, int]:
             total += mult * experts * (module.in_features + module.out_features)
             dense += module.weight_count if experts == 1 else 0
             return
-        for p in module.parameters(recurse=False):  # a norm keeps its input, a linear (router) also its output
-            matrix = p.dim() - getattr(p, "expert_dims", 0) >= 2
-            total += mult * (p.shape[-1] + p.shape[-2] if matrix else p.shape[-1])
+        own = list(module.parameters(recurse=False))
+        matrices = [p for p in own if p.dim() - getattr(p, "expert_dims", 0) >= 2]
+        if matrices:  # a linear layer (a router) keeps its input and its output
+            total += mult * sum(p.shape[-1] + p.shape[-2] for p in matrices)
+        elif own:  # a norm keeps its input: as wide as its gain (a scalar gain: the residual stream)
+            total += mult * max(p.shape[-1] if p.dim() else cfg.d_model for p in own)
         for child in module.children():
             walk(child, mult)
 
