@@ -145,13 +145,17 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
         train(tiny_run(tmp_path, **{"train.tensorboard": True}), tmp_path / "run", progress=False)
 
 
+@pytest.mark.slow  # torch.compile
 @needs_cxx
 def test_compile_true_trains_through_torch_compile_with_the_eager_losses(tmp_path):
+    """A MoE model: the dispatch (data-dependent shapes) stays eager inside the compiled model, the rest
+    compiles, and the steps give the eager losses and gradient norms."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
-    overrides = {"train.steps": 3, "train.eval_every": 0}
+    moe = {"kind": "moe", "num_experts": 4, "top_k": 2, "expert": {"kind": "glu", "hidden": 24}}
+    overrides = {"train.steps": 3, "train.eval_every": 0, "model.ffn": moe}
     train(tiny_run(tmp_path, **overrides, **{"train.compile": True}), tmp_path / "compiled", progress=False)
     assert counters["stats"]["unique_graphs"] > graphs  # the steps really ran a compiled graph
     train(tiny_run(tmp_path, **overrides), tmp_path / "eager", progress=False)
