@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +83,6 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
                 **(meta or {}),
             }
             (tmp / META).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-            time.sleep(float(os.environ.get("ZOO_TEST_CHECKPOINT_PAUSE", 0)))  # tests kill a process here
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
     return path
