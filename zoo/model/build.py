@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from zoo.model.config import DTYPES
 from zoo.model.transformer import Transformer
-from zoo.recipe.recipe import Recipe
+from zoo.registry import get_registry
+
+if TYPE_CHECKING:  # the recipe root composes the model's config: it sits above the model
+    from zoo.recipe.recipe import Recipe
 
 
 def build(recipe: Recipe, device: str | torch.device | None = None, registry=None) -> Transformer:
     """Build the model of `recipe`. `device="meta"` allocates nothing (for accounting of big shapes)."""
-    from zoo.registry import get_registry
-
     with torch.device(device or "cpu"):
         model = Transformer(recipe.model, registry or get_registry(), source=recipe.source)
     model.recipe = recipe
