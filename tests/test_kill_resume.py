@@ -24,8 +24,8 @@ import zoo
 import zoo.io.checkpoint as checkpoint
 from tests.conftest import ROOT
 from tests.tiny import tiny_run
+from zoo.runs import CHECKPOINTS, resolve_checkpoint, step_dirs
 from zoo.train.loop import train
-from zoo.train.state import CHECKPOINTS, resolve_checkpoint, step_dirs
 
 STEPS = 8
 SETTINGS = {"train__steps": STEPS, "train__ckpt_every": 2, "train__keep_last": 2, "train__eval_every": 0}

@@ -7,9 +7,9 @@ import zoo
 from tests.conftest import RECIPES, needs_cxx
 from tests.tiny import tiny_run
 from zoo.cli import main
+from zoo.runs import step_dirs
 from zoo.train import loop
 from zoo.train.loop import TrainingDiverged, train
-from zoo.train.state import step_dirs
 
 
 def records(run, split="train"):

@@ -14,7 +14,7 @@ import numpy as np
 from zoo.data.corpus import Corpus
 from zoo.errors import ZooError
 from zoo.files import write_atomic
-from zoo.recipe.schema import param
+from zoo.schema import param
 
 TOKENIZER_FILE = "tokenizer.json"
 

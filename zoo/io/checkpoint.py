@@ -17,11 +17,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from zoo._version import __version__
 from zoo.errors import CheckpointError, ZooError
 from zoo.files import atomic_folder
-
-WEIGHTS, RECIPE, META = "model.safetensors", "recipe.toml", "meta.json"
-FORMAT = 1
+from zoo.model.build import build
+from zoo.recipe.recipe import load_recipe
+from zoo.runs import FORMAT, META, RECIPE, WEIGHTS, read_meta
 
 
 def sha256(path: Path) -> str:
@@ -70,7 +71,6 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
                 mode = "wb" if isinstance(content, bytes) else "w"
                 with open(tmp / name, mode) as f:
                     f.write(content)
-            from zoo import __version__
 
             info = {
                 "format": FORMAT,
@@ -85,30 +85,6 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
     return path
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's meta.json, after checking the folder has all three files."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
-    for name in (META, RECIPE, WEIGHTS):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path}: missing {name} (not a zoo checkpoint, or an incomplete one)")
-    try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path / META}: corrupt JSON ({err})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
-        raise CheckpointError(f"{path / META}: missing the 'sha256' of {WEIGHTS}")
-    aliases, transforms = meta.get("aliases", {}), meta.get("transforms", [])
-    if not (isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values())):
-        raise CheckpointError(f"{path / META}: 'aliases' must map tensor names to tensor names")
-    if not (isinstance(transforms, list) and all(isinstance(t, str) for t in transforms)):
-        raise CheckpointError(f"{path / META}: 'transforms' must be a list of method names")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path / META}: checkpoint format {meta.get('format')!r}, this zoo reads {FORMAT}")
-    return meta
 
 
 def _check_size(path: Path, skeleton: nn.Module) -> None:
@@ -127,9 +103,6 @@ def _check_size(path: Path, skeleton: nn.Module) -> None:
 
 def load(path: str | Path, device: str | torch.device = "cpu", registry=None) -> nn.Module:
     """Rebuild the model saved in folder `path`; any mismatch raises CheckpointError."""
-    from zoo.model.build import build
-    from zoo.recipe.recipe import load_recipe
-
     path = Path(path)
     meta = read_meta(path)
     digest = sha256(path / WEIGHTS)

@@ -20,6 +20,7 @@ import torch
 from zoo.errors import CheckpointError, ZooError, one_of
 from zoo.io.arch import REQUIRED, Converter, GGUFLayout
 from zoo.io.hf import SLOT, HFConfig, hf_recipe, load_weights, save_converted
+from zoo.model.build import build
 from zoo.registry import get_registry
 
 
@@ -147,8 +148,6 @@ def from_gguf(path: str | Path, dtype: str | None = None, max_seq_len: int | Non
 
 
 def load_gguf(g: GGUFFile, dtype: str | None, max_seq_len: int | None):
-    from zoo.model.build import build
-
     path = g.path
     config, layout = hf_config(g)
     cfg = HFConfig(config, str(path))

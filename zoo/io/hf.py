@@ -15,8 +15,7 @@ import dataclasses
 import json
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,11 @@ from safetensors.torch import save_file
 
 from zoo.errors import CheckpointError, ZooError, did_you_mean, one_of
 from zoo.files import atomic_folder
+from zoo.io.checkpoint import load, save
+from zoo.model.build import build
+from zoo.recipe.recipe import recipe_from_dict
 from zoo.registry import Entry, get_registry
-from zoo.registry.plugins import BUILTINS
+from zoo.runs import resolve_checkpoint
 
 SLOT = "converter"  # the registry slot of architecture converters (zoo.io.arch)
 CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
@@ -204,28 +206,13 @@ def converter(cfg: HFConfig) -> tuple[Entry, Any]:
     return entry, entry.factory()
 
 
-@contextmanager
-def blame(entry: Entry, doing: str, where: str) -> Iterator[None]:
-    """A plugin converter's own exception becomes a PluginError naming the plugin (zoo's errors pass)."""
-    try:
-        yield
-    except ZooError:
-        raise
-    except Exception as err:
-        if entry.plugin.name == BUILTINS:
-            raise
-        raise entry.failure(doing, where, err) from err
-
-
 # -- import ----------------------------------------------------------------------------------
 
 
 def hf_recipe(cfg: HFConfig, dtype: str | None = None, max_len: int | None = None, name: str = ""):
     """The zoo Recipe equivalent to a config.json."""
-    from zoo.recipe.recipe import recipe_from_dict
-
     entry, conv = converter(cfg)
-    with blame(entry, "reading", cfg.file):
+    with entry.blame("reading", cfg.file):
         conv.check_quantization(cfg)
         model = conv.recipe(cfg)
     unknown = sorted(set(cfg.data) - GENERIC_KEYS - conv.known - {"quantization_config"})
@@ -243,8 +230,6 @@ def hf_recipe(cfg: HFConfig, dtype: str | None = None, max_len: int | None = Non
 
 def from_hf(path: str | Path, dtype: str | None = None, max_seq_len: int | None = None):
     """(model, recipe) from a Hugging Face model folder; the model computes the same logits."""
-    from zoo.model.build import build
-
     folder = Path(path)
     cfg = HFConfig.read(folder)
     recipe = hf_recipe(cfg, dtype, max_seq_len, name=folder.name)
@@ -257,7 +242,7 @@ def from_hf(path: str | Path, dtype: str | None = None, max_seq_len: int | None 
 def load_weights(model, cfg: HFConfig, get: Callable[[str], torch.Tensor], where: str) -> None:
     """Fill `model` from the HF-named tensors that `get` serves, by the architecture's rules."""
     entry, conv = converter(cfg)
-    with blame(entry, "loading weights of", where):
+    with entry.blame("loading weights of", where):
         state = conv.load(cfg, model, get, where)
     if model.config.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
@@ -285,8 +270,6 @@ def convert_hf(src: str | Path, out: str | Path, dtype: str | None = None, max_s
 
 def save_converted(model, out: str | Path, files: dict[str, str | bytes], source: dict[str, Any]) -> Path:
     """zoo.save an imported model; with a tokenizer.json its recipe's data.tokenizer points at that file."""
-    from zoo.io.checkpoint import save
-
     out = Path(out)
     if TOKENIZER in files:
         spec = {"kind": "file", "path": str(out.resolve() / TOKENIZER)}
@@ -347,9 +330,6 @@ def export_hf(zoo_dir: str | Path, out: str | Path, arch: str | None = None) -> 
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer.json) that transformers loads.
 
     `zoo_dir` is a checkpoint folder, or a run folder (its newest checkpoint)."""
-    from zoo.io.checkpoint import load
-    from zoo.train.state import resolve_checkpoint
-
     out = Path(out)
     if out.exists():
         raise CheckpointError(f"{out}: already exists; choose a new output folder")
@@ -358,7 +338,7 @@ def export_hf(zoo_dir: str | Path, out: str | Path, arch: str | None = None) -> 
     recipe = model.recipe
     exportable(recipe)
     entry, conv = writer(arch or default_arch(recipe))
-    with blame(entry, "writing", str(out)):
+    with entry.blame("writing", str(out)):
         config = conv.config(recipe.model)
         rules = conv.rules(HFConfig(config, "<export>"))
     tensors = scatter(rules, {k: v.detach() for k, v in model.state_dict().items()})

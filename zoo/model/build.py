@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from zoo.model.config import DTYPES
 from zoo.model.memory import allocator_failure, check_weights_fit
 from zoo.model.transformer import Transformer
-from zoo.recipe.recipe import Recipe
+from zoo.registry import get_registry
+
+if TYPE_CHECKING:  # the recipe root composes the model's config: it sits above the model
+    from zoo.recipe.recipe import Recipe
 
 
 def build(recipe: Recipe, device: str | torch.device | None = None, registry=None) -> Transformer:
@@ -15,8 +20,6 @@ def build(recipe: Recipe, device: str | torch.device | None = None, registry=Non
 
     Elsewhere the weights are first sized on the meta device: a model that cannot fit is refused
     (`OutOfMemory`, one line) before anything is allocated, and so is a failure of the allocator."""
-    from zoo.registry import get_registry
-
     registry = registry or get_registry()
     device = torch.device(device or "cpu")
     if device.type != "meta":
