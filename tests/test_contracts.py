@@ -16,7 +16,6 @@ from zoo.data import build_corpus
 from zoo.errors import PluginError
 from zoo.eval.sparsity import measure_sparsity
 from zoo.model.projection import Projection
-from zoo.recipe.schema import ROLE_PARENTS, ROLE_RESIDUAL, add_role
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,8 @@ class OutFFN(FFN):
 
 def plugin(name: str, *registrations) -> types.ModuleType:
     def register(registry):
-        add_role("inner", parent="up_gate")
-        add_role("mix", residual=True)
+        registry.add_role("inner", parent="up_gate")
+        registry.add_role("mix", residual=True)
         for slot, kind, factory in registrations:
             registry.register(slot, kind, Plain, factory)
 
@@ -119,7 +118,8 @@ def test_a_subclass_with_only_forward_gets_every_default(registry):
 def test_init_scaling_follows_the_role_not_the_module_name(registry):
     """An FFN whose output projection is called `out` (role down) is scaled by 1/sqrt(2L); so is a plugin role
     declared residual; a plugin role under up_gate inherits its parent's (not residual)."""
-    assert ROLE_PARENTS["inner"] == "up_gate" and ROLE_RESIDUAL["mix"] is True
+    assert registry.roles["inner"] == "up_gate" and registry.residual["mix"] is True
+    assert registry.writes_residual("expert_down") and not registry.writes_residual("inner")
     torch.manual_seed(0)
     model = zoo.build(tiny("model.ffn={kind='out'}", "model.n_layers=8"))
     std = model.config.init_std

@@ -14,6 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from zoo.model.build import build
 from zoo.model.projection import ExpertProjection
 from zoo.recipe.recipe import recipe_from_dict
 
@@ -37,8 +38,6 @@ def ffn(args, spec: dict, **model_keys) -> torch.nn.Module:
     """One FFN block built through the real recipe path (a one-layer model's FFN)."""
     model = {"vocab_size": 8, "d_model": args.d_model, "n_layers": 1, "n_heads": 1, "max_seq_len": 8, "ffn": spec,
              **model_keys}
-    from zoo.model.build import build
-
     return build(recipe_from_dict({"model": model})).blocks[0].ffn
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.recipe.schema import BlockSpec, param, slot_field
+from zoo.schema import BlockSpec, param, slot_field
 
 if TYPE_CHECKING:
     from zoo.model.context import BuildContext

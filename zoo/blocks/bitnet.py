@@ -36,7 +36,7 @@ from zoo.kernels import cpu
 from zoo.kernels.dispatch import choose
 from zoo.kernels.ternary import TernaryWeight, pack_ternary, quantize_rows, ternary_matmul, unpack_ternary
 from zoo.kernels.topk_matmul import gather_pays, top_entries
-from zoo.recipe.schema import param
+from zoo.schema import param
 
 ACT_MAX = 127.0
 

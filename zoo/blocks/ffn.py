@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from zoo.contracts import FFN
-from zoo.recipe.schema import BlockSpec, param, slot_field
+from zoo.schema import BlockSpec, param, slot_field
 
 if TYPE_CHECKING:
     from zoo.model.context import BuildContext

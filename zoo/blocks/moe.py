@@ -23,7 +23,7 @@ from torch import nn
 from zoo.blocks.router import Routing
 from zoo.contracts import FFN, KernelBackend
 from zoo.kernels.moe_permute import GatheredRows, RowLayout, combine, sort_tokens
-from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
+from zoo.schema import BlockSpec, Invalid, param, slot_field
 
 if TYPE_CHECKING:
     from zoo.model.context import BuildContext

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from zoo.contracts import Sparsity
-from zoo.recipe.schema import Invalid, param
+from zoo.schema import Invalid, param
 
 FEW_ROWS = 8  # up to this many rows (decode) torch.kthvalue beats NumPy's per-call overhead on CPU
 

@@ -24,7 +24,7 @@ from zoo.contracts import InferenceForm, Sparsity, Weights
 from zoo.kernels import cpu
 from zoo.kernels.dispatch import choose
 from zoo.kernels.topk_matmul import gather_pays, top_entries, topk_matmul
-from zoo.recipe.schema import param
+from zoo.schema import param
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import sys
 import traceback
 import warnings
 
+from zoo._version import __version__
 from zoo.errors import ZooError
 
 
@@ -30,8 +31,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from zoo import __version__
-
     parser = _Parser(prog="zoo", description="Language models declared in TOML from registered blocks.")
     parser.add_argument("--version", action="version", version=f"zoo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

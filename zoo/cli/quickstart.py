@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "tiny"
+from zoo.cli import print_table
+from zoo.eval.compare import compare, load_run, plot, table
+from zoo.recipe.recipe import BUNDLED, load_recipe
+from zoo.train.sweep import run_all
+
+RECIPES = BUNDLED / "tiny"
 DEFAULT = ("dense.toml", "qsparse.toml", "moe-bitnet-qsparse.toml")
 # Equal tokens for every model, sized to finish in about ten minutes on two CPU cores.
 SETTINGS = ["train.batch_size=16", "train.seq_len=128", "train.eval_every=25", "train.eval_batches=4",
@@ -26,11 +31,6 @@ def add_parser(sub):
 
 def run(args) -> int:
     import time
-
-    from zoo.cli import print_table
-    from zoo.eval.compare import compare, load_run, plot, table
-    from zoo.recipe.recipe import load_recipe
-    from zoo.train.sweep import run_all
 
     start = time.perf_counter()
     paths = [Path(p) for p in args.recipes] if args.recipes else [RECIPES / name for name in DEFAULT]

@@ -17,7 +17,7 @@ from typing import Literal
 
 from zoo.contracts import Corpus
 from zoo.errors import RecipeError, ZooError
-from zoo.recipe.schema import param
+from zoo.schema import param
 
 CHUNK_CHARS = 1 << 20
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import re
 import sys
 from pathlib import Path
@@ -15,16 +14,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from zoo.errors import RecipeError
+from zoo.schema import deep_merge, join_key
 
 OVERRIDES = "<overrides>"
-
-
-def join_key(path: str, key: Any) -> str:
-    """'model.ffn' + 'hidden' -> 'model.ffn.hidden' (odd keys quoted), the form every error names."""
-    key = str(key)
-    if not re.fullmatch(r"[A-Za-z0-9_\-\[\].]+", key):
-        key = json.dumps(key, ensure_ascii=False)
-    return f"{path}.{key}" if path else key
 
 
 def _mark(data: Any, prefix: str, file: str, origins: dict[str, str]) -> None:
@@ -42,21 +34,6 @@ def origin_of(path: str, origins: dict[str, str]) -> str | None:
             return origins[path]
         path = path[: max(path.rfind("."), path.rfind("["), 0)]
     return None
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    """Tables merge key by key (top wins); every other value, arrays included, is replaced.
-
-    A block table whose `kind` differs from the base's replaces it whole (the kinds' keys differ).
-    """
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) == out[k].get(
-                "kind"):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 MAX_DEPTH = 32  # tables and arrays nested deeper than this are surely a mistake (and would exhaust the stack)

@@ -11,10 +11,12 @@ import tomli_w
 
 from zoo.errors import RecipeError
 from zoo.model.config import LAYER_SLOTS, ModelConfig
-from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, origin_of, parse_toml, read_with_extends
-from zoo.recipe.schema import BlockSpec, Validator, param, slot_field, to_plain
-from zoo.train.config import DataConfig, TrainConfig
-from zoo.train.parallel import ParallelConfig
+from zoo.recipe.loader import OVERRIDES, apply_overrides, origin_of, parse_toml, read_with_extends
+from zoo.recipe.sections import DataConfig, ParallelConfig, TrainConfig
+from zoo.registry import get_registry
+from zoo.schema import BlockSpec, Validator, deep_merge, param, slot_field, to_plain
+
+BUNDLED = Path(__file__).resolve().parents[2] / "recipes"  # the recipes of a source checkout (recipes/)
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,6 @@ def recipe_from_dict(data: dict, source: str = "<dict>", registry: Any = None,
 
     `origins` ({key path: file}, from `read_with_extends`) makes an error name the file that set the key.
     """
-    from zoo.registry import get_registry
-
     validator = Validator(source, registry or get_registry())
     try:
         recipe = validator.dataclass(Recipe, _merge_layer_patterns(data), "")

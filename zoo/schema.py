@@ -1,58 +1,52 @@
-"""Validate plain TOML data against config dataclasses, naming the dotted key path on error.
+"""Schema primitives: config fields, block specs, and validation of plain TOML data against them.
 
 A config dataclass declares each field with `param(default, doc, ge=..., ...)`; a field
 declared with `slot_field("ffn", default, doc)` holds a registered block: a table with
 `kind` plus that kind's own fields, validated against the schema that kind registered.
+A leaf module: it imports only `zoo.errors`; the registry a `Validator` asks is passed in.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
+import re
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
-from zoo.errors import RecipeError, UnknownNameError, ZooError, did_you_mean, one_of
-from zoo.recipe.loader import deep_merge
-from zoo.recipe.loader import join_key as _join
+from zoo.errors import RecipeError, UnknownNameError, did_you_mean, one_of
 
-# Roles of projections; `weights` and `sparsity` specs may override any of them.
-# A role falls back along ROLE_PARENTS (expert_down -> down -> the section itself).
-ROLE_PARENTS: dict[str, str | None] = {
-    "qkv": None, "o": None, "up_gate": None, "down": None,
-    "expert_up_gate": "up_gate", "expert_down": "down",
-    "shared_up_gate": "up_gate", "shared_down": "down",
-}
-# Roles whose projection writes to the residual stream (init scales them by 1/sqrt(2·n_layers));
-# a role not listed inherits its parent's.
-ROLE_RESIDUAL: dict[str, bool] = {"qkv": False, "o": True, "up_gate": False, "down": True}
+# Slots whose specs may override their settings per projection role (`roles = { down = {...} }`).
 ROLE_SLOTS = ("weights", "sparsity")
 
 
-def add_role(role: str, parent: str | None = None, residual: bool | None = None) -> None:
-    """Declare a projection role (for plugins whose blocks have projections of a new kind); `residual`:
-    whether its output is added to the residual stream (None: as its parent, False without one)."""
-    if role not in ROLE_PARENTS:
-        ROLE_PARENTS[role] = parent
-        ROLE_RESIDUAL.pop(role, None)  # left by a plugin that failed to register
-        if residual is not None:
-            ROLE_RESIDUAL[role] = residual
+def join_key(path: str, key: Any) -> str:
+    """'model.ffn' + 'hidden' -> 'model.ffn.hidden' (odd keys quoted), the form every error names."""
+    key = str(key)
+    if not re.fullmatch(r"[A-Za-z0-9_\-\[\].]+", key):
+        key = json.dumps(key, ensure_ascii=False)
+    return f"{path}.{key}" if path else key
 
 
-def role_chain(role: str) -> list[str]:
-    """`role` and the roles it falls back to, nearest first (expert_down -> [expert_down, down])."""
-    chain = [role]
-    while ROLE_PARENTS.get(chain[-1]) is not None:
-        chain.append(ROLE_PARENTS[chain[-1]])
-    return chain
+def deep_merge(base: dict, top: dict) -> dict:
+    """Tables merge key by key (top wins); every other value, arrays included, is replaced.
 
-
-def writes_residual(role: str) -> bool:
-    """Whether a projection of `role` writes to the residual stream (its own declaration, else its parent's)."""
-    return next((ROLE_RESIDUAL[r] for r in role_chain(role) if r in ROLE_RESIDUAL), False)
+    A block table whose `kind` differs from the base's replaces it whole (the kinds' keys differ).
+    """
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) == out[k].get(
+                "kind"):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
 
 
 class Invalid(ValueError):
@@ -73,21 +67,25 @@ def param(default: Any = dataclasses.MISSING, doc: str = "", *, ge=None, gt=None
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """A chosen block: slot, kind, its validated config, and per-role overrides."""
+    """A chosen block: slot, kind, its validated config, and per-role overrides.
+
+    `parents` is the role tree of the registry that validated the spec ({role: parent or None}).
+    """
 
     slot: str
     kind: str
     config: Any
     roles: dict[str, BlockSpec] = field(default_factory=dict)
     path: str = field(default="", compare=False)
+    parents: Mapping[str, str | None] = field(default_factory=dict, compare=False, repr=False)
 
     def for_role(self, role: str) -> BlockSpec:
-        """The spec that applies to a projection of `role` (falling back to parents)."""
+        """The spec that applies to a projection of `role` (an override of it, else of its parents, else self)."""
         r: str | None = role
         while r is not None:
             if r in self.roles:
                 return self.roles[r]
-            r = ROLE_PARENTS.get(r)
+            r = self.parents.get(r)
         return self
 
     def to_dict(self) -> dict:
@@ -178,12 +176,12 @@ class Validator:
         for key in data:
             if key not in fields and key not in ignore:
                 raise self.error(
-                    _join(path, key),
+                    join_key(path, key),
                     f"unknown key{did_you_mean(key, fields)}; valid keys: {', '.join(fields) or 'none'}",
                 )
         values = {}
         for name, f in fields.items():
-            sub = _join(path, name)
+            sub = join_key(path, name)
             slot = f.metadata.get("slot")
             if name in data:
                 raw = data[name]
@@ -209,7 +207,7 @@ class Validator:
             try:
                 check()
             except Invalid as err:
-                raise self.error(_join(path, err.key), err.message) from None
+                raise self.error(join_key(path, err.key), err.message) from None
         return obj
 
     def _bounds(self, f: dataclasses.Field, v: Any, path: str) -> None:
@@ -229,39 +227,33 @@ class Validator:
         if not isinstance(data, dict):
             raise self.error(path, f"expected a table with 'kind' (or a kind name), got {_describe(data)}")
         if "kind" not in data:
-            raise self.error(_join(path, "kind"), f"missing; {slot} kinds: {', '.join(self.registry.kinds(slot))}")
+            raise self.error(join_key(path, "kind"), f"missing; {slot} kinds: {', '.join(self.registry.kinds(slot))}")
         kind = data["kind"]
         if not isinstance(kind, str):
-            raise self.error(_join(path, "kind"), f"expected a string, got {_describe(kind)}")
+            raise self.error(join_key(path, "kind"), f"expected a string, got {_describe(kind)}")
         try:
             entry = self.registry.get(slot, kind)
         except UnknownNameError as err:
-            raise self.error(_join(path, "kind"), str(err)) from None
+            raise self.error(join_key(path, "kind"), str(err)) from None
         roles_ok = allow_roles and slot in ROLE_SLOTS
-        try:
+        with entry.blame("validating", path, self.file):  # a plugin's check() with a bug: name the plugin
             config = self.dataclass(entry.config, {k: v for k, v in data.items() if k != "kind"}, path,
                                     ignore=("roles",) if roles_ok else ())
-        except ZooError:
-            raise
-        except Exception as err:  # a plugin's check() with a bug: name the plugin, not a traceback
-            if entry.plugin.name == "builtins":
-                raise
-            raise entry.failure("validating", path, err) from err
-        roles = {}
+        roles, parents = {}, self.registry.roles if roles_ok else {}
         if roles_ok and "roles" in data:
             table = data["roles"]
             if not isinstance(table, dict):
-                raise self.error(_join(path, "roles"), f"expected a table of roles, got {_describe(table)}")
+                raise self.error(join_key(path, "roles"), f"expected a table of roles, got {_describe(table)}")
             for role, over in table.items():
-                rpath = _join(_join(path, "roles"), role)
-                if role not in ROLE_PARENTS:
-                    raise self.error(rpath, f"unknown role{did_you_mean(role, ROLE_PARENTS)}; {one_of(ROLE_PARENTS)}")
+                rpath = join_key(join_key(path, "roles"), role)
+                if role not in parents:
+                    raise self.error(rpath, f"unknown role{did_you_mean(role, parents)}; {one_of(parents)}")
                 if not isinstance(over, dict):
                     raise self.error(rpath, f"expected a table, got {_describe(over)}")
                 base = {k: v for k, v in data.items() if k != "roles"}
                 merged = dict(over) if over.get("kind", kind) != kind else deep_merge(base, over)
                 roles[role] = self.block(slot, merged, rpath, allow_roles=False)
-        return BlockSpec(slot, kind, config, roles, path)
+        return BlockSpec(slot, kind, config, roles, path, parents)
 
     # -- plain values ----------------------------------------------------------------------
     def value(self, tp: Any, v: Any, path: str) -> Any:
@@ -300,7 +292,7 @@ class Validator:
             if not isinstance(v, dict):
                 raise self.error(path, f"expected a table, got {_describe(v)}")
             _, vt = typing.get_args(tp) or (str, Any)
-            return {str(k): self.value(vt, x, _join(path, k)) for k, x in v.items()}
+            return {str(k): self.value(vt, x, join_key(path, k)) for k, x in v.items()}
         if dataclasses.is_dataclass(tp):
             return self.dataclass(tp, v, path)
         if tp is bool:
