@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from zoo.contracts import FFN
 from zoo.errors import ZooError
 from zoo.model.accounting import account
 from zoo.model.projection import Projection
@@ -78,9 +79,10 @@ def activation_elements_per_token(model: nn.Module) -> tuple[float, float, int]:
 
     def walk(module: nn.Module, mult: float) -> None:
         nonlocal total, dense
-        mult *= float(getattr(module, "token_fraction", 1.0))
+        if isinstance(module, FFN):
+            mult *= float(module.token_fraction)
         if isinstance(module, Projection):
-            experts = getattr(module, "num_experts", 1)
+            experts = module.num_experts
             total += mult * experts * (module.in_features + module.out_features)
             dense += module.weight_count if experts == 1 else 0
             return

@@ -41,6 +41,8 @@ class Projection(nn.Module, Preparable):
     `has_bias`, as asked of the projection factory.
     """
 
+    num_experts = 1  # ExpertProjection: E stacked experts
+
     def __init__(self, role: str, sparsify: Sparsity, linear: Weights, in_features: int, out_features: int,
                  layer: int | None = None, base_role: str | None = None, residual: bool = False,
                  bias: bool = False):
