@@ -210,6 +210,8 @@ def gguf_tokenizer(g: GGUFFile):
     types = g.value("tokenizer.ggml.token_type") or [1] * len(tokens)
     if kind == "gpt2":
         merges = [tuple(m.split(" ", 1)) for m in g.value("tokenizer.ggml.merges") or []]
+        merges = [m for m in merges if len(m) == 2 and m[0] + m[1] in vocab]  # others never apply (llama.cpp
+        # keeps the parts); `tokenizers` would panic on them
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         pre = g.value("tokenizer.ggml.pre", "default")
         if pre in ("llama-bpe", "llama3", "qwen2"):

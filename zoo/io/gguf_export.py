@@ -184,7 +184,9 @@ def byte_unicode() -> list[str]:
 
 def tokenizer_entries(folder: Path, recipe, vocab_size: int, meta: dict[str, Any]) -> list[tuple[str, Any]]:
     """GGUFWriter calls that store the checkpoint's tokenizer as llama.cpp's "gpt2" (byte-level BPE) model:
-    tokenizer.json's BPE, or zoo's byte tokenizer as the 256 byte tokens without merges."""
+    tokenizer.json's BPE, or zoo's byte tokenizer as the 256 byte tokens. GGUF has no empty arrays and
+    llama.cpp needs merges: the byte vocabulary gets one that never applies (0xFF 0xFF, never in UTF-8
+    text, merging into no token)."""
     path = folder / "tokenizer.json"
     if path.is_file():
         return bpe_entries(path, vocab_size, meta.get("source", {}).get("tokenizer", {}))
@@ -195,8 +197,9 @@ def tokenizer_entries(folder: Path, recipe, vocab_size: int, meta: dict[str, Any
     if vocab_size < 256:
         raise CheckpointError(f"model.vocab_size: {vocab_size} is below the byte tokenizer's 256 ids")
     tokens = byte_unicode() + [f"[PAD{i}]" for i in range(256, vocab_size)]
+    never = f"{tokens[255]} {tokens[255]}"
     return [("add_tokenizer_model", "gpt2"), ("add_tokenizer_pre", "gpt2"), ("add_token_list", tokens),
-            ("add_token_types", [NORMAL] * 256 + [UNUSED] * (vocab_size - 256)), ("add_token_merges", []),
+            ("add_token_types", [NORMAL] * 256 + [UNUSED] * (vocab_size - 256)), ("add_token_merges", [never]),
             ("add_add_bos_token", False)]
 
 
