@@ -78,7 +78,7 @@ class Mixtral(Llama):
                                                               d, ("w1", "w3", "w2")))
 
     def config(self, m) -> dict[str, Any]:
-        moe_checks("mixtral", m, renormalize=True, shared=(not m.ffn.config.shared_experts, "no shared experts"))
+        moe_checks("mixtral", m, renormalize=True)
         if m.attention.config.qkv_bias or m.attention.config.o_bias:
             raise CheckpointError("model.attention: the mixtral layout has no biases")
         ffn = m.ffn.config
@@ -87,8 +87,9 @@ class Mixtral(Llama):
                 "num_local_experts": ffn.num_experts, "sliding_window": None}
 
 
-def moe_checks(layout: str, m, renormalize: bool | None, shared: tuple[bool, str]) -> None:
-    """Refuse, by key path, a zoo MoE FFN that the `layout` cannot express (renormalize None: either)."""
+def moe_checks(layout: str, m, renormalize: bool | None, shared: int = 0) -> None:
+    """Refuse, by key path, a zoo MoE FFN that the `layout` cannot express (renormalize None: either;
+    `shared`: the number of shared experts, each sigmoid-gated when there is one)."""
     if m.ffn.kind != "moe":
         raise CheckpointError(f"model.ffn.kind: the {layout} layout needs a 'moe' FFN, not {m.ffn.kind!r}")
     ffn = m.ffn.config
@@ -99,7 +100,8 @@ def moe_checks(layout: str, m, renormalize: bool | None, shared: tuple[bool, str
               ("model.ffn.router.kind", router.kind == "softmax_topk", "the softmax_topk router"),
               ("model.ffn.router.renormalize", renormalize in (None, getattr(router.config, "renormalize", None)),
                f"renormalize = {str(renormalize).lower()}"),
-              ("model.ffn.shared_experts", shared[0], shared[1]),
+              ("model.ffn.shared_experts", ffn.shared_experts == shared, f"{shared} shared experts"),
+              ("model.ffn.shared_gate", ffn.shared_gate == bool(shared), f"shared_gate = {str(bool(shared)).lower()}"),
               ("model.ffn.capacity_factor", ffn.capacity_factor is None, "dropless routing")]
     for key, ok, need in checks:
         if not ok:

@@ -50,7 +50,7 @@ class Olmoe(Llama):
                                   qk_norm=True)
 
     def config(self, m) -> dict[str, Any]:
-        moe_checks("olmoe", m, renormalize=None, shared=(not m.ffn.config.shared_experts, "no shared experts"))
+        moe_checks("olmoe", m, renormalize=None)
         attn = m.attention.config
         if not attn.qk_norm:
             raise CheckpointError("model.attention.qk_norm: the olmoe layout needs q/k norms (qk_norm = true)")

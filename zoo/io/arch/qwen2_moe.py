@@ -80,9 +80,8 @@ class Qwen2Moe(Llama):
         return self.decoder_rules(cfg, ffn)
 
     def config(self, m) -> dict[str, Any]:
+        moe_checks("qwen2_moe", m, renormalize=None, shared=1)
         ffn = m.ffn.config
-        moe_checks("qwen2_moe", m, renormalize=None, shared=(ffn.shared_experts == 1 and ffn.shared_gate,
-                                                               "one sigmoid-gated shared expert (shared_gate)"))
         attn = m.attention.config
         if attn.o_bias:
             raise CheckpointError("model.attention.o_bias: the qwen2_moe layout has q/k/v biases only")
