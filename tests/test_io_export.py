@@ -119,7 +119,7 @@ def test_gguf_tokenizers(tmp_path):
     zoo.save(model, tmp_path / "zoo2", files=files)
     assert main(["export", "gguf", str(tmp_path / "zoo2"), str(tmp_path / "bpe.gguf"), "--type", "f32"]) == 0
     g = GGUFFile(tmp_path / "bpe.gguf")
-    assert g.value("tokenizer.ggml.pre") == "gpt2" and g.value("tokenizer.ggml.eos_token_id") == 0
+    assert g.value("tokenizer.ggml.pre") == "gpt-2" and g.value("tokenizer.ggml.eos_token_id") == 0
     assert g.value("tokenizer.ggml.token_type")[0] == 3  # the special token is a control token
     sample = "And God said, Let there be light."
     assert gguf_tokenizer(g).encode(sample).ids == tok.encode(sample).ids
@@ -390,11 +390,29 @@ def llama_greedy(path, prompt: list[int], n: int) -> list[int]:
     return out
 
 
+def llama_cpp_case(tmp_path, case: str):
+    """(zoo model, its GGUF export) for one llama.cpp architecture."""
+    if case in MOE:
+        cls, over, _ = MOE[case]
+        tiny_hf(cls, tmp_path / "hf", vocab_size=300, **over)
+        assert main(["convert", "hf", str(tmp_path / "hf"), str(tmp_path / "zoo")]) == 0
+        model, type = zoo.load(tmp_path / "zoo"), "f32"
+    elif case == "bitnet":  # one β per matrix: the TQ2_0 blocks hold W̃ exactly, β is llama.cpp's .scale
+        model, type = bitnet(tmp_path, "matrix").freeze(), "tq2_0"
+    else:
+        biases = {"model.attention.qkv_bias": True, "model.attention.o_bias": case == "llama"}
+        model, type = dense(tmp_path, **{"model.tie_embeddings": False, **biases}), "f32"
+    assert main(["export", "gguf", str(tmp_path / "zoo"), str(tmp_path / "m.gguf"), "--type", type]) == 0
+    return model, tmp_path / "m.gguf"
+
+
 @pytest.mark.llama_cpp
-def test_llama_cpp_runs_a_dense_export_with_zoo_greedy_tokens(tmp_path):
+@pytest.mark.parametrize("case", ["llama", "qwen2", "mixtral", "qwen2_moe", "olmoe", "bitnet"])
+def test_llama_cpp_runs_the_export_with_zoo_greedy_tokens(tmp_path, case):
+    """llama.cpp (llama-cpp-python) generates zoo's greedy tokens from each architecture's export."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    model = dense(tmp_path, **{"model.tie_embeddings": False, "model.attention.qkv_bias": True,
-                               "model.attention.o_bias": True})
-    assert main(["export", "gguf", str(tmp_path / "zoo"), str(tmp_path / "m.gguf"), "--type", "f32"]) == 0
+    if case in MOE and "moe" not in zoo.get_registry().kinds("ffn"):
+        pytest.skip("needs the moe FFN block")
+    model, path = llama_cpp_case(tmp_path, case)
     prompt = [5, 77, 140, 9, 250]
-    assert llama_greedy(tmp_path / "m.gguf", prompt, 12) == zoo_greedy(model, prompt, 12)
+    assert llama_greedy(path, prompt, 16) == zoo_greedy(model, prompt, 16)

@@ -219,7 +219,7 @@ def gguf_tokenizer(g: GGUFFile):
                 pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         else:
-            if pre not in ("default", "gpt2"):
+            if pre not in ("default", "gpt2", "gpt-2"):
                 warnings.warn(f"{g.path}: tokenizer.ggml.pre {pre!r} is approximated by GPT-2's pre-tokenizer",
                               stacklevel=3)
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -198,7 +198,7 @@ def tokenizer_entries(folder: Path, recipe, vocab_size: int, meta: dict[str, Any
         raise CheckpointError(f"model.vocab_size: {vocab_size} is below the byte tokenizer's 256 ids")
     tokens = byte_unicode() + [f"[PAD{i}]" for i in range(256, vocab_size)]
     never = f"{tokens[255]} {tokens[255]}"
-    return [("add_tokenizer_model", "gpt2"), ("add_tokenizer_pre", "gpt2"), ("add_token_list", tokens),
+    return [("add_tokenizer_model", "gpt2"), ("add_tokenizer_pre", "gpt-2"), ("add_token_list", tokens),
             ("add_token_types", [NORMAL] * 256 + [UNUSED] * (vocab_size - 256)), ("add_token_merges", [never]),
             ("add_add_bos_token", False)]
 
@@ -207,7 +207,7 @@ def pre_name(data: dict[str, Any]) -> str | None:
     """llama.cpp's pre-tokenizer name of a tokenizer.json pre_tokenizer (GPT-2's or Llama 3's), or None."""
     pre = data.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     if len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern", {}).get("Regex") == \
             LLAMA3_SPLIT and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True):
