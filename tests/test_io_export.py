@@ -12,6 +12,7 @@ import zoo
 from tests.conftest import RECIPES
 from tests.hf_util import TINY, assert_same_function, randomize, tiny_hf, transformers
 from zoo.cli import main
+from zoo.io.gguf_export import export_gguf
 
 gguf = pytest.importorskip("gguf")
 T = transformers
@@ -155,7 +156,7 @@ def test_gguf_moe_refusals_name_the_feature(tmp_path):
             moe_intermediate_size=40, shared_expert_intermediate_size=56, mlp_only_layers=[1], norm_topk_prob=False)
     assert main(["convert", "hf", str(tmp_path / "hf"), str(tmp_path / "zoo")]) == 0
     with pytest.raises(zoo.CheckpointError, match="model.layers: llama.cpp's qwen2moe has no dense layers"):
-        zoo.io.gguf_export.export_gguf(tmp_path / "zoo", tmp_path / "m.gguf")
+        export_gguf(tmp_path / "zoo", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 
 
@@ -293,8 +294,6 @@ def test_hf_bitnet_export_is_packed_and_transformers_computes_it(tmp_path):
 
 @needs_bitnet
 def test_bitnet_refusals_name_the_feature(tmp_path):
-    from zoo.io.gguf_export import export_gguf
-
     bitnet(tmp_path, "row", **{"model.ffn.activation": "relu2"})
     with pytest.raises(zoo.CheckpointError, match="model.ffn.activation: 'relu2': llama.cpp's bitnet computes SiLU"):
         export_gguf(tmp_path / "zoo", tmp_path / "b.gguf", type="tq2_0")
@@ -311,6 +310,10 @@ def test_bitnet_refusals_name_the_feature(tmp_path):
 
 
 def test_bad_requests_are_one_line(tmp_path, capsys):
+    from zoo.cli.export import TYPES
+    from zoo.io.gguf_export import TYPES as TAKEN
+
+    assert TYPES == ", ".join(TAKEN)  # the help text lists what export_gguf takes
     dense(tmp_path)
     src, out = str(tmp_path / "zoo"), str(tmp_path / "m.gguf")
     assert main(["export", "gguf", src, out, "--type", "q4_k"]) == 2
@@ -331,8 +334,6 @@ def test_bad_requests_are_one_line(tmp_path, capsys):
 
 
 def test_nothing_half_written_on_failure(tmp_path, monkeypatch):
-    from zoo.io.gguf_export import export_gguf
-
     dense(tmp_path)
     export_gguf(tmp_path / "zoo", tmp_path / "m.gguf", type="f32")
     before = (tmp_path / "m.gguf").read_bytes()
@@ -354,7 +355,7 @@ def test_qsparse_is_refused_unless_dropped(tmp_path, capsys):
     for fmt, out in (("gguf", "m.gguf"), ("hf", "hf")):
         assert main(["export", fmt, src, str(tmp_path / out)]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "model.sparsity.kind: 'topk' (Q-Sparse input sparsity)" in err
+        assert err.count("\n") == 1 and "model.sparsity.kind: 'topk' (Q-Sparse top-K)" in err
         assert "--drop-sparsity" in err and not (tmp_path / out).exists()
     assert main(["export", "gguf", src, str(tmp_path / "m.gguf"), "--type", "f32", "--drop-sparsity"]) == 0
     g = gguf.GGUFReader(str(tmp_path / "m.gguf"))
@@ -365,6 +366,9 @@ def test_qsparse_is_refused_unless_dropped(tmp_path, capsys):
     assert max_err(back, dense_twin) <= 1e-6
     assert main(["export", "hf", src, str(tmp_path / "hf"), "--drop-sparsity"]) == 0
     assert "model.sparsity.kind" in json.loads((tmp_path / "hf" / "config.json").read_text())["zoo_trained_sparse"][0]
+    dense(tmp_path / "block", **{"model.sparsity": {"kind": "block_topk"}})
+    with pytest.raises(zoo.CheckpointError, match="model.sparsity.kind: 'block_topk' \\(Block Q-Sparse\\)"):
+        export_gguf(tmp_path / "block" / "zoo", tmp_path / "b.gguf")
 
 
 # -- llama.cpp itself (optional: llama-cpp-python) -------------------------------------------

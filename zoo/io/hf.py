@@ -281,21 +281,27 @@ def save_converted(model, out: str | Path, files: dict[str, str | bytes], source
 # -- export ----------------------------------------------------------------------------------
 
 
+SPARSITY_NAMES = {"topk": "Q-Sparse top-K", "block_topk": "Block Q-Sparse"}
+
+
 def sparsity_features(m) -> list[tuple[str, str]]:
     """(key path, feature) of each activation-sparsity block in a model: what no exported format computes."""
+    def name(kind: str) -> str:
+        return f"{kind!r} ({SPARSITY_NAMES.get(kind, 'activation sparsity')})"
+
     found = []
     if m.sparsity.kind != "none":
-        found.append(("model.sparsity.kind", f"{m.sparsity.kind!r} (Q-Sparse input sparsity)"))
+        found.append(("model.sparsity.kind", name(m.sparsity.kind)))
     ffns = [("model.ffn", m.ffn)] + [(f"model.layers[{n}].ffn", p.ffn) for n, p in enumerate(m.layers) if p.ffn]
     for key, ffn in ffns:
         inner = getattr(ffn.config, "expert", None)
         for k, spec in ((key, ffn), (key + ".expert", inner)):
             act = getattr(getattr(spec, "config", None), "act_sparsity", None) if spec is not None else None
             if act is not None:
-                found.append((k + ".act_sparsity", f"{act.kind!r} (activation top-K inside the FFN)"))
+                found.append((k + ".act_sparsity", name(act.kind) + " inside the FFN"))
     for n, p in enumerate(m.layers):
         if p.sparsity is not None and p.sparsity.kind != "none":
-            found.append((f"model.layers[{n}].sparsity", f"{p.sparsity.kind!r} (Q-Sparse input sparsity)"))
+            found.append((f"model.layers[{n}].sparsity", name(p.sparsity.kind)))
     return found
 
 
