@@ -19,8 +19,8 @@ import torch
 
 from zoo.errors import CheckpointError, ZooError, one_of
 from zoo.io.arch import REQUIRED, Converter, GGUFLayout
-from zoo.io.arch.bitnet import split_ternary
 from zoo.io.hf import SLOT, HFConfig, hf_recipe, load_weights, save_converted
+from zoo.io.ternary import split_ternary
 from zoo.model.build import build
 from zoo.registry import get_registry
 

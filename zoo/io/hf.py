@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from zoo.errors import CheckpointError, ZooError, did_you_mean, one_of
 from zoo.files import atomic_folder
 from zoo.io.checkpoint import load, save
+from zoo.io.ternary import ternary_view
 from zoo.model.build import build
 from zoo.recipe.recipe import recipe_from_dict
 from zoo.registry import Entry, get_registry
@@ -397,8 +398,6 @@ def hf_view(model, arch: str | None = None, drop_sparsity: bool = False, fmt: st
         recipe = without_sparsity(recipe)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if recipe.model.weights.kind == "bitnet158":
-        from zoo.io.arch.bitnet import ternary_view
-
         recipe, state = ternary_view(model, recipe)
     entry, conv = writer(arch or default_arch(recipe))
     exportable(recipe, conv.exports, fmt)
