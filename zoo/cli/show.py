@@ -10,10 +10,10 @@ import tomli_w
 
 from zoo.cli import UsageError, print_json, print_table
 from zoo.errors import did_you_mean
+from zoo.recipe.loader import inline_toml
 from zoo.recipe.recipe import read_recipe_data, recipe_from_dict
 from zoo.recipe.schema import to_plain
 from zoo.registry import Entry, describe_config, get_registry
-from zoo.registry.docs import inline_toml
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

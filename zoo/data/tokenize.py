@@ -13,7 +13,7 @@ import numpy as np
 
 from zoo.data.corpus import Corpus
 from zoo.errors import ZooError
-from zoo.recipe.schema import param
+from zoo.recipe.schema import PathStr, param
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -142,7 +142,7 @@ def train_bpe(cfg: BPEConfig, corpus: Corpus) -> HFTokenizer:
 class FileTokenizerConfig:
     """a tokenizer.json file (Hugging Face `tokenizers` format), e.g. from an imported model"""
 
-    path: str = param(doc="path to tokenizer.json")
+    path: PathStr = param(doc="path to tokenizer.json")
 
 
 def load_tokenizer_file(path: str | Path) -> HFTokenizer:

@@ -6,6 +6,7 @@ import copy
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,39 @@ def join_key(path: str, key: Any) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_\-\[\].]+", key):
         key = json.dumps(key, ensure_ascii=False)
     return f"{path}.{key}" if path else key
+
+
+def inline_toml(v: Any) -> str:
+    """A value as it would be written in a recipe or a `--set` (inline tables for dicts); '' for None."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {inline_toml(x)}" for k, x in v.items()) + " }" if v else "{}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(inline_toml(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    return "" if v is None else repr(v)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; arrays stay values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def recipe_changes(old: dict, new: dict, ignore: Callable[[str], bool] = lambda key: False) -> list[str]:
+    """'key: old -> new' (values as TOML, 'unset' when absent) for each key path where two recipes' data
+    differ, sorted; keys for which `ignore(key)` is true are left out."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {inline_toml(a[k]) if k in a else 'unset'} -> {inline_toml(b[k]) if k in b else 'unset'}"
+            for k in sorted(set(a) | set(b)) if not ignore(k) and a.get(k) != b.get(k)]
 
 
 def _mark(data: Any, prefix: str, file: str, origins: dict[str, str]) -> None:
@@ -202,6 +236,9 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None, *,
             if last:
                 node[step] = value
             else:
+                if isinstance(steps[i + 1], int) and isinstance(step, str) and step not in node:
+                    raise RecipeError(f"the recipe has no array here for [{steps[i + 1]}] to index; set the whole "
+                                      f"array instead, e.g. --set '{here}=[{{...}}]'", file=OVERRIDES, path=here)
                 nxt = node[step] if isinstance(step, int) else node.setdefault(step, {})
                 if isinstance(nxt, str) and not isinstance(steps[i + 1], int):
                     nxt = node[step] = {"kind": nxt}  # a block given by kind name: `ffn = "mlp"` + `ffn.hidden=`

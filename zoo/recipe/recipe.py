@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,9 @@ from zoo.train.parallel import ParallelConfig
 class Recipe:
     """A whole recipe: the model, how to train it, and on what data.
 
-    `source` (not part of equality) names the file for error messages.
+    `source` (not part of equality) names the file for error messages; `origins` ({key path: file},
+    not part of equality) the file that set each key, so that an error found later (building, training)
+    names the file, `extends` base or `<overrides>` that set the key it is about.
     """
 
     name: str = param("", "a short name for tables and plots")
@@ -31,6 +35,7 @@ class Recipe:
     data: DataConfig = param(None, "training and validation data")
     parallel: ParallelConfig = param(None, "data parallelism when launched with torchrun")
     source: str = dataclasses.field(default="", compare=False, metadata={"internal": True})
+    origins: dict = dataclasses.field(default_factory=dict, compare=False, repr=False, metadata={"internal": True})
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -40,7 +45,9 @@ class Recipe:
 
     def replace(self, **overrides: Any) -> Recipe:
         """A new recipe with dotted-key overrides applied (validated again)."""
-        return recipe_from_dict(apply_overrides(self.to_dict(), overrides), source=self.source or OVERRIDES)
+        origins = dict(self.origins)
+        return recipe_from_dict(apply_overrides(self.to_dict(), overrides, origins=origins),
+                                source=self.source or OVERRIDES, origins=origins)
 
 
 def _as_table(block: Any) -> Any:
@@ -83,15 +90,33 @@ def recipe_from_dict(data: dict, source: str = "<dict>", registry: Any = None,
     """
     from zoo.registry import get_registry
 
-    validator = Validator(source, registry or get_registry())
+    validator = Validator(source, registry or get_registry(), origins)
     try:
         recipe = validator.dataclass(Recipe, _merge_layer_patterns(data), "")
     except RecipeError as err:
-        file = origin_of(err.path or "", origins or {})
-        if file is None or file == err.file:
+        raise _located(err, source, origins or {}) from None
+    return dataclasses.replace(recipe, source=source, origins=dict(origins or {}))
+
+
+def _located(err: RecipeError, source: str, origins: dict[str, str]) -> RecipeError:
+    """`err` (raised naming `source`) naming instead the file that set its key, when that is another."""
+    file = origin_of(err.path or "", origins)
+    if file is None or file == err.file or (err.file or None) != (source or None):
+        return err
+    return RecipeError(err.reason, file=file, path=err.path)
+
+
+@contextlib.contextmanager
+def errors_located(recipe: Recipe) -> Iterator[None]:
+    """Checks made after validation (building, data, devices) raise naming `recipe.source`; re-raise
+    them naming the file that set the key: a `--set` value is `<overrides>`, an inherited key its base."""
+    try:
+        yield
+    except RecipeError as err:
+        located = _located(err, recipe.source, recipe.origins)
+        if located is err:
             raise
-        raise RecipeError(err.reason, file=file, path=err.path) from None
-    return dataclasses.replace(recipe, source=source)
+        raise located from None
 
 
 def read_recipe_data(path: str | Path, overrides: list[str] | dict[str, Any] | None = None,

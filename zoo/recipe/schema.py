@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import types
 import typing
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
 from zoo.errors import RecipeError, UnknownNameError, ZooError, did_you_mean, one_of
-from zoo.recipe.loader import deep_merge
+from zoo.recipe.loader import deep_merge, origin_of
 from zoo.recipe.loader import join_key as _join
 
 # Roles of projections; `weights` and `sparsity` specs may override any of them.
@@ -40,6 +41,17 @@ class Invalid(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key, self.message = key, message
+
+
+class _PathMarker:
+    """Marks a str field as a file or folder path (see `PathStr`)."""
+
+
+PATH = _PathMarker()
+# A file or folder path. A relative one is taken relative to the recipe file that set it (a `--set`
+# value or a recipe built from a string or dict: relative to the working directory); validation makes it
+# absolute, so a recipe saved elsewhere (a run folder's recipe.toml) still names the same file.
+PathStr = Annotated[str, PATH]
 
 
 def param(default: Any = dataclasses.MISSING, doc: str = "", *, ge=None, gt=None, le=None, lt=None) -> Any:
@@ -144,9 +156,17 @@ class Validator:
 
     file: str | None
     registry: Any
+    origins: dict[str, str] | None = None  # {key path: file that set it}, from read_with_extends
 
     def error(self, path: str, message: str) -> RecipeError:
         return RecipeError(message, file=self.file, path=path)
+
+    def absolute(self, value: str, path: str) -> str:
+        """A `PathStr` value made absolute: relative to the folder of the file that set key `path`."""
+        value = os.path.expanduser(value)
+        file = origin_of(path, self.origins or {}) or self.file
+        base = os.path.dirname(os.path.abspath(file)) if file and os.path.isfile(file) else os.getcwd()
+        return os.path.normpath(os.path.join(base, value))
 
     # -- dataclasses -----------------------------------------------------------------------
     def dataclass(self, cls: type, data: Any, path: str, *, ignore: tuple[str, ...] = ()) -> Any:
@@ -246,7 +266,9 @@ class Validator:
     def value(self, tp: Any, v: Any, path: str) -> Any:
         origin = typing.get_origin(tp)
         if origin is Annotated:
-            return self.value(typing.get_args(tp)[0], v, path)
+            inner, *marks = typing.get_args(tp)
+            out = self.value(inner, v, path)
+            return self.absolute(out, path) if PATH in marks and isinstance(out, str) else out
         if tp is Any:
             return v
         if origin in (Union, types.UnionType):
