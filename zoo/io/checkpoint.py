@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
     try:
         tensors, aliases = _unique_tensors(weights)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / RECIPE).write_text(recipe.to_toml(), encoding="utf-8")
+        (tmp / RECIPE).write_bytes(recipe.to_toml().encode("utf-8"))
         for name, content in (files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
@@ -93,6 +94,8 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
             "zoo_version": __version__,
             "parameters": sum((weights[n] if n in weights else p).numel() for n, p in model.named_parameters()),
             "sha256": sha256(tmp / WEIGHTS),
+            "recipe_sha256": sha256(tmp / RECIPE),  # with "recipe": what load compares an edited recipe.toml to
+            "recipe": recipe.to_dict(),
             "aliases": aliases,
             "transforms": list(getattr(model, "zoo_transforms", [])),
             **(meta or {}),
@@ -157,12 +160,33 @@ def _check_size(path: Path, skeleton: nn.Module) -> None:
                               f"{have:,} bytes: the recipe does not belong to these weights")
 
 
+def _warn_if_recipe_changed(path: Path, meta: dict[str, Any], recipe) -> None:
+    """One warning line naming the keys in which recipe.toml differs from the recipe the weights were saved
+    with: an edit is allowed (it is how a checkpoint is continued differently), a silent change is not."""
+    from zoo.recipe.loader import recipe_changes
+
+    if meta.get("recipe_sha256") in (None, sha256(path / RECIPE)):
+        return
+    saved = meta.get("recipe")
+    if isinstance(saved, dict):
+        changes = recipe_changes(saved, json.loads(json.dumps(recipe.to_dict())))
+        if not changes:  # reformatted, comments: the same recipe
+            return
+        what = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    else:
+        what = "its saved copy is not in meta.json"
+    warnings.warn(f"{path / RECIPE} differs from the recipe the weights were saved with ({what}); "
+                  "loading it as it is now", stacklevel=3)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", registry=None) -> nn.Module:
-    """Rebuild the model saved in folder `path`; any mismatch raises CheckpointError."""
+    """Rebuild the model saved in folder `path` (or the newest checkpoint of run folder `path`); any mismatch
+    of the weights raises CheckpointError, a recipe.toml edited since saving is loaded with a warning."""
     from zoo.model.build import build
     from zoo.recipe.recipe import load_recipe
+    from zoo.train.state import resolve_checkpoint
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     meta = read_meta(path)
     digest = sha256(path / WEIGHTS)
     if digest != meta["sha256"]:
@@ -176,6 +200,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", registry=None) ->
         raise
     except ZooError as err:
         raise CheckpointError(f"{path}: its recipe cannot be built here: {err}") from None
+    _warn_if_recipe_changed(path, meta, recipe)
     allowed = getattr(model, "TRANSFORMS", ())
     for transform in meta.get("transforms", []):
         if transform not in allowed:

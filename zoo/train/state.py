@@ -23,7 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from zoo.errors import CheckpointError
-from zoo.io.checkpoint import META, read_meta, save
+from zoo.io.checkpoint import META, WEIGHTS, read_meta, save
 
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
 CHECKPOINTS = "checkpoints"
@@ -122,9 +122,16 @@ def load_train_state(ckpt: Path, load_optimizer: Callable[[dict], None]) -> Trai
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    """A checkpoint folder, or a run folder (its newest checkpoint); `checkpoints/step-20` also names
+    `checkpoints/step-00000020`."""
     path = Path(path)
-    if (path / META).is_file():
+    step = _STEP_DIR.match(path.name)
+    if step and not path.exists():
+        path = path.with_name(f"step-{int(step.group(1)):08d}")
+        if not (path / META).is_file():
+            have = ", ".join(str(int(p.name[5:])) for p in step_dirs(path.parent.parent)) or "none"
+            raise CheckpointError(f"{path.parent}: no checkpoint step-{int(step.group(1))} (steps there: {have})")
+    if (path / META).is_file() or (path / WEIGHTS).is_file():  # a checkpoint (maybe an incomplete one)
         read_meta(path)
         return path
     found = step_dirs(path)
@@ -132,4 +139,4 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return found[-1]
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
-    raise CheckpointError(f"{path}: neither a zoo checkpoint (no {META}) nor a run folder with {CHECKPOINTS}/")
+    raise CheckpointError(f"{path}: neither a zoo checkpoint (no {META}) nor a run folder with {CHECKPOINTS}/step-N")
