@@ -112,6 +112,7 @@ def test_sweep_runs_every_point_and_resumes(tmp_path, capsys):
     args = ["sweep", str(tmp_path / "r.toml"), "--grid", "model.ffn.activation.kind=silu,relu", "--seeds", "0,1",
             "--out", str(tmp_path / "sw"), "--quiet"]
     assert main(args) == 0
+    assert f"4 runs in {tmp_path / 'sw'}" in capsys.readouterr().out
     names = sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir())
     assert names == ["kind-relu_seed-0", "kind-relu_seed-1", "kind-silu_seed-0", "kind-silu_seed-1"]
     before = (tmp_path / "sw" / "kind-relu_seed-1" / "summary.json").read_text()
@@ -120,3 +121,5 @@ def test_sweep_runs_every_point_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().err.count("finished before, skipped") == 4
     assert (tmp_path / "sw" / "kind-relu_seed-1" / "summary.json").read_text() == before
     assert main(["sweep", str(tmp_path / "r.toml"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["sweep", str(tmp_path / "r.toml"), "--seeds", "0", "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    assert f"1 run in {tmp_path / 'one'};" in capsys.readouterr().out

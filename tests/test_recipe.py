@@ -79,6 +79,11 @@ def test_validation_errors_name_file_path_and_fix(recipe_file, text, path, words
     assert "\n" not in str(err)
 
 
+def test_unknown_key_of_a_block_without_settings(recipe_file):
+    err = error_of(recipe_file('[data.dataset]\nkind = "kjv"\nbook = "Genesis"\n'))
+    assert err.path == "data.dataset.book" and err.reason == "unknown key; this block takes no settings besides kind"
+
+
 def test_kind_missing_lists_kinds(recipe_file):
     err = error_of(recipe_file('[[model.layers]]\nrange = "0"\nffn = { hidden = 3 }\n[model]\nffn = { kind = "mlp" }\n'
                                '[model.weights]\nroles = { qkv = { kind = "nope" } }\n'))

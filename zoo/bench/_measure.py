@@ -125,15 +125,12 @@ def report(rows: Sequence[dict], header: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**header, "results": list(rows)}, indent=1))
         return
+    from zoo.cli import print_table
+
     for k, v in header.items():
         print(f"{k}: {v}")
-    if not rows:
-        return
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    width = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(width[c]) for c in cols))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(width[c]) for c in cols))
+    print_table([[r.get(c, "") for c in cols] for r in rows], cols if rows else None)
 
 
 def machine(device: torch.device) -> str:

@@ -10,14 +10,15 @@ import torch
 
 import zoo
 from zoo.bench._measure import add_threads_argument, apply_threads
+from zoo.cli import add_set_arg
 from zoo.cli.quickstart import RECIPES
 
 
 def add_arguments(p) -> None:
     p.add_argument("--recipe", default=str(RECIPES / "dense.toml"), help="a dense LLaMA-like recipe (default: tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_arg(p, "a key of the recipe")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: train.batch_size)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: train.seq_len)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: train.seq_len)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model (after 3 warm-up steps)")
     add_threads_argument(p)
 
@@ -62,7 +63,7 @@ def run(args) -> int:
     torch.manual_seed(recipe.train.seed)
     ours = zoo.build(recipe)
     theirs = hf_twin(ours, recipe)
-    batch, seq = args.batch or recipe.train.batch_size, args.seq or recipe.train.seq_len
+    batch, seq = args.batch or recipe.train.batch_size, args.seq_len or recipe.train.seq_len
     idx = torch.randint(0, recipe.model.vocab_size, (batch, seq + 1))
     x, y = idx[:, :-1], idx[:, 1:]
     precision = recipe.train.precision

@@ -91,8 +91,14 @@ def _main(argv: list[str] | None) -> int:
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """RECIPE and repeated --set key.path=value, shared by commands that take a recipe."""
     p.add_argument("recipe", metavar="RECIPE", help="a .toml recipe file")
+    add_set_arg(p)
+
+
+def add_set_arg(p: argparse.ArgumentParser, what: str = "a recipe key") -> None:
+    """The one definition of --set KEY=VALUE (repeatable; args.overrides, applied in order)."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set model.n_layers=8 (value parsed as TOML)")
+                   help=f"override {what}, e.g. --set model.n_layers=8 (repeatable; the value is TOML, else a "
+                        "bare string; docs/recipes.md)")
 
 
 def print_json(obj: object) -> None:

@@ -13,13 +13,14 @@ SETTINGS = ["train.batch_size=16", "train.seq_len=128", "train.eval_every=25", "
 
 
 def add_parser(sub):
+    from zoo.cli import add_set_arg
+
     p = sub.add_parser("quickstart", help="train dense / Q-Sparse / MoE+Q-Sparse+BitNet tiny models and compare them")
     p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="where the runs go (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, metavar="N", help="optimizer steps per model (default: 200)")
     p.add_argument("--recipes", nargs="+", metavar="TOML",
                    help=f"recipes to train instead of recipes/tiny/{{{','.join(DEFAULT)}}}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key in every recipe")
+    add_set_arg(p, "a key of every recipe")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

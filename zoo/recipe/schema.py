@@ -178,7 +178,8 @@ class Validator:
             if key not in fields and key not in ignore:
                 raise self.error(
                     _join(path, key),
-                    f"unknown key{did_you_mean(key, fields)}; valid keys: {', '.join(fields) or 'none'}",
+                    f"unknown key{did_you_mean(key, fields)}; " + (f"valid keys: {', '.join(fields)}" if fields
+                                                                    else "this block takes no settings besides kind"),
                 )
         values = {}
         for name, f in fields.items():
