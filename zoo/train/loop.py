@@ -188,6 +188,8 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
         copy_weights(model, cfg.init_from, "train.init_from")
     if resume:
         copy_weights(model, ckpt, "--resume")
+    val = list(val_batches(data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
+    first_forward(model.to(par.device), val[0][0][:1], cfg.precision, par.device)  # on this rank, before wrap
     fwd = par.wrap(model)
     registry = get_registry()
     opt = registry.get("optimizer", recipe.optim.kind).factory(recipe.optim.config, model.parameters())
@@ -196,8 +198,6 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
     schedule = registry.get("schedule", cfg.schedule.kind).factory(cfg.schedule.config, cfg.steps)
     if resume:
         state = load_train_state(ckpt, par.optimizer_loader(opt))
-    val = list(val_batches(data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
-    first_forward(model, val[0][0][:1], cfg.precision, par.device)
 
     par.barrier()  # every rank has looked at the folder before rank 0 writes to it
     out = prepare_out(out)
