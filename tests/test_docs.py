@@ -222,3 +222,21 @@ def test_marked_examples_run(tmp_path, monkeypatch, capsys):
                 assert code == 0, f"{path.relative_to(ROOT)}:{line}: zoo {' '.join(argv)}\n{out.err}"
                 ran.append(argv[0])
     assert {"list", "show", "build", "train", "eval", "generate", "compare"} <= set(ran)
+
+
+def test_every_python_and_toml_block_in_the_docs_parses():
+    import ast
+    import tomllib
+
+    count = 0
+    for path in DOCS:
+        for line, lang, text, _ in fenced_blocks(path):
+            where = f"{path.relative_to(ROOT)}:{line}"
+            if lang == "python":
+                ast.parse(text, where)
+            elif lang == "toml":
+                tomllib.loads(text)
+            else:
+                continue
+            count += 1
+    assert count >= 20
