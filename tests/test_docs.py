@@ -2,13 +2,13 @@
 
 import zoo
 from tests.conftest import ROOT
-from zoo.registry.docs import builtin_reference, main
+from zoo.reference import builtin_reference, main
 
 
 def test_reference_is_up_to_date():
     committed = (ROOT / "docs/reference.md").read_text(encoding="utf-8")
     assert committed == builtin_reference(), (
-        "docs/reference.md is stale: run `python -m zoo.registry.docs` and commit the result")
+        "docs/reference.md is stale: run `python -m zoo.reference` and commit the result")
 
 
 def test_reference_lists_every_builtin_block_and_section():
@@ -226,6 +226,7 @@ def test_marked_examples_run(tmp_path, monkeypatch, capsys):
 
 def test_every_python_and_toml_block_in_the_docs_parses():
     import ast
+
     import tomllib
 
     count = 0

@@ -8,9 +8,9 @@ import zoo
 from tests.conftest import RECIPES, needs_cxx
 from tests.tiny import tiny_run
 from zoo.cli import main
+from zoo.runs import step_dirs
 from zoo.train import loop
 from zoo.train.loop import TrainingDiverged, train
-from zoo.train.state import step_dirs
 
 
 def records(run, split="train"):
@@ -72,8 +72,8 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_build = loop.build
 
-    def poisoned(recipe):
-        model = real_build(recipe)
+    def poisoned(recipe, **kw):
+        model = real_build(recipe, **kw)
         calls = [0]
 
         def hook(module, inputs, output):
@@ -165,13 +165,17 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
         train(tiny_run(tmp_path, **{"train.tensorboard": True}), tmp_path / "run", progress=False)
 
 
+@pytest.mark.slow  # torch.compile
 @needs_cxx
 def test_compile_true_trains_through_torch_compile_with_the_eager_losses(tmp_path):
+    """A MoE model: the dispatch (data-dependent shapes) stays eager inside the compiled model, the rest
+    compiles, and the steps give the eager losses and gradient norms."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
-    overrides = {"train.steps": 3, "train.eval_every": 0}
+    moe = {"kind": "moe", "num_experts": 4, "top_k": 2, "expert": {"kind": "glu", "hidden": 24}}
+    overrides = {"train.steps": 3, "train.eval_every": 0, "model.ffn": moe}
     train(tiny_run(tmp_path, **overrides, **{"train.compile": True}), tmp_path / "compiled", progress=False)
     assert counters["stats"]["unique_graphs"] > graphs  # the steps really ran a compiled graph
     train(tiny_run(tmp_path, **overrides), tmp_path / "eager", progress=False)

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from zoo.console import print_table
+from zoo.kernels import cpu
+
 CACHE_BYTES = 256 << 20  # rotate through copies of the operands until this much: larger than any CPU's last-level cache
 
 
@@ -102,8 +105,6 @@ def bandwidth_gbs(device: torch.device, nbytes: int = 512 << 20) -> float:
     buf = torch.ones(nbytes // 4, device=device)
     best = time_ms(torch.sum, [(buf,)], device, repeat=15).best
     if device.type == "cpu":
-        from zoo.kernels import cpu
-
         if cpu.available():
             rows = buf.view(-1, 4096)
             x = torch.ones(1, rows.shape[0])
@@ -125,8 +126,6 @@ def report(rows: Sequence[dict], header: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**header, "results": list(rows)}, indent=1))
         return
-    from zoo.cli import print_table
-
     for k, v in header.items():
         print(f"{k}: {v}")
     cols = list(dict.fromkeys(k for r in rows for k in r))

@@ -10,8 +10,8 @@ import torch
 
 import zoo
 from zoo.bench._measure import Timing, add_threads_argument, apply_threads, machine, report, time_ms
-from zoo.cli import add_set_arg
 from zoo.kernels.prepare import prepare_inference
+from zoo.recipe.loader import add_set_argument
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "paper" / "300m.toml"
 TOPK = ["model.sparsity.kind='topk'", "model.sparsity.keep=0.5"]
@@ -28,7 +28,7 @@ ONLY = {"qsparse": "qsparse keep 0.5", "bitnet": "bitnet b1.58", "bitnet-qsparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=str(RECIPE), help="the dense recipe (default: the paper's 300M shape)")
-    add_set_arg(p, "a key of the dense recipe")
+    add_set_argument(p, "a key of the dense recipe")
     p.add_argument("--tokens", type=int, default=12, help="decode steps timed per model and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models (the fastest step counts)")
     p.add_argument("--prompt", type=int, default=8, help="prompt length before decoding")

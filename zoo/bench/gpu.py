@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from zoo.bench import kernels
 from zoo.bench._measure import report
 from zoo.errors import ZooError
 
@@ -41,8 +42,6 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         raise NoCudaError("zoo bench gpu needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
                           "on CPU run `zoo bench kernels` and `pytest`")
-    from zoo.bench import kernels
-    from zoo.cli import make_parser
 
     tests = Path(args.tests) if args.tests else Path(__file__).resolve().parents[2] / "tests"
     outcome = {"summary": "skipped", "returncode": 0}
@@ -50,7 +49,9 @@ def run(args) -> int:
         if not tests.is_dir():
             raise ZooError(f"{tests}: no tests folder here; pass --tests PATH (the repository's tests/)")
         outcome = run_gpu_tests(tests)
-    header, results = kernels.measure(make_parser().parse_args(["bench", "kernels", "--device", "cuda"]))
+    kernel_args = argparse.ArgumentParser()
+    kernels.add_arguments(kernel_args)
+    header, results = kernels.measure(kernel_args.parse_args(["--device", "cuda"]))
     report(results, header, args.json)
     print("\n== GPU checks ==")
     print(f"gpu tests: {outcome['summary']}")

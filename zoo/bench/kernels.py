@@ -21,9 +21,11 @@ from zoo.bench._measure import (
     time_ms,
 )
 from zoo.blocks.sparsity import TopK
-from zoo.kernels.moe_matmul import grouped_matmul, sort_by_expert
+from zoo.kernels import cpu
+from zoo.kernels.grouped import grouped_mm, sort_by_expert
 from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul
 from zoo.kernels.topk_matmul import topk_matmul
+from zoo.registry import get_registry
 
 # (name, in, out): LLaMA-7B-like FFN, a 2B-class FFN, and the tiny recipes' FFN (d_model 192, hidden 512)
 SHAPES = [("7b-up", 4096, 11008), ("7b-down", 11008, 4096), ("2b-up", 2048, 5460), ("2b-down", 5460, 2048),
@@ -64,8 +66,6 @@ def bench_topk(args, device, gbs) -> list[dict]:
     Where zoo's compiled CPU kernels are built, a second ratio is printed against zoo's own dense GEMV
     (the same kernel reading every row of Wt): the ratio of bytes read, at equal read speed.
     """
-    from zoo.kernels import cpu
-
     rows = []
     for name, d_in, d_out in _shapes(args, SHAPES):
         for dtype_name in args.dtype:
@@ -110,8 +110,6 @@ def bench_ternary(args, device, gbs) -> list[dict]:
     """Ternary (packed on CUDA; on CPU the compiled kernel's [in, out] int8 rows where built, else the
     int8 layout for `torch._int_mm`), alone and with the top-K gather, vs the fastest dense float way
     (fp32 on CPU: `F.linear` or `x @ Wt`; bf16 `F.linear` on CUDA), all timed in turns."""
-    from zoo.kernels import cpu
-
     rows, cuda = [], device.type == "cuda"
     base_dtype = torch.bfloat16 if cuda else torch.float32
     per_weight = 0.25 if cuda else 1.0  # bytes read per weight
@@ -152,8 +150,8 @@ def _ternary(d_out: int, d_in: int, device, layouts) -> TernaryWeight:
     return TernaryWeight.from_ternary(torch.randint(-1, 2, (d_out, d_in), device=device), layouts)
 
 
-def _grouped_step(x, w, rows, offsets, g) -> None:
-    y = grouped_matmul(x, w, rows, offsets)
+def _grouped_step(x, w, offsets, rows, g) -> None:
+    y = grouped_mm(x, w, offsets, rows)
     if g is not None:
         y.backward(g)
 
@@ -171,7 +169,7 @@ def bench_moe(args, device, gbs) -> list[dict]:
     tokens = args.tokens or (4096 if cuda else 128)
     for name, d_model, hidden, experts, top_k in _shapes(args, MOE_SHAPES):
         x = torch.randn(tokens, d_model, device=device, dtype=dtype, requires_grad=cuda)
-        w = torch.randn(experts, d_model, hidden, device=device, dtype=dtype, requires_grad=cuda)
+        w = torch.randn(experts, hidden, d_model, device=device, dtype=dtype, requires_grad=cuda)
         routes = torch.rand(tokens, experts, device=device).topk(top_k, -1).indices
         _, token_rows, offsets = sort_by_expert(routes, experts)
         xd = torch.randn(tokens * top_k, d_model, device=device, dtype=dtype, requires_grad=cuda)
@@ -182,7 +180,7 @@ def bench_moe(args, device, gbs) -> list[dict]:
         for label, grad in [("fwd", None)] + ([("fwd+bwd", g)] if cuda else []):
             with torch.set_grad_enabled(grad is not None):
                 base = time_ms(_dense_step, [(xd, wd, grad)], device, args.repeats)
-                ms = time_ms(_grouped_step, [(x, w, token_rows, offsets, grad)], device, args.repeats)
+                ms = time_ms(_grouped_step, [(x, w, offsets, token_rows, grad)], device, args.repeats)
             mult = 1 if grad is None else 3
             rows.append(row(f"moe-{label}", f"{name} T{tokens} {d_model}->{hidden} E{experts} k{top_k} "
                             f"{str(dtype)[6:]}", ms, base, nbytes * mult, gbs,
@@ -194,8 +192,6 @@ def bench_moe(args, device, gbs) -> list[dict]:
 def bench_moe_backends(args, device, gbs) -> list[dict]:
     """CUDA: every other registered MoE kernel backend (torch._grouped_mm, megablocks when installed) on the
     same expert-sorted rows, forward, against the same dense matmul; the `triton` row is ours."""
-    from zoo.registry import get_registry
-
     registry, rows = get_registry(), []
     tokens, dtype = args.tokens or 4096, torch.bfloat16
     for name, d_model, hidden, experts, top_k in _shapes(args, MOE_SHAPES):
@@ -210,7 +206,7 @@ def bench_moe_backends(args, device, gbs) -> list[dict]:
             entry = registry.get("kernel-backend", kind)
             try:
                 backend = entry.factory(entry.config(), None)
-                t = time_ms(backend.grouped_mm, [(x, w, offsets[1:].to(torch.int32))], device, args.repeats)
+                t = time_ms(backend.grouped_mm, [(x, w, offsets)], device, args.repeats)
             except Exception as err:  # a backend that cannot run here is reported, not fatal
                 rows.append({"kernel": f"moe-backend {kind}", "shape": name, "error": f"{type(err).__name__}: {err}"})
                 continue

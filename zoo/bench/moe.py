@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.bench._measure import add_threads_argument, apply_threads
+from zoo.model.build import build
 from zoo.model.projection import ExpertProjection
 from zoo.recipe.recipe import recipe_from_dict
 
@@ -38,8 +39,6 @@ def ffn(args, spec: dict, **model_keys) -> torch.nn.Module:
     """One FFN block built through the real recipe path (a one-layer model's FFN)."""
     model = {"vocab_size": 8, "d_model": args.d_model, "n_layers": 1, "n_heads": 1, "max_seq_len": 8, "ffn": spec,
              **model_keys}
-    from zoo.model.build import build
-
     return build(recipe_from_dict({"model": model})).blocks[0].ffn
 
 

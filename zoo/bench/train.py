@@ -10,13 +10,18 @@ import torch
 
 import zoo
 from zoo.bench._measure import add_threads_argument, apply_threads
-from zoo.cli import add_set_arg
-from zoo.cli.quickstart import RECIPES
+from zoo.eval.perplexity import autocast
+from zoo.io.arch.llama import Llama
+from zoo.io.hf import HFConfig, exportable, scatter
+from zoo.recipe.loader import add_set_argument
+from zoo.recipe.recipe import BUNDLED
+from zoo.registry import get_registry
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--recipe", default=str(RECIPES / "dense.toml"), help="a dense LLaMA-like recipe (default: tiny)")
-    add_set_arg(p, "a key of the recipe")
+    p.add_argument("--recipe", default=str(BUNDLED / "tiny" / "dense.toml"),
+                   help="a dense LLaMA-like recipe (default: tiny)")
+    add_set_argument(p, "a key of the recipe")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: train.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: train.seq_len)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model (after 3 warm-up steps)")
@@ -39,15 +44,13 @@ def hf_twin(model, recipe):
     """transformers' LlamaForCausalLM of the recipe's configuration, holding `model`'s weights (same function)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from zoo.io.hf import ARCHS, HFConfig, exportable, llama_config, scatter
-
     exportable(recipe)
-    config = llama_config(recipe.model)
+    config = Llama().config(recipe.model)
     cfg = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "dtype")}
     twin = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
     twin.to(next(model.parameters()).dtype)
-    state = scatter(ARCHS["llama"].rules(HFConfig(config, "<bench>")), {k: v.detach() for k, v in
-                                                                         model.state_dict().items()})
+    state = scatter(Llama().rules(HFConfig(config, "<bench>")),
+                    {k: v.detach() for k, v in model.state_dict().items()})
     missing, unexpected = twin.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if recipe.model.tie_embeddings else set()
     assert not unexpected and set(missing) <= tied, (missing, unexpected)
@@ -55,10 +58,8 @@ def hf_twin(model, recipe):
 
 
 def run(args) -> int:
-    recipe = zoo.load_recipe(args.recipe, args.overrides)  # before the slow import: a bad recipe fails at once
+    recipe = zoo.load_recipe(args.recipe, args.overrides)
     apply_threads(args)
-    from zoo.eval.perplexity import autocast
-    from zoo.registry import get_registry
 
     torch.manual_seed(recipe.train.seed)
     ours = zoo.build(recipe)

@@ -23,6 +23,7 @@ MODULES = [
     "zoo.data",
     "zoo.train.optim",
     "zoo.train.schedule",
+    "zoo.io.arch",
 ]
 
 

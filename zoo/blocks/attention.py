@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.model.context import BuildContext
-from zoo.recipe.schema import BlockSpec, param, slot_field
+from zoo.schema import BlockSpec, param, slot_field
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from zoo.kernels.grouped import gather_rows, grouped_mm_split, grouped_mm_split_of, grouped_mm_torch
-from zoo.recipe.schema import Validator, param
+from zoo.schema import param
 
 # What `auto` prefers on a CUDA device when a plugin or module registered it.
 FAST_CUDA_BACKEND = "triton"
@@ -71,8 +71,7 @@ class AutoBackend:
     def fast(self) -> Any:
         """The CUDA backend, built on first use (None when nothing faster than torch is registered)."""
         if self._fast is None and FAST_CUDA_BACKEND in self.ctx.registry.kinds("kernel-backend"):
-            spec = Validator(self.ctx.source or None, self.ctx.registry).block(
-                "kernel-backend", FAST_CUDA_BACKEND, "backend")
+            spec = self.ctx.registry.spec("kernel-backend", FAST_CUDA_BACKEND, "backend", self.ctx.source or None)
             self._fast = self.ctx.build(spec)
         return self._fast
 

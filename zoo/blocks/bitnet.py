@@ -24,7 +24,7 @@ from torch import nn
 
 from zoo.blocks.norm import RMSNorm, rms_norm
 from zoo.kernels.ternary import pack_ternary, unpack_ternary
-from zoo.recipe.schema import param
+from zoo.schema import param
 
 ACT_MAX = 127.0
 

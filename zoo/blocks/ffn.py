@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from zoo.model.context import BuildContext
-from zoo.recipe.schema import BlockSpec, param, slot_field
+from zoo.schema import BlockSpec, param, slot_field
 
 
 def default_hidden(d_model: int, multiple_of: int = 64) -> int:

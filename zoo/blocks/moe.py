@@ -21,7 +21,7 @@ from zoo.blocks.router import Routing
 from zoo.kernels.moe_permute import GatheredRows, RowLayout, combine, sort_tokens
 from zoo.model.context import BuildContext
 from zoo.model.projection import ExpertGroups
-from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
+from zoo.schema import BlockSpec, Invalid, param, slot_field
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from zoo.recipe.schema import Invalid, param
+from zoo.schema import Invalid, param
 
 FEW_ROWS = 8  # up to this many rows (decode) torch.kthvalue beats NumPy's per-call overhead on CPU
 

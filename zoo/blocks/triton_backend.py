@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from zoo.kernels.dispatch import triton_available
-from zoo.kernels.moe_matmul import grouped_matmul
+from zoo.kernels.grouped import grouped_mm_triton
 
 
 @dataclass(frozen=True)
@@ -16,16 +16,14 @@ class TritonBackendConfig:
 
 
 class TritonBackend:
-    """`grouped_mm(x, w, offsets, rows)` of docs/moe.md on zoo.kernels.grouped_matmul (CUDA; CPU only when
+    """`grouped_mm(x, w, offsets, rows)` of docs/moe.md on zoo.kernels.grouped_mm_triton (CUDA; CPU only when
     interpreting). With `rows` the kernel gathers the token rows itself: no expert-sorted copy of x."""
 
     name = "triton"
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
-        starts = torch.zeros(offsets.numel() + 1, dtype=torch.int64, device=offsets.device)
-        starts[1:] = offsets
-        return grouped_matmul(x, w.transpose(1, 2), rows, starts, impl="triton")
+        return grouped_mm_triton(x, w, offsets, rows)
 
     def check(self, ctx, moe_config) -> None:
         if not triton_available():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.model.config import DTYPES
-from zoo.recipe.schema import param
+from zoo.schema import param
 
 
 @dataclass(frozen=True)

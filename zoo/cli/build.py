@@ -7,11 +7,13 @@ import argparse
 from zoo.cli import UsageError, add_recipe_args, print_json, print_table
 from zoo.model.accounting import account
 from zoo.model.build import build
+from zoo.model.memory import estimate, gib
 from zoo.recipe.recipe import load_recipe
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("build", help="build a recipe's model (allocating nothing) and count parameters and FLOPs")
+    p = sub.add_parser("build", help="build a recipe's model (allocating nothing) and count parameters, FLOPs and "
+                                     "the memory to train and to run it")
     add_recipe_args(p)
     p.add_argument("--seq-len", type=int, default=None, metavar="N",
                    help="context length for attention FLOPs (default model.max_seq_len)")
@@ -50,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"zoo build: --seq-len must be >= 1, got {args.seq_len}")
     model = build(recipe, device="meta")
     stats = account(model, seq_len=args.seq_len).to_dict()
+    t = recipe.train
+    memory = estimate(model, max(1, t.batch_size // t.grad_accum), t.seq_len, t.precision).to_dict()
     if args.json:
-        print_json({"recipe": recipe.source, "name": recipe.name, **stats})
+        print_json({"recipe": recipe.source, "name": recipe.name, **stats, "memory": memory})
         return 0
     if args.print_model:
         print(model)
@@ -66,4 +70,8 @@ def run(args: argparse.Namespace) -> int:
         columns = list(dict.fromkeys(c for row in value.values() for c in row))
         print_table([[name] + [exact(row.get(c, "")) for c in columns] for name, row in value.items()],
                     [key.removeprefix("by_").upper()] + [c.upper() for c in columns])
+    print(f"\nmemory (estimated, one process; training at {memory['micro_batch']} x {memory['seq_len']} tokens, "
+          f"{t.precision}):")
+    print_table([[k, exact(v), gib(v) if k not in ("micro_batch", "seq_len", "ranks", "activations_per_token") else ""]
+                 for k, v in memory.items()])
     return 0

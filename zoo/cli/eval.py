@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from zoo.cli import print_json, print_table
+from zoo.data import build_corpus, checkpoint_tokenizer, split_tokens, token_file, val_batches
+from zoo.data.corpus import Files, FilesConfig
+from zoo.eval.evaluate import evaluate
+from zoo.io.checkpoint import load
+from zoo.runs import resolve_checkpoint
+
 
 def add_parser(sub):
     p = sub.add_parser("eval", help="validation loss, perplexity, measured sparsity, expert load, activated params")
@@ -14,13 +21,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from zoo.cli import print_json, print_table
-    from zoo.data import build_corpus, checkpoint_tokenizer, split_tokens, token_file, val_batches
-    from zoo.data.corpus import Files, FilesConfig
-    from zoo.eval.evaluate import evaluate
-    from zoo.io.checkpoint import load
-    from zoo.train.state import resolve_checkpoint
-
     ckpt = resolve_checkpoint(args.run)
     model = load(ckpt)
     recipe, cfg = model.recipe, model.recipe.train

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from zoo.cli import UsageError
+from zoo.io.hf import export_hf
+
 
 def add_parser(sub):
     p = sub.add_parser("export", help="write a zoo checkpoint in another format (Hugging Face)")
@@ -16,10 +19,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     if args.format is None:
-        from zoo.cli import UsageError
-
         raise UsageError("zoo export: name a format, hf (see zoo export --help)")
-    from zoo.io.hf import export_hf
 
     print(f"wrote {export_hf(args.src, args.out, arch=args.arch)}")
     return 0

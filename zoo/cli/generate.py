@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from zoo.cli import UsageError
+from zoo.data import checkpoint_tokenizer
+from zoo.io.checkpoint import load
+from zoo.kernels import prepare_inference
+from zoo.runs import resolve_checkpoint
+
 
 def add_parser(sub):
     p = sub.add_parser("generate", help="sample a continuation of a prompt, streamed to stdout")
@@ -21,12 +27,6 @@ def run(args) -> int:
     import sys
 
     import torch
-
-    from zoo.cli import UsageError
-    from zoo.data import checkpoint_tokenizer
-    from zoo.io.checkpoint import load
-    from zoo.kernels import prepare_inference
-    from zoo.train.state import resolve_checkpoint
 
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
         raise UsageError("zoo generate: need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")

@@ -8,12 +8,12 @@ from typing import Any
 
 import tomli_w
 
-from zoo.cli import UsageError, add_set_arg, print_json, print_table
+from zoo.cli import UsageError, print_json, print_table
 from zoo.errors import did_you_mean
-from zoo.recipe.loader import inline_toml
+from zoo.recipe.loader import add_set_argument
 from zoo.recipe.recipe import read_recipe_data, recipe_from_dict
-from zoo.recipe.schema import to_plain
 from zoo.registry import Entry, describe_config, get_registry
+from zoo.schema import inline_toml, to_plain
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("target", metavar="RECIPE|SLOT.KIND", help='a .toml recipe file, or a block such as "ffn.glu"')
     p.add_argument("--resolved", action="store_true",
                    help="for a recipe: every key, defaults filled in (loading this output gives an equal recipe)")
-    add_set_arg(p)
+    add_set_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of TOML / a table")
     return p
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from zoo.errors import RecipeError, ZooError
-from zoo.recipe.schema import PathStr, param
+from zoo.schema import PathStr, param
 
 CHUNK_CHARS = 1 << 20
 

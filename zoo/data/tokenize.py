@@ -13,7 +13,8 @@ import numpy as np
 
 from zoo.data.corpus import Corpus
 from zoo.errors import ZooError
-from zoo.recipe.schema import PathStr, param
+from zoo.files import write_atomic
+from zoo.schema import PathStr, param
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -132,9 +133,7 @@ def train_bpe(cfg: BPEConfig, corpus: Corpus) -> HFTokenizer:
     tok.train_from_iterator(corpus.chunks(), trainer=trainer)
     text = tok.to_str()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
     return _from_json(text, str(path))
 
 

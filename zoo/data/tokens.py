@@ -4,8 +4,6 @@ deterministically into train and validation blocks; batches are read from memory
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 from zoo.data.corpus import Corpus
 from zoo.data.tokenize import Tokenizer, cache_dir
 from zoo.errors import ZooError
+from zoo.files import atomic_open
 
 FORMAT = 1
 MAX_BLOCK = 16384  # tokens per split block; every ~1/val_fraction-th block is validation
@@ -45,17 +44,6 @@ def _folder(corpus: Corpus, tokenizer: Tokenizer) -> Path:
     return cache_dir() / "tokens" / f"{corpus.name}-{key}"
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def token_file(corpus: Corpus, tokenizer: Tokenizer) -> np.ndarray:
     """All tokens of `corpus`, streamed chunk by chunk into a cached file and memory-mapped."""
     folder = _folder(corpus, tokenizer)
@@ -63,14 +51,12 @@ def token_file(corpus: Corpus, tokenizer: Tokenizer) -> np.ndarray:
     dtype = _dtype(tokenizer.vocab_size)
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-
-        def write(f) -> None:
+        with atomic_open(path, "wb") as f:
             for chunk in corpus.chunks():
                 ids = np.asarray(tokenizer.encode_array(chunk))
                 if ids.size and int(ids.max()) >= tokenizer.vocab_size:
                     raise ZooError(f"tokenizer produced id {int(ids.max())} >= its vocab_size {tokenizer.vocab_size}")
                 ids.astype(dtype).tofile(f)
-        _write_atomic(path, write)
     if path.stat().st_size == 0:
         raise ZooError(f"the corpus {corpus.name!r} is empty: no text to train on")
     return np.memmap(path, dtype=dtype, mode="r")
@@ -84,11 +70,10 @@ def split_tokens(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float) -> t
     paths = {s: folder / f"{s}-{val_fraction!r}.bin" for s in ("train", "val")}
     if not all(p.is_file() for p in paths.values()):
         for split, want in (("train", False), ("val", True)):
-            def write(f, want=want) -> None:
+            with atomic_open(paths[split], "wb") as f:
                 for i, is_val in enumerate(val):
                     if is_val == want:
                         f.write(tokens[i * block:(i + 1) * block].tobytes())
-            _write_atomic(paths[split], write)
     return tuple(np.memmap(paths[s], dtype=tokens.dtype, mode="r") for s in ("train", "val"))
 
 

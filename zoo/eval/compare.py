@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 
 from zoo.errors import ZooError
-from zoo.recipe.loader import flatten, inline_toml
 from zoo.recipe.recipe import load_recipe
-from zoo.recipe.schema import BlockSpec, to_plain
-from zoo.train.loop import METRICS, RECIPE_FILE, SUMMARY
+from zoo.runs import METRICS, RECIPE, SUMMARY
+from zoo.schema import BlockSpec, flatten, inline_toml, to_plain
 
 METRIC_KEYS = ("total_params", "activated_params", "flops_per_token", "train_loss", "val_loss", "val_ppl",
                "sparsity", "train_tokens_per_s", "decode_tokens_per_s", "tokens")
@@ -71,7 +70,7 @@ def explicit(obj: Any, prefix: str = "") -> dict[str, Any]:
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not (path / SUMMARY).is_file():
-        what = "has not finished (no summary.json)" if (path / RECIPE_FILE).is_file() else "is not a zoo run folder"
+        what = "has not finished (no summary.json)" if (path / RECIPE).is_file() else "is not a zoo run folder"
         raise ZooError(f"{path}: {what}")
     summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
     curve, layer_grads = [], []
@@ -81,7 +80,7 @@ def load_run(path: str | Path) -> Run:
             curve.append((rec["tokens"], rec["val_loss"]))
         elif rec.get("layer_grad_norms"):
             layer_grads.append((rec["step"], rec["layer_grad_norms"]))
-    recipe = load_recipe(path / RECIPE_FILE)
+    recipe = load_recipe(path / RECIPE)
     return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name, layer_grads)
 
 
@@ -89,12 +88,12 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
     """Run folders given directly, or found one level down (a sweep or quickstart folder)."""
     runs = []
     for p in map(Path, paths):
-        if (p / RECIPE_FILE).is_file():
+        if (p / RECIPE).is_file():
             runs.append(load_run(p))
         elif p.is_dir() and any((c / SUMMARY).is_file() for c in p.iterdir()):
             runs += [load_run(c) for c in sorted(p.iterdir()) if (c / SUMMARY).is_file()]
         else:
-            raise ZooError(f"{p}: not a run folder (no {RECIPE_FILE}) nor a folder of finished runs")
+            raise ZooError(f"{p}: not a run folder (no {RECIPE}) nor a folder of finished runs")
     if not runs:
         raise ZooError("no runs to compare")
     names = [r.label for r in runs]

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,10 +18,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from zoo._version import __version__
 from zoo.errors import CheckpointError, ZooError
-
-WEIGHTS, RECIPE, META = "model.safetensors", "recipe.toml", "meta.json"
-FORMAT = 1
+from zoo.files import atomic_folder
+from zoo.model.build import build
+from zoo.recipe.recipe import load_recipe
+from zoo.runs import FORMAT, META, RECIPE, WEIGHTS, read_meta, resolve_checkpoint
+from zoo.schema import recipe_changes
 
 
 def sha256(path: Path) -> str:
@@ -35,14 +34,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -74,76 +65,30 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
     if path.exists() and not (path.is_dir() and ((path / META).is_file() or not any(path.iterdir()))):
         raise CheckpointError(f"{path} exists and is not a zoo checkpoint folder; refusing to replace it")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
-    try:
-        tensors, aliases = _unique_tensors(weights)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / RECIPE).write_bytes(recipe.to_toml().encode("utf-8"))
-        for name, content in (files or {}).items():
-            mode = "wb" if isinstance(content, bytes) else "w"
-            with open(tmp / name, mode) as f:
-                f.write(content)
-        from zoo import __version__
+        with atomic_folder(path) as tmp:
+            tensors, aliases = _unique_tensors(weights)
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            (tmp / RECIPE).write_text(recipe.to_toml(), encoding="utf-8")
+            for name, content in (files or {}).items():
+                mode = "wb" if isinstance(content, bytes) else "w"
+                with open(tmp / name, mode) as f:
+                    f.write(content)
 
-        info = {
-            "format": FORMAT,
-            "zoo_version": __version__,
-            "parameters": sum((weights[n] if n in weights else p).numel() for n, p in model.named_parameters()),
-            "sha256": sha256(tmp / WEIGHTS),
-            "recipe_sha256": sha256(tmp / RECIPE),  # with "recipe": what load compares an edited recipe.toml to
-            "recipe": recipe.to_dict(),
-            "aliases": aliases,
-            "transforms": list(getattr(model, "zoo_transforms", [])),
-            **(meta or {}),
-        }
-        (tmp / META).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        time.sleep(float(os.environ.get("ZOO_TEST_CHECKPOINT_PAUSE", 0)))  # tests kill a process here
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            info = {
+                "format": FORMAT,
+                "zoo_version": __version__,
+                "parameters": sum((weights[n] if n in weights else p).numel() for n, p in model.named_parameters()),
+                "sha256": sha256(tmp / WEIGHTS),
+                "recipe_sha256": sha256(tmp / RECIPE),  # with "recipe": what load compares an edited recipe.toml to
+                "recipe": recipe.to_dict(),
+                "aliases": aliases,
+                "transforms": list(getattr(model, "zoo_transforms", [])),
+                **(meta or {}),
+            }
+            (tmp / META).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's meta.json, after checking the folder has all three files."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
-    for name in (META, RECIPE, WEIGHTS):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path}: missing {name} (not a zoo checkpoint, or an incomplete one)")
-    try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path / META}: corrupt JSON ({err})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
-        raise CheckpointError(f"{path / META}: missing the 'sha256' of {WEIGHTS}")
-    aliases, transforms = meta.get("aliases", {}), meta.get("transforms", [])
-    if not (isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values())):
-        raise CheckpointError(f"{path / META}: 'aliases' must map tensor names to tensor names")
-    if not (isinstance(transforms, list) and all(isinstance(t, str) for t in transforms)):
-        raise CheckpointError(f"{path / META}: 'transforms' must be a list of method names")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path / META}: checkpoint format {meta.get('format')!r}, this zoo reads {FORMAT}")
-    return meta
 
 
 def _check_size(path: Path, skeleton: nn.Module) -> None:
@@ -163,8 +108,6 @@ def _check_size(path: Path, skeleton: nn.Module) -> None:
 def _warn_if_recipe_changed(path: Path, meta: dict[str, Any], recipe) -> None:
     """One warning line naming the keys in which recipe.toml differs from the recipe the weights were saved
     with: an edit is allowed (it is how a checkpoint is continued differently), a silent change is not."""
-    from zoo.recipe.loader import recipe_changes
-
     if meta.get("recipe_sha256") in (None, sha256(path / RECIPE)):
         return
     saved = meta.get("recipe")
@@ -182,10 +125,6 @@ def _warn_if_recipe_changed(path: Path, meta: dict[str, Any], recipe) -> None:
 def load(path: str | Path, device: str | torch.device = "cpu", registry=None) -> nn.Module:
     """Rebuild the model saved in folder `path` (or the newest checkpoint of run folder `path`); any mismatch
     of the weights raises CheckpointError, a recipe.toml edited since saving is loaded with a warning."""
-    from zoo.model.build import build
-    from zoo.recipe.recipe import load_recipe
-    from zoo.train.state import resolve_checkpoint
-
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     digest = sha256(path / WEIGHTS)

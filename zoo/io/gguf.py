@@ -1,15 +1,15 @@
 """GGUF (llama.cpp) files -> zoo checkpoints, dequantized to full precision.
 
 A GGUF file is read as if it were a Hugging Face folder: its metadata becomes a config.json
-dictionary and its tensors are served under transformers' names, so the architecture rules of
-`zoo.io.hf` apply unchanged. llama.cpp's converter permutes the rows of q and k so that its
+dictionary and its tensors are served under transformers' names, so the architecture's
+converter (`zoo.io.arch`) applies unchanged; its `GGUFLayout` holds the architecture name and
+the tables of metadata keys and tensor names. llama.cpp's converter permutes the rows of q and k so that its
 interleaved RoPE (pairs 2i, 2i+1) reproduces transformers' half-split RoPE (pairs i, i + d/2);
 `unpermute` undoes it. The tokenizer is rebuilt from the GGUF vocabulary with `tokenizers`.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,32 +18,10 @@ import numpy as np
 import torch
 
 from zoo.errors import CheckpointError, ZooError, one_of
-from zoo.io.hf import HFConfig, hf_recipe, load_weights, save_converted
-
-# GGUF tensor name (per layer) for each transformers name suffix.
-LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
-# GGUF architectures read, with the transformers model_type they become; `permute`: q/k rows were permuted.
-ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
-
-
-def gguf_name(hf: str) -> str:
-    if hf in GLOBAL_NAMES:
-        return GLOBAL_NAMES[hf]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"blk.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
-    raise CheckpointError(f"no GGUF name for tensor {hf!r}")
+from zoo.io.arch import REQUIRED, Converter, GGUFLayout
+from zoo.io.hf import SLOT, HFConfig, hf_recipe, load_weights, save_converted
+from zoo.model.build import build
+from zoo.registry import get_registry
 
 
 def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -99,11 +77,27 @@ class GGUFFile:
         return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
 
 
-def hf_config(g: GGUFFile) -> dict[str, Any]:
-    """A transformers config.json dictionary equivalent to the GGUF metadata."""
+def layouts() -> dict[str, tuple[str, GGUFLayout]]:
+    """GGUF architecture -> (model_type, layout) of the registered converters that read GGUF.
+
+    Several converters may declare one GGUF architecture (llama.cpp stores Mistral as `llama`):
+    the one registered under the architecture's own name reads it."""
+    registry = get_registry()
+    found: dict[str, tuple[str, GGUFLayout]] = {}
+    for kind in registry.kinds(SLOT):
+        conv: Converter = registry.get(SLOT, kind).factory()
+        if conv.gguf is not None and (conv.gguf.arch not in found or kind == conv.gguf.arch):
+            found[conv.gguf.arch] = (kind, conv.gguf)
+    return found
+
+
+def hf_config(g: GGUFFile) -> tuple[dict[str, Any], GGUFLayout]:
+    """A transformers config.json dictionary equivalent to the GGUF metadata, and the layout read."""
     arch = g.need("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{g.path}: general.architecture {arch!r} is not supported; {one_of(ARCHITECTURES)}")
+    known = layouts()
+    if arch not in known:
+        raise CheckpointError(f"{g.path}: general.architecture {arch!r} is not supported; {one_of(known)}")
+    model_type, layout = known[arch]
     p = f"{arch}."
     if g.value(p + "expert_count", 0):
         raise CheckpointError(f"{g.path}: {p}expert_count={g.value(p + 'expert_count')}: mixture-of-experts GGUF "
@@ -111,43 +105,37 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
     scaling = g.value(p + "rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise CheckpointError(f"{g.path}: {p}rope.scaling.type {scaling!r} is not supported (plain RoPE only)")
-    d, heads = int(g.need(p + "embedding_length")), int(g.need(p + "attention.head_count"))
-    head_dim = int(g.value(p + "attention.key_length", d // heads))
-    rot = int(g.value(p + "rope.dimension_count", head_dim))
-    if rot != head_dim:
-        raise CheckpointError(f"{g.path}: {p}rope.dimension_count={rot} differs from the head size {head_dim}: "
-                              "partial rotary embeddings are not supported")
-    embed = g.tensors.get("token_embd.weight")
+    config: dict[str, Any] = {"model_type": model_type}
+    for key, hf, kind, default in layout.keys:
+        value = g.need(p + key) if default is REQUIRED else g.value(p + key)
+        if value is None:
+            value = default(config) if callable(default) else default
+        if value is not None:
+            config[hf] = kind(value)
+    rot = int(g.value(p + "rope.dimension_count", config["head_dim"]))
+    if rot != config["head_dim"]:
+        raise CheckpointError(f"{g.path}: {p}rope.dimension_count={rot} differs from the head size "
+                              f"{config['head_dim']}: partial rotary embeddings are not supported")
+    embed = g.tensors.get(layout.gguf_name("model.embed_tokens.weight"))
     if embed is None:
-        raise CheckpointError(f"{g.path}: missing tensor 'token_embd.weight'")
-    model_type, _ = ARCHITECTURES[arch]
-    return {
-        "model_type": model_type,
+        raise CheckpointError(f"{g.path}: missing tensor {layout.gguf_name('model.embed_tokens.weight')!r}")
+    config.update({
         "vocab_size": int(embed.shape[1]),
-        "hidden_size": d,
-        "intermediate_size": int(g.need(p + "feed_forward_length")),
-        "num_hidden_layers": int(g.need(p + "block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(g.value(p + "attention.head_count_kv", heads)),
-        "head_dim": head_dim,
-        "max_position_embeddings": int(g.need(p + "context_length")),
-        "rms_norm_eps": float(g.value(p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(g.value(p + "rope.freq_base", 10000.0)),
-        "tie_word_embeddings": "output.weight" not in g.tensors,
-        "attention_bias": "blk.0.attn_output.bias" in g.tensors,
+        "tie_word_embeddings": layout.gguf_name("lm_head.weight") not in g.tensors,
+        "attention_bias": layout.gguf_name("model.layers.0.self_attn.o_proj.bias") in g.tensors,
         "hidden_act": "silu",
-    }
+    })
+    return config, layout
 
 
-def source(g: GGUFFile, config: dict[str, Any]):
+def source(g: GGUFFile, config: dict[str, Any], layout: GGUFLayout):
     """get(transformers name) -> float32 tensor, with llama.cpp's q/k row permutation undone."""
-    _, permuted = ARCHITECTURES[g.need("general.architecture")]
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
 
     def get(name: str) -> torch.Tensor:
-        t = g.tensor(gguf_name(name))
+        t = g.tensor(layout.gguf_name(name))
         proj = name.split(".")[-2]
-        if permuted and proj in heads:
+        if layout.permute_qk and proj in heads:
             t = unpermute(t, heads[proj])
         return t
 
@@ -160,14 +148,12 @@ def from_gguf(path: str | Path, dtype: str | None = None, max_seq_len: int | Non
 
 
 def load_gguf(g: GGUFFile, dtype: str | None, max_seq_len: int | None):
-    from zoo.model.build import build
-
     path = g.path
-    config = hf_config(g)
+    config, layout = hf_config(g)
     cfg = HFConfig(config, str(path))
     recipe = hf_recipe(cfg, dtype or "float32", max_seq_len, name=path.stem)
     model = build(recipe)
-    load_weights(model, cfg, source(g, config), str(path))
+    load_weights(model, cfg, source(g, config, layout), str(path))
     return model, recipe
 
 

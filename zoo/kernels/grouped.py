@@ -1,6 +1,6 @@
 """Grouped matmul for mixture-of-experts: rows sorted by expert, one weight matrix per expert.
 
-The interface every `kernel-backend` implements (docs/moe.md):
+One API, for the kernels here and for every `kernel-backend` (docs/moe.md):
 
     grouped_mm(x, w, offsets, rows=None) -> y
     x        [N, in]        rows sorted by expert (expert 0's rows first, then expert 1's, ...);
@@ -16,6 +16,12 @@ Empty experts (equal consecutive offsets) are allowed; offsets[-1] == N. A backe
 
 equal to `grouped_mm(...).split(sizes, -1)` but free to return separate contiguous tensors (a GLU's
 gate and up); `grouped_mm_split_of` falls back to the split `grouped_mm` for backends without it.
+
+Implementations: `grouped_mm_reference` (the definition), `grouped_mm_loop` (one matmul per expert),
+`grouped_mm_torch` (`torch._grouped_mm` where it takes the operands), `grouped_mm_triton` (the
+dropless Triton kernel: it gathers the token rows itself, walks blocks of rows that each belong to
+one expert, no padding to a capacity; forward and backward), and `grouped_mm(..., impl=)` choosing.
+`sort_by_expert` turns router choices into `rows` and `offsets`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from zoo.kernels.dispatch import choose, triton_module
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -114,12 +122,58 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (w.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0
 
 
-def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`torch._grouped_mm` where it supports the dtype and alignment, else the per-expert loop.
+def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch._grouped_mm` (on the gathered rows) where it supports the dtype and alignment, else the loop.
 
     On CPU `torch._grouped_mm` is the same loop in C++ (one `mm` per group written into one output),
     and its backward writes the weight gradient in the weight's own layout: fwd+bwd at dense speed.
+    (It ran twice as fast as the per-expert loop at OLMoE shapes on the 2-core development CPU.)
     """
     if grouped_mm_supported(x, w):
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
-    return grouped_mm_loop(x, w, offsets)
+        return torch._grouped_mm(gather_rows(x, rows), w.transpose(-2, -1), offs=offsets)
+    return grouped_mm_loop(x, w, offsets, rows)
+
+
+def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1); it reads w as its [E, in, out] transposed
+    view (no copy) and the expert starts [0, offsets...]."""
+    starts = torch.zeros(offsets.numel() + 1, dtype=torch.int64, device=offsets.device)
+    starts[1:] = offsets
+    return triton_module("triton_moe", x.device).GroupedMatmul.apply(x, w.transpose(1, 2), rows, starts)
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                         rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition, in plain torch (differentiable): one gathered matmul per expert, concatenated."""
+    bounds = [0, *offsets.tolist()]
+    ys = [_expert_rows(x, rows, s, t) @ w[e].T for e, (s, t) in enumerate(zip(bounds, bounds[1:]))]
+    return torch.cat(ys) if ys else x.new_zeros(0, w.shape[1])
+
+
+IMPLS = {"reference": grouped_mm_reference, "loop": grouped_mm_loop, "torch": grouped_mm_torch,
+         "triton": grouped_mm_triton}
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor | None = None,
+               impl: str = "auto") -> torch.Tensor:
+    """y [N, out] (see the module doc); differentiable in x and w.
+
+    `impl`: 'auto' (Triton on CUDA, else torch), 'reference', 'loop', 'torch', 'triton'.
+    """
+    if impl not in ("auto", *IMPLS):
+        raise ValueError(f"impl must be one of {('auto', *IMPLS)}, got {impl!r}")
+    return IMPLS[impl if impl == "loop" else choose(impl, x.device)](x, w, offsets, rows)
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From router choices [T, top_k]: (order, rows, offsets) for `grouped_mm`.
+
+    `order` [T·top_k] sorts the flattened assignments by expert (stable), `rows = order // top_k`
+    their token rows, `offsets` [E] int32 the end of each expert's run (empty experts included).
+    """
+    flat = expert_ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.cumsum(torch.bincount(flat, minlength=num_experts), 0).to(torch.int32)
+    return order, order // expert_ids.shape[-1], offsets

@@ -8,9 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from zoo.errors import PluginError, RecipeError, ZooError
+from zoo.errors import PluginError, RecipeError
 from zoo.model.config import ModelConfig
-from zoo.recipe.schema import BlockSpec, Invalid
+from zoo.model.projection import ExpertProjection, Projection
+from zoo.schema import BlockSpec
 
 # Slots whose factories return a torch module (docs/architecture.md); anything else is the plugin's bug.
 MODULE_SLOTS = frozenset({"norm", "position", "attention", "ffn", "activation", "weights", "sparsity", "router"})
@@ -45,20 +46,12 @@ class BuildContext:
         return RecipeError(message, file=self.source or None, path=path or None)
 
     def build(self, spec: BlockSpec, *args: Any, **kwargs: Any) -> Any:
-        """Call the factory registered for spec's slot and kind (its `Invalid(key, msg)` -> RecipeError)."""
-        entry = self.registry.get(spec.slot, spec.kind)
-        try:
-            block = entry.factory(spec.config, self, *args, **kwargs)
-        except Invalid as err:  # a check that needed build-time shapes
-            raise self.error(spec, err.message, err.key) from None
-        except ZooError:
-            raise
-        except Exception as err:
-            if entry.plugin.name == "builtins":
-                raise
-            raise entry.failure("building", spec.path, err) from err
+        """`registry.build(spec, ctx, *args)`: the factory of spec's slot and kind, given this context (its
+        `Invalid(key, msg)` -> a RecipeError at the spec's key path)."""
+        block = self.registry.build(spec, self, *args, file=self.source or None, **kwargs)
         if spec.slot in MODULE_SLOTS and not isinstance(block, nn.Module):
-            raise PluginError(f"plugin {entry.plugin.name!r} ({entry.plugin.dist}): {spec.slot}.{spec.kind} at "
+            plugin = self.registry.get(spec.slot, spec.kind).plugin
+            raise PluginError(f"plugin {plugin.name!r} ({plugin.dist}): {spec.slot}.{spec.kind} at "
                               f"{spec.path or '?'} returned {type(block).__name__}, not a torch.nn.Module")
         return block
 
@@ -68,8 +61,6 @@ class BuildContext:
 
     def projection(self, role: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         """THE projection factory: every linear map of every block is made here."""
-        from zoo.model.projection import ExpertProjection, Projection
-
         role = self.role_prefix + role
         weights = self.block("weights").for_role(role)
         sparsity = self.block("sparsity").for_role(role)

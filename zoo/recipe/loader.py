@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,49 +14,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from zoo.errors import RecipeError
+from zoo.schema import deep_merge, join_key
 
 OVERRIDES = "<overrides>"
-
-
-def join_key(path: str, key: Any) -> str:
-    """'model.ffn' + 'hidden' -> 'model.ffn.hidden' (odd keys quoted), the form every error names."""
-    key = str(key)
-    if not re.fullmatch(r"[A-Za-z0-9_\-\[\].]+", key):
-        key = json.dumps(key, ensure_ascii=False)
-    return f"{path}.{key}" if path else key
-
-
-def inline_toml(v: Any) -> str:
-    """A value as it would be written in a recipe or a `--set` (inline tables for dicts); '' for None."""
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {inline_toml(x)}" for k, x in v.items()) + " }" if v else "{}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(inline_toml(x) for x in v) + "]"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    return "" if v is None else repr(v)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; arrays stay values."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def recipe_changes(old: dict, new: dict, ignore: Callable[[str], bool] = lambda key: False) -> list[str]:
-    """'key: old -> new' (values as TOML, 'unset' when absent) for each key path where two recipes' data
-    differ, sorted; keys for which `ignore(key)` is true are left out."""
-    a, b = flatten(old), flatten(new)
-    return [f"{k}: {inline_toml(a[k]) if k in a else 'unset'} -> {inline_toml(b[k]) if k in b else 'unset'}"
-            for k in sorted(set(a) | set(b)) if not ignore(k) and a.get(k) != b.get(k)]
 
 
 def _mark(data: Any, prefix: str, file: str, origins: dict[str, str]) -> None:
@@ -67,30 +25,6 @@ def _mark(data: Any, prefix: str, file: str, origins: dict[str, str]) -> None:
     if isinstance(data, dict):
         for k, v in data.items():
             _mark(v, join_key(prefix, k), file, origins)
-
-
-def origin_of(path: str, origins: dict[str, str]) -> str | None:
-    """The file that set the key at `path` (or the nearest table above it), if recorded."""
-    while path:
-        if path in origins:
-            return origins[path]
-        path = path[: max(path.rfind("."), path.rfind("["), 0)]
-    return None
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    """Tables merge key by key (top wins); every other value, arrays included, is replaced.
-
-    A block table whose `kind` differs from the base's replaces it whole (the kinds' keys differ).
-    """
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) == out[k].get(
-                "kind"):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 MAX_DEPTH = 32  # tables and arrays nested deeper than this are surely a mistake (and would exhaust the stack)
@@ -171,6 +105,14 @@ def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = (), *,
     if origins is not None:
         _mark(data, "", str(path), origins)
     return deep_merge(base, data)
+
+
+def add_set_argument(parser, what: str = "a recipe key") -> None:
+    """The one definition of the command-line option `--set KEY=VALUE` (repeatable, read by parse_override
+    in order; `args.overrides`)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override {what}, e.g. --set model.n_layers=8 (repeatable; the value is TOML, else "
+                             "a bare string; docs/recipes.md)")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

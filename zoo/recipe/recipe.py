@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +11,12 @@ import tomli_w
 
 from zoo.errors import RecipeError
 from zoo.model.config import LAYER_SLOTS, ModelConfig
-from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, origin_of, parse_toml, read_with_extends
-from zoo.recipe.schema import BlockSpec, Validator, param, slot_field, to_plain
-from zoo.train.config import DataConfig, TrainConfig
-from zoo.train.parallel import ParallelConfig
+from zoo.recipe.loader import OVERRIDES, apply_overrides, parse_toml, read_with_extends
+from zoo.recipe.sections import DataConfig, ParallelConfig, TrainConfig
+from zoo.registry import get_registry
+from zoo.schema import BlockSpec, Validator, deep_merge, located, param, slot_field, to_plain
+
+BUNDLED = Path(__file__).resolve().parents[2] / "recipes"  # the recipes of a source checkout (recipes/)
 
 
 @dataclass(frozen=True)
@@ -88,35 +88,12 @@ def recipe_from_dict(data: dict, source: str = "<dict>", registry: Any = None,
 
     `origins` ({key path: file}, from `read_with_extends`) makes an error name the file that set the key.
     """
-    from zoo.registry import get_registry
-
     validator = Validator(source, registry or get_registry(), origins)
     try:
         recipe = validator.dataclass(Recipe, _merge_layer_patterns(data), "")
     except RecipeError as err:
-        raise _located(err, source, origins or {}) from None
+        raise located(err, source, origins or {}) from None
     return dataclasses.replace(recipe, source=source, origins=dict(origins or {}))
-
-
-def _located(err: RecipeError, source: str, origins: dict[str, str]) -> RecipeError:
-    """`err` (raised naming `source`) naming instead the file that set its key, when that is another."""
-    file = origin_of(err.path or "", origins)
-    if file is None or file == err.file or (err.file or None) != (source or None):
-        return err
-    return RecipeError(err.reason, file=file, path=err.path)
-
-
-@contextlib.contextmanager
-def errors_located(recipe: Recipe) -> Iterator[None]:
-    """Checks made after validation (building, data, devices) raise naming `recipe.source`; re-raise
-    them naming the file that set the key: a `--set` value is `<overrides>`, an inherited key its base."""
-    try:
-        yield
-    except RecipeError as err:
-        located = _located(err, recipe.source, recipe.origins)
-        if located is err:
-            raise
-        raise located from None
 
 
 def read_recipe_data(path: str | Path, overrides: list[str] | dict[str, Any] | None = None,

@@ -1,4 +1,5 @@
-"""The block catalogue: for each slot, the registered kinds with their config schema and factory."""
+"""The block catalogue: for each slot, the registered kinds with their config schema and factory; the
+projection roles; and the one way a block is built (`Registry.build`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import fnmatch
 import json
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from zoo.errors import PluginCollisionError, PluginError, UnknownNameError, did_you_mean, one_of
-from zoo.recipe.schema import PATH, unsupported_field
+from zoo.errors import PluginCollisionError, PluginError, RecipeError, UnknownNameError, ZooError, did_you_mean, one_of
+from zoo.schema import PATH, BlockSpec, Invalid, Validator, unsupported_field
 
 # The slots every zoo knows; plugins may add more with `registry.add_slot`.
 CORE_SLOTS = {
@@ -31,14 +33,24 @@ CORE_SLOTS = {
     "schedule": "learning-rate schedule",
 }
 
+# Roles of projections; `weights` and `sparsity` specs may override any of them. A role falls back
+# along its parent (expert_down -> down -> the section itself). Plugins add roles with `registry.add_role`.
+CORE_ROLES: dict[str, str | None] = {
+    "qkv": None, "o": None, "up_gate": None, "down": None,
+    "expert_up_gate": "up_gate", "expert_down": "down",
+    "shared_up_gate": "up_gate", "shared_down": "down",
+}
+
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """Who registered an entry: plugin (entry-point) name and its distribution."""
+    """Who registered an entry: plugin (entry-point) name and its distribution. `core`: zoo's own blocks,
+    whose bugs surface as tracebacks instead of being blamed on a plugin."""
 
     name: str
     dist: str
     version: str
+    core: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,10 +64,22 @@ class Entry:
     doc: str
     plugin: PluginInfo
 
-    def failure(self, doing: str, path: str, err: Exception) -> PluginError:
-        """The error for this entry's code raising while `doing` (e.g. "building") the block at `path`."""
-        return PluginError(f"plugin {self.plugin.name!r} ({self.plugin.dist}): {doing} {self.slot}.{self.kind} "
-                           f"at {path or '?'} failed: {type(err).__name__}: {err}")
+    @contextmanager
+    def blame(self, doing: str, path: str, file: str | None = None) -> Iterator[None]:
+        """Around a call into this entry's code (`doing`, e.g. "building", the block at key path `path`):
+        `Invalid(key, msg)` becomes a RecipeError at `path.key` of `file`; any other exception that is not
+        a ZooError becomes a PluginError naming the plugin (zoo's own blocks: left as the bug it is)."""
+        try:
+            yield
+        except Invalid as err:
+            raise RecipeError(err.message, file=file, path=".".join(p for p in (path, err.key) if p) or None) from None
+        except ZooError:
+            raise
+        except Exception as err:
+            if self.plugin.core:
+                raise
+            raise PluginError(f"plugin {self.plugin.name!r} ({self.plugin.dist}): {doing} {self.slot}.{self.kind} "
+                              f"at {path or '?'} failed: {type(err).__name__}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -122,9 +146,10 @@ def describe_config(config: type) -> list[FieldInfo]:
 
 @dataclass
 class Registry:
-    """Slots -> kinds -> Entry. Filled by plugins through the `zoo_register` hook."""
+    """Slots -> kinds -> Entry, and the projection roles. Filled by plugins through the `zoo_register` hook."""
 
     slots: dict[str, str] = field(default_factory=lambda: dict(CORE_SLOTS))
+    roles: dict[str, str | None] = field(default_factory=lambda: dict(CORE_ROLES))
     entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     failures: dict[str, tuple[PluginInfo, str]] = field(default_factory=dict)  # skipped plugins and why
@@ -134,6 +159,14 @@ class Registry:
     def add_slot(self, slot: str, doc: str) -> None:
         """Declare a new slot (a new kind of block) that recipes and plugins can use."""
         self.slots.setdefault(slot, doc)
+
+    def add_role(self, role: str, parent: str | None = None) -> None:
+        """Declare a projection role (for blocks with projections of a new kind); recipes may then override
+        `weights` and `sparsity` for it, and a role without an override falls back to `parent`."""
+        if parent is not None and parent not in self.roles:
+            raise PluginError(f"plugin {self._current.name!r}: role {role!r} has unknown parent {parent!r}"
+                              f"{did_you_mean(parent, self.roles)}; {one_of(self.roles)}")
+        self.roles.setdefault(role, parent)
 
     def register(
         self, slot: str, kind: str, config: type, factory: Callable[..., Any], doc: str = ""
@@ -169,6 +202,18 @@ class Registry:
                 text = ""
             doc = " ".join(text.split("\n\n")[0].split()) if text else ""  # the first paragraph, on one line
         self.entries[(slot, kind)] = Entry(slot, kind, config, factory, doc, who)
+
+    # -- specs and building ------------------------------------------------------------------
+    def spec(self, slot: str, data: Any, path: str = "", file: str | None = None) -> BlockSpec:
+        """A block of `slot` from TOML data (a kind name or a table with `kind`), validated as in a recipe."""
+        return Validator(file, self).block(slot, data, path)
+
+    def build(self, spec: BlockSpec, *args: Any, file: str | None = None, **kwargs: Any) -> Any:
+        """THE way a block is built: `factory(spec.config, *args, **kwargs)` of spec's slot and kind, its errors
+        turned into one line (see `Entry.blame`; `file` is the recipe, for error messages)."""
+        entry = self.get(spec.slot, spec.kind)
+        with entry.blame("building", spec.path, file):
+            return entry.factory(spec.config, *args, **kwargs)
 
     # -- look-up ---------------------------------------------------------------------------
     def kinds(self, slot: str) -> list[str]:

@@ -1,14 +1,12 @@
 """The training loop: `train(recipe, out)` runs `[train]` with `[optim]` on `[data]` into run folder `out`.
 
-Run folder: recipe.toml (resolved), metrics.jsonl (one JSON object per logged step and per
-validation), checkpoints/step-N/ (see zoo.train.state) and, when the run finished, summary.json.
+The run folder's format: zoo/runs.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -22,43 +20,22 @@ from zoo.data.tokens import Windows
 from zoo.errors import CheckpointError, RecipeError, ZooError
 from zoo.eval.evaluate import sparsity_summary
 from zoo.eval.perplexity import autocast, decode_tokens_per_s, eval_loss, perplexity
+from zoo.files import write_atomic
 from zoo.io.checkpoint import load
 from zoo.kernels import prepare_inference
 from zoo.model.accounting import account
 from zoo.model.build import build
-from zoo.recipe.loader import flatten, recipe_changes
-from zoo.recipe.recipe import Recipe, errors_located, load_recipe
+from zoo.model.memory import allocator_failure, check_training_fits
+from zoo.recipe.recipe import Recipe, load_recipe
+from zoo.registry import get_registry
+from zoo.runs import METRICS, RECIPE, SUMMARY, prepare_out, resolve_checkpoint, step_dirs
+from zoo.schema import errors_located, flatten, recipe_changes
 from zoo.train.parallel import setup
-from zoo.train.state import TrainState, load_train_state, resolve_checkpoint, save_checkpoint, step_dirs
-
-METRICS, SUMMARY, RECIPE_FILE = "metrics.jsonl", "summary.json", "recipe.toml"
+from zoo.train.state import TrainState, load_train_state, save_checkpoint
 
 
 class TrainingDiverged(ZooError):
     """The loss or the gradient became NaN or infinite."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def prepare_out(out: str | Path) -> Path:
-    """Create the run folder and check that it is writable."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ZooError(f"--out {out}: cannot write there ({err.strerror or err})") from None
-    return out
 
 
 def copy_weights(model, path: str | Path, what: str) -> Path:
@@ -143,21 +120,25 @@ def first_forward(model: torch.nn.Module, x: torch.Tensor, precision: str, devic
 def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int | None = None,
           progress: bool = True) -> dict:
     """Train `recipe` into run folder `out`; return the summary (or the state when stopped at `stop_at`)."""
-    with errors_located(recipe):
+    with errors_located(recipe.source, recipe.origins):
         cfg = recipe.train
         if cfg.seq_len > recipe.model.max_seq_len:
             raise RecipeError(f"{cfg.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}",
                               file=recipe.source or None, path="train.seq_len")
         par = setup(recipe)
-        try:
+        try:  # refused before the run folder is touched when the estimate exceeds the free memory
+            check_training_fits(build(recipe, device="meta"), recipe, par.device, par.world, par.strategy)
             return _train(recipe, out, par, resume, stop_at, progress)
+        except (RuntimeError, MemoryError) as err:
+            oom = allocator_failure(err, f"{recipe.source or 'recipe'}: training")
+            if oom is None:
+                raise
+            raise oom from None
         finally:
             par.close()
 
 
 def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | None, progress: bool) -> dict:
-    from zoo.registry import get_registry
-
     cfg = recipe.train
     out = Path(out)
     state, ckpt, restart = TrainState(), None, False
@@ -165,9 +146,9 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
     # failed start leaves nothing that a retry would have to --resume or delete.
     if resume:
         found = step_dirs(out)
-        if not found and not (out / RECIPE_FILE).is_file():
+        if not found and not (out / RECIPE).is_file():
             raise CheckpointError(f"--resume: {out} has no checkpoints/step-N to resume from")
-        change = recipe_changes(load_recipe(out / RECIPE_FILE).to_dict(), recipe.to_dict(), may_change_on_resume)
+        change = recipe_changes(load_recipe(out / RECIPE).to_dict(), recipe.to_dict(), may_change_on_resume)
         if change:
             raise ZooError(f"--resume: the recipe differs from the one {out} was trained with ({change[0]}); "
                            "only train.steps and [parallel] may change")
@@ -192,17 +173,17 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
     first_forward(model.to(par.device), val[0][0][:1], cfg.precision, par.device)  # on this rank, before wrap
     fwd = par.wrap(model)
     registry = get_registry()
-    opt = registry.get("optimizer", recipe.optim.kind).factory(recipe.optim.config, model.parameters())
+    opt = registry.build(recipe.optim, model.parameters(), file=recipe.source or None)
     for g in opt.param_groups:
         g["peak_lr"], g["peak_wd"] = g["lr"], g["weight_decay"]
-    schedule = registry.get("schedule", cfg.schedule.kind).factory(cfg.schedule.config, cfg.steps)
+    schedule = registry.build(cfg.schedule, cfg.steps, file=recipe.source or None)
     if resume:
         state = load_train_state(ckpt, par.optimizer_loader(opt))
 
     par.barrier()  # every rank has looked at the folder before rank 0 writes to it
     out = prepare_out(out)
     if par.main and not resume:
-        write_atomic(out / RECIPE_FILE, recipe.to_toml())
+        write_atomic(out / RECIPE, recipe.to_toml())
 
     micro = cfg.batch_size // cfg.grad_accum
     windows = Windows(data.train, cfg.seq_len, cfg.seed)

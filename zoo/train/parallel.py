@@ -12,29 +12,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from zoo.errors import RecipeError
-from zoo.recipe.schema import param
 from zoo.train.expert_parallel import expert_groups, gather_experts, is_expert, shard_experts
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How the ranks of a torchrun launch share the training work."""
-
-    strategy: Literal["none", "ddp", "fsdp"] = param(
-        "none", "data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded weights)")
-    backend: Literal["auto", "gloo", "nccl"] = param(
-        "auto", "torch.distributed backend; auto = nccl when train.device is CUDA, else gloo")
-    expert_parallel: int = param(
-        1, "split every MoE layer's routed experts over groups of this many ranks (1 = every rank holds all); "
-           "needs strategy ddp, must divide the world size and every layer's num_experts", ge=1, le=1 << 14)
 
 
 class Parallel:

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from zoo.errors import ZooError
+from zoo.files import write_atomic
 from zoo.recipe.loader import parse_override
 from zoo.recipe.recipe import Recipe
-from zoo.train.loop import SUMMARY, prepare_out, train, write_atomic
-from zoo.train.state import step_dirs
+from zoo.runs import SUMMARY, prepare_out, step_dirs
+from zoo.train.loop import train
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:

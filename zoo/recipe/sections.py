@@ -1,11 +1,12 @@
-"""The `[train]`, `[optim]` and `[data]` sections of a recipe."""
+"""The run's sections of a recipe: `[train]`, `[data]` and `[parallel]` (`[optim]` is a block: zoo/train/optim.py;
+`[model]` sits beside the model: zoo/model/config.py). Read by zoo/train/ (loop.py, parallel.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from zoo.recipe.schema import BlockSpec, Invalid, PathStr, param, slot_field
+from zoo.schema import BlockSpec, Invalid, PathStr, param, slot_field
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,16 @@ class DataConfig:
     dataset: BlockSpec = slot_field("dataset", {"kind": "kjv"}, "text source")
     tokenizer: BlockSpec = slot_field("tokenizer", {"kind": "bytes"}, "text <-> token ids")
     val_fraction: float = param(0.05, "fraction of the text held out for validation", gt=0, lt=1)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the ranks of a torchrun launch share the training work."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = param(
+        "none", "data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded weights)")
+    backend: Literal["auto", "gloo", "nccl"] = param(
+        "auto", "torch.distributed backend; auto = nccl when train.device is CUDA, else gloo")
+    expert_parallel: int = param(
+        1, "split every MoE layer's routed experts over groups of this many ranks (1 = every rank holds all); "
+           "needs strategy ddp, must divide the world size and every layer's num_experts", ge=1, le=1 << 14)

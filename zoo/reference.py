@@ -1,7 +1,7 @@
 """Generate docs/reference.md from the code: recipe sections and every built-in block's config schema.
 
-    python -m zoo.registry.docs            # rewrite docs/reference.md
-    python -m zoo.registry.docs --check    # exit 1 when the committed file is stale
+    python -m zoo.reference            # rewrite docs/reference.md
+    python -m zoo.reference --check    # exit 1 when the committed file is stale
 
 Only the built-in blocks are documented (installed plugins document themselves), so the file is
 the same on every machine.
@@ -15,8 +15,10 @@ import sys
 import typing
 from pathlib import Path
 
-from zoo.recipe.loader import inline_toml
-from zoo.registry.registry import FieldInfo, Registry, describe_config
+from zoo.files import write_atomic
+from zoo.recipe.recipe import Recipe
+from zoo.registry import FieldInfo, Registry, describe_config, load_registry
+from zoo.schema import inline_toml
 
 DEFAULT_PATH = Path("docs/reference.md")
 
@@ -58,10 +60,8 @@ def _join(key: str, name: str) -> str:
 
 def reference(registry: Registry) -> str:
     """The whole reference page as Markdown."""
-    from zoo.recipe.recipe import Recipe
-
     lines = ["# Recipe and block reference", "",
-             "Generated from the config dataclasses by `python -m zoo.registry.docs`; do not edit by hand.",
+             "Generated from the config dataclasses by `python -m zoo.reference`; do not edit by hand.",
              "A test fails when this file is stale. Built-in blocks only: `zoo list` and `zoo show SLOT.KIND`",
              "describe installed plugins too. How recipes are written: [recipes.md](recipes.md). A `path` is",
              "relative to the recipe file that set it ([recipes.md](recipes.md#paths)).", "",
@@ -88,13 +88,11 @@ def reference(registry: Registry) -> str:
 
 def builtin_reference() -> str:
     """The reference of the built-in registry (entry points left out)."""
-    from zoo.registry.plugins import load_registry
-
     return reference(load_registry(include_entry_points=False))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zoo.registry.docs", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zoo.reference", description=__doc__.splitlines()[0])
     p.add_argument("path", nargs="?", type=Path, default=DEFAULT_PATH, help=f"output file (default {DEFAULT_PATH})")
     p.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
     args = p.parse_args(argv)
@@ -102,12 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.path.read_text(encoding="utf-8") if args.path.is_file() else ""
         if current != text:
-            print(f"{args.path} is stale: run `python -m zoo.registry.docs`", file=sys.stderr)
+            print(f"{args.path} is stale: run `python -m zoo.reference`", file=sys.stderr)
             return 1
         return 0
-    tmp = args.path.with_name(args.path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(args.path)
+    write_atomic(args.path, text)
     print(f"wrote {args.path}")
     return 0
 
