@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -78,7 +79,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
         def hook(module, inputs, output):
             calls[0] += 1
-            return output * float("nan") if calls[0] > 4 and module.training else output
+            # call 1 is the start-up check's forward (first_forward), calls 2-5 are steps 1-4
+            return output * float("nan") if calls[0] > 5 and module.training else output
         model.head.register_forward_hook(hook)
         return model
 
@@ -103,6 +105,24 @@ def test_out_dir_errors(tmp_path):
         train(r.replace(**{"train.seq_len": 128}), tmp_path / "long", progress=False)
     with pytest.raises(zoo.CheckpointError, match="no checkpoints"):
         train(r, tmp_path / "fresh", resume=True, progress=False)
+
+
+def test_a_failed_start_writes_nothing_and_a_retry_succeeds(tmp_path, monkeypatch):
+    """What fails at start-up (a missing optional package, a kernel backend the device cannot run, the
+    data, the recipe) fails before the run folder is written to: the same --out works once fixed."""
+    r = tiny_run(tmp_path, **{"train.steps": 1, "train.eval_every": 0})
+    out = tmp_path / "run"
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(zoo.ZooError, match="needs the tensorboard package"):
+        train(r.replace(**{"train.tensorboard": True}), out, progress=False)
+    moe = {"kind": "moe", "num_experts": 2, "top_k": 1, "backend": "triton", "expert": {"kind": "glu", "hidden": 16}}
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the tests run Triton interpreted on the CPU: not here
+    with pytest.raises(zoo.ZooError, match="[Tt]riton"):  # no triton package, or triton on a CPU tensor
+        train(r.replace(**{"model.ffn": moe}), out, progress=False)
+    with pytest.raises(zoo.ZooError, match="no such file"):
+        train(r.replace(**{"data.dataset.paths": [str(tmp_path / "missing.txt")]}), out, progress=False)
+    assert not out.exists()
+    assert train(r, out, progress=False)["steps"] == 1
 
 
 def test_init_from_continues_training_and_checks_tensors(tmp_path):

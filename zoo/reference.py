@@ -11,30 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any
 
 from zoo.files import write_atomic
 from zoo.recipe.recipe import Recipe
 from zoo.registry import FieldInfo, Registry, describe_config, load_registry
+from zoo.schema import inline_toml
 
 DEFAULT_PATH = Path("docs/reference.md")
-
-
-def inline_toml(v: Any) -> str:
-    """A value as it would be written in a recipe (inline tables for dicts); '' for None."""
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {inline_toml(x)}" for k, x in v.items()) + " }" if v else "{}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(inline_toml(x) for x in v) + "]"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    return "" if v is None else repr(v)
 
 
 def _cell(text: str) -> str:
@@ -77,7 +63,8 @@ def reference(registry: Registry) -> str:
     lines = ["# Recipe and block reference", "",
              "Generated from the config dataclasses by `python -m zoo.reference`; do not edit by hand.",
              "A test fails when this file is stale. Built-in blocks only: `zoo list` and `zoo show SLOT.KIND`",
-             "describe installed plugins too. How recipes are written: [recipes.md](recipes.md).", "",
+             "describe installed plugins too. How recipes are written: [recipes.md](recipes.md). A `path` is",
+             "relative to the recipe file that set it ([recipes.md](recipes.md#paths)).", "",
              "## Recipe sections", ""]
     for name, cls in _sections(Recipe, "top level"):
         doc = (cls.__doc__ or "").strip().splitlines()[0]

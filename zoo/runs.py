@@ -71,9 +71,16 @@ def step_dirs(run_dir: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    """A checkpoint folder, or a run folder (its newest checkpoint); `checkpoints/step-20` also names
+    `checkpoints/step-00000020`."""
     path = Path(path)
-    if (path / META).is_file():
+    step = _STEP_DIR.match(path.name)
+    if step and not path.exists():
+        path = path.with_name(f"step-{int(step.group(1)):08d}")
+        if not (path / META).is_file():
+            have = ", ".join(str(int(p.name[5:])) for p in step_dirs(path.parent.parent)) or "none"
+            raise CheckpointError(f"{path.parent}: no checkpoint step-{int(step.group(1))} (steps there: {have})")
+    if (path / META).is_file() or (path / WEIGHTS).is_file():  # a checkpoint (maybe an incomplete one)
         read_meta(path)
         return path
     found = step_dirs(path)
@@ -81,16 +88,4 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return found[-1]
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
-    raise CheckpointError(f"{path}: neither a zoo checkpoint (no {META}) nor a run folder with {CHECKPOINTS}/")
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; arrays stay values."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    raise CheckpointError(f"{path}: neither a zoo checkpoint (no {META}) nor a run folder with {CHECKPOINTS}/step-N")

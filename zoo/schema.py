@@ -8,15 +8,17 @@ A leaf module: it imports only `zoo.errors`; the registry a `Validator` asks is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
@@ -49,12 +51,86 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+def origin_of(path: str, origins: Mapping[str, str]) -> str | None:
+    """The file that set the key at `path` (or the nearest table above it), if recorded."""
+    while path:
+        if path in origins:
+            return origins[path]
+        path = path[: max(path.rfind("."), path.rfind("["), 0)]
+    return None
+
+
+def located(err: RecipeError, source: str, origins: Mapping[str, str]) -> RecipeError:
+    """`err` (raised naming `source`) naming instead the file that set its key, when that is another."""
+    file = origin_of(err.path or "", origins)
+    if file is None or file == err.file or (err.file or None) != (source or None):
+        return err
+    return RecipeError(err.reason, file=file, path=err.path)
+
+
+@contextlib.contextmanager
+def errors_located(source: str, origins: Mapping[str, str]) -> Iterator[None]:
+    """Checks made after validation (building, data, devices) raise naming the recipe's `source`; re-raise
+    them naming the file that set the key: a `--set` value is `<overrides>`, an inherited key its base."""
+    try:
+        yield
+    except RecipeError as err:
+        moved = located(err, source, origins)
+        if moved is err:
+            raise
+        raise moved from None
+
+
+def inline_toml(v: Any) -> str:
+    """A value as it would be written in a recipe or a `--set` (inline tables for dicts); '' for None."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {inline_toml(x)}" for k, x in v.items()) + " }" if v else "{}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(inline_toml(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    return "" if v is None else repr(v)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; arrays stay values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def recipe_changes(old: dict, new: dict, ignore: Callable[[str], bool] = lambda key: False) -> list[str]:
+    """'key: old -> new' (values as TOML, 'unset' when absent) for each key path where two recipes' data
+    differ, sorted; keys for which `ignore(key)` is true are left out."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {inline_toml(a[k]) if k in a else 'unset'} -> {inline_toml(b[k]) if k in b else 'unset'}"
+            for k in sorted(set(a) | set(b)) if not ignore(k) and a.get(k) != b.get(k)]
+
+
 class Invalid(ValueError):
     """Raised by a config's `check()` for a cross-field problem: `Invalid(key, message)`."""
 
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key, self.message = key, message
+
+
+class _PathMarker:
+    """Marks a str field as a file or folder path (see `PathStr`)."""
+
+
+PATH = _PathMarker()
+# A file or folder path. A relative one is taken relative to the recipe file that set it (a `--set`
+# value or a recipe built from a string or dict: relative to the working directory); validation makes it
+# absolute, so a recipe saved elsewhere (a run folder's recipe.toml) still names the same file.
+PathStr = Annotated[str, PATH]
 
 
 def param(default: Any = dataclasses.MISSING, doc: str = "", *, ge=None, gt=None, le=None, lt=None) -> Any:
@@ -163,9 +239,17 @@ class Validator:
 
     file: str | None
     registry: Any
+    origins: dict[str, str] | None = None  # {key path: file that set it}, from read_with_extends
 
     def error(self, path: str, message: str) -> RecipeError:
         return RecipeError(message, file=self.file, path=path)
+
+    def absolute(self, value: str, path: str) -> str:
+        """A `PathStr` value made absolute: relative to the folder of the file that set key `path`."""
+        value = os.path.expanduser(value)
+        file = origin_of(path, self.origins or {}) or self.file
+        base = os.path.dirname(os.path.abspath(file)) if file and os.path.isfile(file) else os.getcwd()
+        return os.path.normpath(os.path.join(base, value))
 
     # -- dataclasses -----------------------------------------------------------------------
     def dataclass(self, cls: type, data: Any, path: str, *, ignore: tuple[str, ...] = ()) -> Any:
@@ -177,7 +261,8 @@ class Validator:
             if key not in fields and key not in ignore:
                 raise self.error(
                     join_key(path, key),
-                    f"unknown key{did_you_mean(key, fields)}; valid keys: {', '.join(fields) or 'none'}",
+                    f"unknown key{did_you_mean(key, fields)}; " + (f"valid keys: {', '.join(fields)}" if fields
+                                                                    else "this block takes no settings besides kind"),
                 )
         values = {}
         for name, f in fields.items():
@@ -259,7 +344,9 @@ class Validator:
     def value(self, tp: Any, v: Any, path: str) -> Any:
         origin = typing.get_origin(tp)
         if origin is Annotated:
-            return self.value(typing.get_args(tp)[0], v, path)
+            inner, *marks = typing.get_args(tp)
+            out = self.value(inner, v, path)
+            return self.absolute(out, path) if PATH in marks and isinstance(out, str) else out
         if tp is Any:
             return v
         if origin in (Union, types.UnionType):

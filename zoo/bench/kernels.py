@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", nargs="+", default=None, choices=[s[0] for s in SHAPES + MOE_SHAPES],
                    help="shapes to run (default all)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per MoE call (default 128 on CPU, 4096 on CUDA)")
-    p.add_argument("--repeat", type=int, default=20, help="timed calls per measurement (the fastest counts)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (the fastest counts)")
     add_threads_argument(p)
 
 
@@ -89,7 +89,7 @@ def bench_topk(args, device, gbs) -> list[dict]:
                     if compiled:  # the pure-torch path (F.embedding_bag) beside it
                         calls[f"bag {keep}"] = (functools.partial(topk_matmul, impl="torch"),
                                                 [(values, idx, wt) for wt in wts])
-                t = time_interleaved(calls, device, args.repeat)
+                t = time_interleaved(calls, device, args.repeats)
                 way = min(dense_ways, key=lambda k: t[k].best)
                 baseline = {"baseline": way, **{f"dense {k} ms": round(t[k].best, 4) for k in dense_ways}}
                 if "zoo GEMV" in t:
@@ -131,7 +131,7 @@ def bench_ternary(args, device, gbs) -> list[dict]:
             for keep in args.keep:
                 idx = x.abs().topk(int(keep * d_in), dim=-1).indices
                 calls[f"topk {keep}"] = (ternary_matmul, [(xq.gather(-1, idx), tw, 1 / s, idx) for tw in tws])
-            t = time_interleaved(calls, device, args.repeat)
+            t = time_interleaved(calls, device, args.repeats)
             way = min(dense_ways, key=lambda k: t[k].best)
             extra = {"impl": "triton" if cuda else "zoo cpu" if compiled else "torch", "baseline": way}
             rows.append(row("ternary", f"{name} {d_in}->{d_out} b{n} vs {str(base_dtype)[6:]}", t["ternary"],
@@ -179,8 +179,8 @@ def bench_moe(args, device, gbs) -> list[dict]:
         g = torch.randn(tokens * top_k, hidden, device=device, dtype=dtype)
         for label, grad in [("fwd", None)] + ([("fwd+bwd", g)] if cuda else []):
             with torch.set_grad_enabled(grad is not None):
-                base = time_ms(_dense_step, [(xd, wd, grad)], device, args.repeat)
-                ms = time_ms(_grouped_step, [(x, w, offsets, token_rows, grad)], device, args.repeat)
+                base = time_ms(_dense_step, [(xd, wd, grad)], device, args.repeats)
+                ms = time_ms(_grouped_step, [(x, w, offsets, token_rows, grad)], device, args.repeats)
             mult = 1 if grad is None else 3
             rows.append(row(f"moe-{label}", f"{name} T{tokens} {d_model}->{hidden} E{experts} k{top_k} "
                             f"{str(dtype)[6:]}", ms, base, nbytes * mult, gbs,
@@ -200,13 +200,13 @@ def bench_moe_backends(args, device, gbs) -> list[dict]:
         x = torch.randn(tokens * top_k, d_model, device=device, dtype=dtype)
         w = torch.randn(experts, hidden, d_model, device=device, dtype=dtype)  # the MoE block's [E, out, in]
         wd = torch.randn(d_model, hidden, device=device, dtype=dtype)
-        base = time_ms(torch.matmul, [(x, wd)], device, args.repeat)
+        base = time_ms(torch.matmul, [(x, wd)], device, args.repeats)
         nbytes = (w.numel() + x.numel() + x.shape[0] * hidden) * dtype.itemsize
         for kind in sorted(set(registry.kinds("kernel-backend")) - {"auto"}):
             entry = registry.get("kernel-backend", kind)
             try:
                 backend = entry.factory(entry.config(), None)
-                t = time_ms(backend.grouped_mm, [(x, w, offsets)], device, args.repeat)
+                t = time_ms(backend.grouped_mm, [(x, w, offsets)], device, args.repeats)
             except Exception as err:  # a backend that cannot run here is reported, not fatal
                 rows.append({"kernel": f"moe-backend {kind}", "shape": name, "error": f"{type(err).__name__}: {err}"})
                 continue

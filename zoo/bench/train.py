@@ -13,6 +13,7 @@ from zoo.bench._measure import add_threads_argument, apply_threads
 from zoo.eval.perplexity import autocast
 from zoo.io.arch.llama import Llama
 from zoo.io.hf import HFConfig, exportable, scatter
+from zoo.recipe.loader import add_set_argument
 from zoo.recipe.recipe import BUNDLED
 from zoo.registry import get_registry
 
@@ -20,9 +21,9 @@ from zoo.registry import get_registry
 def add_arguments(p) -> None:
     p.add_argument("--recipe", default=str(BUNDLED / "tiny" / "dense.toml"),
                    help="a dense LLaMA-like recipe (default: tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(p, "a key of the recipe")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: train.batch_size)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: train.seq_len)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: train.seq_len)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model (after 3 warm-up steps)")
     add_threads_argument(p)
 
@@ -63,7 +64,7 @@ def run(args) -> int:
     torch.manual_seed(recipe.train.seed)
     ours = zoo.build(recipe)
     theirs = hf_twin(ours, recipe)
-    batch, seq = args.batch or recipe.train.batch_size, args.seq or recipe.train.seq_len
+    batch, seq = args.batch or recipe.train.batch_size, args.seq_len or recipe.train.seq_len
     idx = torch.randint(0, recipe.model.vocab_size, (batch, seq + 1))
     x, y = idx[:, :-1], idx[:, 1:]
     precision = recipe.train.precision

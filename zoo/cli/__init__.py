@@ -18,7 +18,9 @@ import traceback
 import warnings
 
 from zoo._version import __version__
+from zoo.console import print_table as print_table  # the commands import it from here
 from zoo.errors import ZooError
+from zoo.recipe.loader import add_set_argument
 
 
 class UsageError(ZooError):
@@ -90,20 +92,9 @@ def _main(argv: list[str] | None) -> int:
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """RECIPE and repeated --set key.path=value, shared by commands that take a recipe."""
     p.add_argument("recipe", metavar="RECIPE", help="a .toml recipe file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set model.n_layers=8 (value parsed as TOML)")
+    add_set_argument(p)
 
 
 def print_json(obj: object) -> None:
     """One JSON document on stdout (tuples as arrays; anything else non-JSON as its str)."""
     print(json.dumps(obj, indent=2, default=str))
-
-
-def print_table(rows: list[list[object]], headers: list[str] | None = None) -> None:
-    """Left-aligned columns, two spaces apart; the last column is not padded."""
-    table = [[str(c) for c in r] for r in ([headers] if headers else []) + rows]
-    if not table:
-        return
-    widths = [max(len(r[i]) for r in table if i < len(r)) for i in range(max(map(len, table)))]
-    for r in table:
-        print("  ".join(c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)).rstrip())

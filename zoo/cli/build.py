@@ -22,12 +22,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.4g}"
+def human(key: str, n: object) -> str:
+    """The short form of a large figure: counts 1234567 -> '1.23M' (B = billions), bytes in binary units
+    (25904021504 -> '24.1 GiB'); '' for small figures and for lengths (seq_len)."""
+    if not isinstance(n, (int, float)) or abs(n) < 1e3 or key == "seq_len":
+        return ""
+    if "bytes" in key:
+        units = (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10))
+        return next(f"{_digits3(n / scale)} {unit}" for unit, scale in units if abs(n) >= scale)
+    return next(f"{_digits3(n / scale)}{unit}" for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
+                if abs(n) >= scale)
+
+
+def _digits3(x: float) -> str:
+    """About three significant digits, never in exponent form: 1.23, 12.3, 123, 1000."""
+    return f"{x:.{2 if abs(x) < 10 else 1 if abs(x) < 100 else 0}f}"
 
 
 def exact(v: object) -> str:
@@ -52,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(model)
         print()
     print(f"{recipe.name or recipe.source}  ({recipe.source}, built on the meta device)")
-    scalars = [[k, exact(v), human(v) if isinstance(v, (int, float)) and abs(v) >= 1e3 else ""]
-               for k, v in stats.items() if not isinstance(v, dict)]
+    scalars = [[k, exact(v), human(k, v)] for k, v in stats.items() if not isinstance(v, dict)]
     print_table(scalars)
     for key, value in stats.items():
         if not isinstance(value, dict) or not value:

@@ -13,8 +13,10 @@ def add_parser(sub):
     p = sub.add_parser("generate", help="sample a continuation of a prompt, streamed to stdout")
     p.add_argument("run", metavar="DIR", help="a run folder (its newest checkpoint) or a checkpoint folder")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="tokens to sample after the prompt (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="softmax temperature; 0 = greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")

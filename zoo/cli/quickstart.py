@@ -7,6 +7,7 @@ from pathlib import Path
 
 from zoo.cli import print_table
 from zoo.eval.compare import compare, load_run, plot, table
+from zoo.recipe.loader import add_set_argument
 from zoo.recipe.recipe import BUNDLED, load_recipe
 from zoo.train.sweep import run_all
 
@@ -23,8 +24,7 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=200, metavar="N", help="optimizer steps per model (default: 200)")
     p.add_argument("--recipes", nargs="+", metavar="TOML",
                    help=f"recipes to train instead of recipes/tiny/{{{','.join(DEFAULT)}}}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key in every recipe")
+    add_set_argument(p, "a key of every recipe")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

@@ -27,5 +27,5 @@ def run(args) -> int:
         raise UsageError("zoo sweep: give at least one --grid key=v1,v2 or --seeds")
     recipe = load_recipe(args.recipe, args.overrides)
     done = sweep(recipe, parse_grid(args.grid), seeds, args.out, progress=not args.quiet)
-    print(f"{len(done)} runs in {args.out}; compare them with: zoo compare {args.out}")
+    print(f"{len(done)} run{'s' * (len(done) != 1)} in {args.out}; compare them with: zoo compare {args.out}")
     return 0

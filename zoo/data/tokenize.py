@@ -14,7 +14,7 @@ import numpy as np
 from zoo.contracts import Corpus, Tokenizer
 from zoo.errors import ZooError
 from zoo.files import write_atomic
-from zoo.schema import param
+from zoo.schema import PathStr, param
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -107,7 +107,7 @@ def train_bpe(cfg: BPEConfig, corpus: Corpus) -> HFTokenizer:
 class FileTokenizerConfig:
     """a tokenizer.json file (Hugging Face `tokenizers` format), e.g. from an imported model"""
 
-    path: str = param(doc="path to tokenizer.json")
+    path: PathStr = param(doc="path to tokenizer.json")
 
 
 def load_tokenizer_file(path: str | Path) -> HFTokenizer:

@@ -15,8 +15,8 @@ import numpy as np
 
 from zoo.errors import ZooError
 from zoo.recipe.recipe import load_recipe
-from zoo.runs import METRICS, RECIPE, SUMMARY, flatten
-from zoo.schema import BlockSpec, to_plain
+from zoo.runs import METRICS, RECIPE, SUMMARY
+from zoo.schema import BlockSpec, flatten, inline_toml, to_plain
 
 METRIC_KEYS = ("total_params", "activated_params", "flops_per_token", "train_loss", "val_loss", "val_ppl",
                "sparsity", "train_tokens_per_s", "decode_tokens_per_s", "tokens")
@@ -127,7 +127,7 @@ def compare(runs: list[Run]) -> list[dict]:
         row = {"run": g[0].label if len(g) == 1 else f"{g[0].label} (+{len(g) - 1})",
                "runs": [str(r.path) for r in g], "seeds": sorted(r.recipe.get("train.seed", 0) for r in g),
                "differences": {k: g[0].recipe.get(k) for k in differing},
-               "settings": {k: g[0].settings[k] for k in salient if k in g[0].settings}}
+               "settings": {k: g[0].recipe[k] for k in salient if k in g[0].recipe}}
         for m in METRIC_KEYS:
             mean, std = _mean_std([r.metrics()[m] for r in g])
             row[m] = mean
@@ -139,29 +139,36 @@ def compare(runs: list[Run]) -> list[dict]:
     return rows
 
 
-def _fmt(v: float | None, std: float | None, digits: int) -> str:
+def _unit(values: list[float | None]) -> tuple[str, float]:
+    """One unit for a whole column of counts or rates (so that 9.2k and 11.8k, not 9151.7 and 11.8k)."""
+    top = max((abs(v) for v in values if v is not None), default=0.0)
+    return next(((u, s) for u, s in (("G", 1e9), ("M", 1e6), ("k", 1e3)) if top >= 10 * s), ("", 1.0))
+
+
+def _fmt(v: float | None, std: float | None, digits: int, unit: tuple[str, float] = ("", 1.0)) -> str:
     if v is None:
         return "-"
-    if abs(v) >= 1e4 and digits <= 1:
-        text = f"{v / 1e6:.2f}M" if abs(v) >= 1e6 else f"{v / 1e3:.1f}k"
-    else:
-        text = f"{v:.{digits}f}"
-    return text + (f" ± {std:.{digits}f}" if std is not None and digits > 1 else "")
+    if digits == 0:  # a count or a rate: in the column's unit
+        name, scale = unit
+        return f"{v / scale:.1f}{name}" if name else f"{v:.0f}"
+    return f"{v:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 COLUMNS = [("params", "total_params", 0), ("act.params", "activated_params", 0), ("FLOPs/tok", "flops_per_token", 0),
            ("train", "train_loss", 3), ("val", "val_loss", 3), ("ppl", "val_ppl", 2), ("sparsity", "sparsity", 2),
-           ("train tok/s", "train_tokens_per_s", 1), ("decode tok/s", "decode_tokens_per_s", 1)]
+           ("train tok/s", "train_tokens_per_s", 0), ("decode tok/s", "decode_tokens_per_s", 0)]
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Headers and cells for printing: run, seeds, the metrics, then its non-default settings that differ."""
-    headers = ["run", "seeds", *(h for h, _, _ in COLUMNS), "differs in (non-default settings)"]
+    """Headers and cells for printing: run, seeds, the metrics, then the settings that differ between rows
+    (as `--set` takes them)."""
+    headers = ["run", "seeds", *(h for h, _, _ in COLUMNS), "differs in"]
+    units = {k: _unit([r[k] for r in rows]) for _, k, _ in COLUMNS}
     cells = []
     for r in rows:
-        settings = " ".join(f"{k.removeprefix('model.')}={v}" for k, v in r["settings"].items()) or "-"
+        settings = " ".join(f"{k}={inline_toml(v)}" for k, v in r["settings"].items()) or "-"
         cells.append([r["run"], ",".join(map(str, r["seeds"])),
-                      *(_fmt(r[k], r[k + "_std"], d) for _, k, d in COLUMNS), settings])
+                      *(_fmt(r[k], r[k + "_std"], d, units[k]) for _, k, d in COLUMNS), settings])
     return headers, cells
 
 

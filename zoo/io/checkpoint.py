@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from zoo.errors import CheckpointError, ZooError
 from zoo.files import atomic_folder
 from zoo.model.build import build
 from zoo.recipe.recipe import load_recipe
-from zoo.runs import FORMAT, META, RECIPE, WEIGHTS, read_meta
+from zoo.runs import FORMAT, META, RECIPE, WEIGHTS, read_meta, resolve_checkpoint
+from zoo.schema import recipe_changes
 
 
 def sha256(path: Path) -> str:
@@ -77,6 +79,8 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
                 "zoo_version": __version__,
                 "parameters": sum((weights[n] if n in weights else p).numel() for n, p in model.named_parameters()),
                 "sha256": sha256(tmp / WEIGHTS),
+                "recipe_sha256": sha256(tmp / RECIPE),  # with "recipe": what load compares an edited recipe.toml to
+                "recipe": recipe.to_dict(),
                 "aliases": aliases,
                 "transforms": list(getattr(model, "zoo_transforms", [])),
                 **(meta or {}),
@@ -101,9 +105,27 @@ def _check_size(path: Path, skeleton: nn.Module) -> None:
                               f"{have:,} bytes: the recipe does not belong to these weights")
 
 
+def _warn_if_recipe_changed(path: Path, meta: dict[str, Any], recipe) -> None:
+    """One warning line naming the keys in which recipe.toml differs from the recipe the weights were saved
+    with: an edit is allowed (it is how a checkpoint is continued differently), a silent change is not."""
+    if meta.get("recipe_sha256") in (None, sha256(path / RECIPE)):
+        return
+    saved = meta.get("recipe")
+    if isinstance(saved, dict):
+        changes = recipe_changes(saved, json.loads(json.dumps(recipe.to_dict())))
+        if not changes:  # reformatted, comments: the same recipe
+            return
+        what = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    else:
+        what = "its saved copy is not in meta.json"
+    warnings.warn(f"{path / RECIPE} differs from the recipe the weights were saved with ({what}); "
+                  "loading it as it is now", stacklevel=3)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", registry=None) -> nn.Module:
-    """Rebuild the model saved in folder `path`; any mismatch raises CheckpointError."""
-    path = Path(path)
+    """Rebuild the model saved in folder `path` (or the newest checkpoint of run folder `path`); any mismatch
+    of the weights raises CheckpointError, a recipe.toml edited since saving is loaded with a warning."""
+    path = resolve_checkpoint(path)
     meta = read_meta(path)
     digest = sha256(path / WEIGHTS)
     if digest != meta["sha256"]:
@@ -117,6 +139,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", registry=None) ->
         raise
     except ZooError as err:
         raise CheckpointError(f"{path}: its recipe cannot be built here: {err}") from None
+    _warn_if_recipe_changed(path, meta, recipe)
     allowed = getattr(model, "TRANSFORMS", ())
     for transform in meta.get("transforms", []):
         if transform not in allowed:

@@ -10,6 +10,7 @@ from zoo.model.config import DTYPES
 from zoo.model.memory import allocator_failure, check_weights_fit
 from zoo.model.transformer import Transformer
 from zoo.registry import get_registry
+from zoo.schema import errors_located
 
 if TYPE_CHECKING:  # the recipe root composes the model's config: it sits above the model
     from zoo.recipe.recipe import Recipe
@@ -34,7 +35,7 @@ def build(recipe: Recipe, device: str | torch.device | None = None, registry=Non
 
 
 def _assemble(recipe: Recipe, device: str | torch.device, registry) -> Transformer:
-    with torch.device(device):
+    with torch.device(device), errors_located(recipe.source, recipe.origins):
         model = Transformer(recipe.model, registry, source=recipe.source)
     model.recipe = recipe
     return model.to(DTYPES[recipe.model.dtype])

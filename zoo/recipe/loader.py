@@ -27,15 +27,6 @@ def _mark(data: Any, prefix: str, file: str, origins: dict[str, str]) -> None:
             _mark(v, join_key(prefix, k), file, origins)
 
 
-def origin_of(path: str, origins: dict[str, str]) -> str | None:
-    """The file that set the key at `path` (or the nearest table above it), if recorded."""
-    while path:
-        if path in origins:
-            return origins[path]
-        path = path[: max(path.rfind("."), path.rfind("["), 0)]
-    return None
-
-
 MAX_DEPTH = 32  # tables and arrays nested deeper than this are surely a mistake (and would exhaust the stack)
 
 
@@ -116,6 +107,14 @@ def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = (), *,
     return deep_merge(base, data)
 
 
+def add_set_argument(parser, what: str = "a recipe key") -> None:
+    """The one definition of the command-line option `--set KEY=VALUE` (repeatable, read by parse_override
+    in order; `args.overrides`)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override {what}, e.g. --set model.n_layers=8 (repeatable; the value is TOML, else "
+                             "a bare string; docs/recipes.md)")
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'a.b.c=value' -> (['a','b','c'], value); value is TOML, else taken as a bare string."""
     key, sep, raw = item.partition("=")
@@ -179,6 +178,9 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None, *,
             if last:
                 node[step] = value
             else:
+                if isinstance(steps[i + 1], int) and isinstance(step, str) and step not in node:
+                    raise RecipeError(f"the recipe has no array here for [{steps[i + 1]}] to index; set the whole "
+                                      f"array instead, e.g. --set '{here}=[{{...}}]'", file=OVERRIDES, path=here)
                 nxt = node[step] if isinstance(step, int) else node.setdefault(step, {})
                 if isinstance(nxt, str) and not isinstance(steps[i + 1], int):
                     nxt = node[step] = {"kind": nxt}  # a block given by kind name: `ffn = "mlp"` + `ffn.hidden=`

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from zoo.schema import BlockSpec, Invalid, param, slot_field
+from zoo.schema import BlockSpec, Invalid, PathStr, param, slot_field
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class TrainConfig:
     ckpt_every: int = param(0, "checkpoint every N steps (0 = only at the end)", ge=0)
     keep_last: int = param(2, "checkpoints kept on disk", ge=1)
     compile: bool = param(False, "wrap the model in torch.compile")
-    init_from: str | None = param(None, "start from the weights of this zoo checkpoint (or run) folder; the "
-                                        "recipe may differ in sparsity, the tensors must match")
+    init_from: PathStr | None = param(None, "start from the weights of this zoo checkpoint (or run) folder; the "
+                                            "recipe may differ in sparsity, the tensors must match")
     schedule: BlockSpec = slot_field("schedule", {"kind": "cosine"}, "learning-rate / weight-decay schedule")
     layer_grad_norms: bool = param(False, "log the gradient norm of every transformer block")
     tensorboard: bool = param(False, "also log to TensorBoard (needs the tensorboard package)")

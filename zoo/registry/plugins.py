@@ -78,11 +78,17 @@ def _load_module(source: object) -> ModuleType:
 
 def load_registry(extra: list[tuple[str, ModuleType]] | None = None, *,
                   include_entry_points: bool = True) -> Registry:
-    """A fresh registry from built-ins, the `zoo` entry points (unless excluded) and `extra` (name, module)."""
+    """A fresh registry from built-ins, the `zoo` entry points (unless excluded) and `extra` (name, module).
+
+    An `extra` module replaces an installed entry point of the same name or module (a plugin tested from
+    its source tree while an older copy is installed)."""
     registry = Registry()
     pm = pluggy.PluginManager("zoo")
     pm.add_hookspecs(hookspecs)
-    todo = _candidates(include_entry_points) + [(PluginInfo(n, "<local>", ""), m) for n, m in (extra or [])]
+    local = [(PluginInfo(n, "<local>", ""), m) for n, m in (extra or [])]
+    shadowed = {info.name for info, _ in local} | {getattr(m, "__name__", None) for _, m in local}
+    todo = [(info, source) for info, source in _candidates(include_entry_points)
+            if not (info.name in shadowed or str(getattr(source, "value", "")).split(":")[0] in shadowed)] + local
     for info, source in todo:
         try:
             pm.register(_load_module(source), name=info.name)

@@ -15,7 +15,7 @@ from typing import Any
 
 from zoo.contracts import check
 from zoo.errors import PluginCollisionError, PluginError, RecipeError, UnknownNameError, ZooError, did_you_mean, one_of
-from zoo.schema import BlockSpec, Invalid, Validator, unsupported_field
+from zoo.schema import PATH, BlockSpec, Invalid, Validator, unsupported_field
 
 # The slots every zoo knows; plugins may add more with `registry.add_slot`.
 CORE_SLOTS = {
@@ -104,6 +104,8 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, str):
         return tp
     origin, args = typing.get_origin(tp), [a for a in typing.get_args(tp) if a is not Ellipsis]
+    if origin is typing.Annotated:
+        return "path" if PATH in args[1:] else _type_name(args[0])
     if origin is typing.Literal:
         return " | ".join(json.dumps(a) if isinstance(a, str) else repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -125,7 +127,7 @@ _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 def describe_config(config: type) -> list[FieldInfo]:
     """One FieldInfo per dataclass field: name, type, default (as TOML data), bounds and one-line doc."""
     try:
-        hints = typing.get_type_hints(config)
+        hints = typing.get_type_hints(config, include_extras=True)
     except Exception:  # an annotation that cannot be resolved here: show it as written
         hints = {}
     out = []
@@ -220,7 +222,7 @@ class Registry:
             text = (config.__doc__ or "").strip()
             if text.startswith(f"{config.__name__}("):  # the signature dataclasses writes when there is no docstring
                 text = ""
-            doc = text.splitlines()[0] if text else ""
+            doc = " ".join(text.split("\n\n")[0].split()) if text else ""  # the first paragraph, on one line
         self.entries[(slot, kind)] = Entry(slot, kind, config, factory, doc, who)
 
     # -- specs and building ------------------------------------------------------------------
