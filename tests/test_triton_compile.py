@@ -140,7 +140,8 @@ def test_the_autotuner_prunes_with_the_same_choice(monkeypatch, dtype, tf32, exp
 
     monkeypatch.setattr(dispatch, "interpreting", lambda: False)
     monkeypatch.setattr(moe, "BLOCK_M", 64)  # the CUDA value (this process interprets: 16)
-    tuned = dispatch.Tuned(moe._grouped_mm_kernel, moe._mm.configs, ["N_IN", "N_OUT"], moe._FIXED, moe._mm.fits)
+    tuned = dispatch.Tuned(moe._grouped_mm_kernel, moe._mm.configs, ["N_IN", "N_OUT", "PRECISION"], moe._FIXED,
+                           moe._mm.fits)
     named = {"x_ptr": torch.empty(64, 4096, device="meta", dtype=getattr(torch, dtype))}
     constexprs = {"GATHER": True, "PRECISION": "tf32" if tf32 else "ieee", "BLOCK_M": 64}
     tuned._autotuned.nargs = named

@@ -72,7 +72,8 @@ def _configs(sizes: list[tuple[int, int, int, int]]) -> list:
 BLOCK_M = 16 if interpreting() else 64
 SHARED_BUDGET = 163 * 1024  # bytes of shared memory per block on an A100: the smallest card (zoo/kernels/aot.py)
 # fp32 without TF32 multiplies on the FMA units with both tiles in registers: larger tiles spill (kilobytes on sm_80),
-# so it has its own small configs. Every config is compiled for sm_80 and sm_90 by tests/test_triton_compile.py.
+# so it has its own small configs (PRECISION is in the autotune key: a TF32 choice is not reused for ieee). Every
+# config is compiled for sm_80 and sm_90 by tests/test_triton_compile.py.
 _FMA = _configs([(64, 32, 8, 3), (32, 32, 4, 3), (64, 16, 4, 3)])
 _FIXED = {"BLOCK_N": 32, "BLOCK_K": 16}
 
@@ -103,10 +104,10 @@ def _dw_tiles(config) -> int:
 
 _mm = Tuned(_grouped_mm_kernel, [*_configs([(128, 64, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 4),
                                             (128, 128, 8, 3)]), *_FMA],
-            key=["N_IN", "N_OUT"], fixed=_FIXED, fits=_fits(_mm_tiles))
+            key=["N_IN", "N_OUT", "PRECISION"], fixed=_FIXED, fits=_fits(_mm_tiles))
 _dw = Tuned(_grouped_dw_kernel, [*_configs([(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3)]),
                                  *_FMA],
-            key=["N_IN", "N_OUT"], fixed=_FIXED, fits=_fits(_dw_tiles))
+            key=["N_IN", "N_OUT", "PRECISION"], fixed=_FIXED, fits=_fits(_dw_tiles))
 
 
 def _precision(dtype: torch.dtype) -> str:
