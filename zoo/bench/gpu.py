@@ -233,7 +233,7 @@ def worst_case(rows: list[dict]) -> list[dict]:
 
 
 def _commit() -> str:
-    proc = subprocess.run(["git", "-C", str(RECIPES.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+    proc = subprocess.run(["git", "-C", str(RECIPES.parent), "describe", "--always", "--dirty"], capture_output=True,
                           text=True)
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
@@ -251,13 +251,13 @@ def compile_only(args) -> int:
                             "interpreted, not compiled; unset it")
     import triton
 
-    rows = footprint_rows(args.cards, args.kernels, args.dtypes, args.batches, args.shapes)
-    table = rows if args.every_launch else worst_case(rows)
     header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "commit": _commit(), "triton": triton.__version__, "torch": torch.__version__,
               "cards": ", ".join(f"{c} = {aot.CARDS[c].name} ({aot.CARDS[c].multiprocessors} SMs, "
-                                 f"{aot.CARDS[c].shared_limit // 1024} KB shared per block)" for c in args.cards),
-              "compiled": f"{len(rows)} launches x configs, {len(table)} rows"}
+                                 f"{aot.CARDS[c].shared_limit // 1024} KB shared per block)" for c in args.cards)}
+    rows = footprint_rows(args.cards, args.kernels, args.dtypes, args.batches, args.shapes)
+    table = rows if args.every_launch else worst_case(rows)
+    header["compiled"] = f"{len(rows)} launches x configs, {len(table)} rows"
     if not args.json:
         table = [{**r, "grid": "x".join(map(str, r["grid"])), "issues": "; ".join(r["issues"]) or "ok"}
                  for r in table]
