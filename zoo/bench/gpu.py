@@ -22,7 +22,14 @@ import torch
 
 from zoo.bench import kernels
 from zoo.bench._measure import report
+from zoo.blocks.sparsity import build_topk
 from zoo.errors import ZooError
+from zoo.kernels import aot
+from zoo.kernels.dispatch import interpreting, recording
+from zoo.kernels.grouped import grouped_mm
+from zoo.kernels.ternary import TernaryWeight, ternary_matmul
+from zoo.kernels.topk_matmul import topk_matmul
+from zoo.recipe import load_recipe
 
 # (kernel row prefix, what is compared, goal): the GPU goals of docs/kernels.md
 GOALS = [("topk", "of_floor", 0.70, "sparse GEMV: fraction of measured HBM bandwidth on the bytes it reads"),
@@ -49,13 +56,12 @@ class CannotCompile(ZooError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from zoo.kernels.aot import CARDS
-
     p.add_argument("--tests", default=None, help="the repository's tests folder (default: beside the zoo package)")
     p.add_argument("--skip-tests", action="store_true", help="only the benchmarks")
     p.add_argument("--compile-only", action="store_true", help="no GPU: compile every Triton kernel for the cards, "
                    "print registers, shared memory, spills, grid")
-    p.add_argument("--cards", nargs="+", choices=list(CARDS), default=list(CARDS), help="--compile-only: the cards")
+    p.add_argument("--cards", nargs="+", choices=list(aot.CARDS), default=list(aot.CARDS),
+                   help="--compile-only: the cards")
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="--compile-only: the kernels")
     p.add_argument("--dtypes", nargs="+", choices=[*FLOATS, "int8"], default=[*FLOATS, "int8"],
                    help="--compile-only: operand dtypes (int8: the ternary kernel; fp32 includes TF32 for the MoE)")
@@ -136,13 +142,9 @@ def _tf32(allow: bool) -> Iterator[None]:
 
 
 def dense_calls(kernels, dtypes, batches, shapes) -> Iterator[Call]:
-    """The top-K and ternary kernels at the paper's 7B FFN (4096->11008, 11008->4096, keep 0.7)."""
-    import zoo
-    from zoo.blocks.sparsity import build_topk
-    from zoo.kernels import triton_ternary, triton_topk
-    from zoo.kernels.ternary import TernaryWeight
-
-    model = zoo.load_recipe(RECIPES / DENSE_RECIPE).model
+    """The top-K and ternary kernels at the paper's 7B FFN (4096->11008, 11008->4096, keep 0.7), called as
+    `prepare_inference`'s projections call them."""
+    model = load_recipe(RECIPES / DENSE_RECIPE).model
     d, hidden = model.d_model, model.ffn.config.hidden
     parts = {"7b-up": (d, hidden), "7b-down": (hidden, d)}
     for (shape, (d_in, d_out)), batch in product(((s, p) for s, p in parts.items() if s in shapes), batches):
@@ -151,34 +153,29 @@ def dense_calls(kernels, dtypes, batches, shapes) -> Iterator[Call]:
         if "topk" in kernels:
             for name in (t for t in FLOATS if t in dtypes):
                 vals, wt = _meta(n, k, dtype=FLOATS[name]), _meta(d_in, d_out, dtype=FLOATS[name])
-                yield Call("topk", name, shape, batch, partial(triton_topk.topk_matmul, vals, idx, wt))
+                yield Call("topk", name, shape, batch, partial(topk_matmul, vals, idx, wt, impl="triton"))
         if "ternary" in kernels and "int8" in dtypes:
             weight = TernaryWeight(d_in, d_out, packed=_meta(d_in, -(-d_out // 4), dtype=torch.uint8))
             scale = _meta(n, dtype=torch.float32)
-            yield Call("ternary", "int8", shape, batch,
-                       partial(triton_ternary.ternary_matmul, _meta(n, d_in, dtype=torch.int8), weight, scale))
-            yield Call("ternary", "int8", shape, batch,
-                       partial(triton_ternary.ternary_matmul, _meta(n, k, dtype=torch.int8), weight, scale, idx))
+            dense, kept = _meta(n, d_in, dtype=torch.int8), _meta(n, k, dtype=torch.int8)
+            for xq, indices in ((dense, None), (kept, idx)):
+                yield Call("ternary", "int8", shape, batch,
+                           partial(ternary_matmul, xq, weight, scale, indices, impl="triton"))
 
 
-def _moe_step(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor | None, offsets: torch.Tensor, tf32: bool) -> None:
-    """Forward and backward of the Triton grouped matmul as the `triton` kernel backend calls it (w [E, out, in]
-    passed as its transposed view)."""
-    from zoo.kernels.triton_moe import GroupedMatmul
-
+def _moe_step(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor | None, tf32: bool) -> None:
+    """Forward and backward of the Triton grouped matmul, as the `triton` kernel backend calls it."""
     with _tf32(tf32):
-        y = GroupedMatmul.apply(x, w.transpose(1, 2), rows, offsets)
+        y = grouped_mm(x, w, offsets, rows, impl="triton")
         y.backward(torch.empty_like(y))
 
 
 def moe_calls(dtypes, batches, shapes) -> Iterator[Call]:
     """The grouped matmul, forward and backward, at the Mixtral and OLMoE experts: the GLU's gate+up projection
     (d -> 2·hidden, token rows gathered in the kernel) and its down projection (hidden -> d, rows sorted)."""
-    import zoo
-
     precisions = [(name, tf32) for name in FLOATS if name in dtypes for tf32 in (False, True)[:1 + (name == "fp32")]]
     for recipe, path in MOE_RECIPES.items():
-        model = zoo.load_recipe(RECIPES / path).model
+        model = load_recipe(RECIPES / path).model
         cfg = model.ffn.config
         d, hidden, experts = model.d_model, cfg.expert.config.hidden, cfg.num_experts
         parts = {f"{recipe}-up": (d, 2 * hidden, True), f"{recipe}-down": (hidden, d, False)}
@@ -188,16 +185,13 @@ def moe_calls(dtypes, batches, shapes) -> Iterator[Call]:
             x = _meta(tokens if gather else rows, d_in, dtype=FLOATS[name], grad=True)
             w = _meta(experts, d_out, d_in, dtype=FLOATS[name], grad=True)
             order = _meta(rows, dtype=torch.int64) if gather else None
-            yield Call("moe", name + "/tf32" * tf32, shape, batch,
-                       partial(_moe_step, x, w, order, _meta(experts + 1, dtype=torch.int64), tf32))
+            ends = _meta(experts, dtype=torch.int32)  # offsets: each expert's last row + 1
+            yield Call("moe", name + "/tf32" * tf32, shape, batch, partial(_moe_step, x, w, ends, order, tf32))
 
 
 def footprint_rows(cards: list[str], kernels, dtypes, batches, shapes=SHAPES) -> list[dict]:
     """Every launch of every call, compiled for each card at every config it may run at: one dict per
     (card, call, launch, config)."""
-    from zoo.kernels import aot
-    from zoo.kernels.dispatch import recording
-
     calls = [*dense_calls(kernels, dtypes, batches, shapes),
              *(moe_calls(dtypes, batches, shapes) if "moe" in kernels else ())]
     rows = []
@@ -240,9 +234,6 @@ def _commit() -> str:
 
 def compile_only(args) -> int:
     """The footprint table; exit 1 when any compiled kernel breaks a limit of its card."""
-    from zoo.kernels import aot
-    from zoo.kernels.dispatch import interpreting
-
     missing = aot.missing_tools()
     if missing:
         raise CannotCompile(f"zoo bench gpu --compile-only: cannot compile Triton kernels for CUDA: {missing}")

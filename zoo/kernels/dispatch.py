@@ -48,10 +48,11 @@ def interpreting() -> bool:
 
 
 def triton_module(name: str, device: torch.device) -> ModuleType:
-    """Import zoo.kernels.<name> (the module that imports triton), checking it can run on `device`."""
+    """Import zoo.kernels.<name> (the module that imports triton), checking it can run on `device` (any device
+    inside `recording`, where nothing runs)."""
     if not triton_available():
         raise KernelUnavailable("the triton package is not installed (it is a Linux-only dependency)")
-    if device.type != "cuda" and not interpreting():
+    if device.type != "cuda" and not interpreting() and _RECORDING.get() is None:
         raise KernelUnavailable(f"Triton kernels need CUDA tensors (got {device}) or TRITON_INTERPRET=1")
     return importlib.import_module(f"zoo.kernels.{name}")
 
