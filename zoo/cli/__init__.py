@@ -100,8 +100,10 @@ def report(code: int, line: str, with_traceback: bool, launched: bool) -> int:
     There rank 0 alone prints a user error (every rank usually makes the same one; torchrun's report shows
     another rank's own), and a rank of zoo's launcher prints nothing (zoo.train.launch prints it, once)."""
     text = (traceback.format_exc() if with_traceback else "") + line
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchelastic's format; `exitcode` is zoo's
-        record = {"message": text, "timestamp": time.time(), "exitcode": code}
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchelastic's format, and zoo's fields for zoo.train.launch
+        now = time.time()
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}},
+                  "zoo": {"text": text, "exitcode": code, "time": now}}
         Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps(record))
     if not launched and (code == 1 or os.environ.get("RANK", "0") == "0"):
         print(text, file=sys.stderr)

@@ -51,12 +51,12 @@ def report_failure(logs: Path, failures: dict) -> int:
     signal, e.g. by the kernel's out-of-memory killer) is named with its status."""
     records = []
     for file in logs.glob("*/attempt_*/*/error.json"):
-        rec = json.loads(file.read_text())
-        if "exitcode" in rec:  # written by zoo.cli.report
-            records.append((rec["exitcode"] != 2, rec["timestamp"], int(file.parent.name), rec))
+        rec = json.loads(file.read_text()).get("zoo")  # written by zoo.cli.report
+        if rec:
+            records.append((rec["exitcode"] != 2, rec["time"], int(file.parent.name), rec))
     if records:
         rec = min(records, key=lambda r: r[:3])[3]
-        print(rec["message"], file=sys.stderr)
+        print(rec["text"], file=sys.stderr)
         return rec["exitcode"]
     rank, failure = min(failures.items())
     how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with status {failure.exitcode}"

@@ -240,7 +240,7 @@ def check_launch(recipe, world: int, local_rank: int = 0) -> tuple[torch.device,
     if world == 1:
         return device, ""
     if cfg.strategy == "none":
-        raise RecipeError(f"launched on {world} processes (WORLD_SIZE={world}) but parallel.strategy is 'none'; "
+        raise RecipeError(f"launched on {world} processes but parallel.strategy is 'none'; "
                           "set it to 'ddp' or 'fsdp'", file=src, path="parallel.strategy")
     per_step = recipe.train.grad_accum * world
     if recipe.train.batch_size % per_step:
