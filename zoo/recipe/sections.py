@@ -22,8 +22,8 @@ class TrainConfig:
     seed: int = param(0, "random seed for init, data order and dropout", ge=0)
     precision: Literal["fp32", "bf16"] = param("fp32", "autocast precision of the forward pass")
     device: Literal["auto", "cpu", "cuda"] = param(
-        "auto", "where the model and batches live: auto = cuda if available (under torchrun: the LOCAL_RANK-th "
-                "GPU), else cpu")
+        "auto", "where the model and batches live: auto = cuda if available (on several processes: the "
+                "LOCAL_RANK-th GPU), else cpu")
     eval_every: int = param(100, "validate every N steps (0 = only at the end)", ge=0)
     eval_batches: int = param(8, "validation batches per evaluation", ge=1)
     log_every: int = param(10, "write a metrics line every N steps", ge=1)
@@ -52,10 +52,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the ranks of a torchrun launch share the training work."""
+    """How the ranks of a launch on several processes (`zoo train --nproc-per-node`, torchrun) share the work."""
 
     strategy: Literal["none", "ddp", "fsdp"] = param(
-        "none", "data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded weights)")
+        "none", "data parallelism on several processes: ddp (replicated weights) or fsdp (FSDP2, sharded weights)")
     backend: Literal["auto", "gloo", "nccl"] = param(
         "auto", "torch.distributed backend; auto = nccl when train.device is CUDA, else gloo")
     expert_parallel: int = param(
