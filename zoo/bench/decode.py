@@ -25,9 +25,12 @@ VARIANTS = [*DENSE, ("qsparse keep 0.5", TOPK, False, "auto"), ("bitnet b1.58", 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default=str(RECIPE), help="the dense recipe (default: the paper's 300M shape)")
+    p.add_argument("--recipe", default=str(RECIPE), metavar="RECIPE|NAME|DIR",
+                   help="the dense recipe, or the recipe of a catalogue model or checkpoint (its shapes; weights "
+                        "are random) (default: the paper's 300M shape)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the dense recipe, e.g. --set model.n_layers=4")
+                   help="override a key of the dense recipe, e.g. --set model.n_layers=4 or a training-free "
+                        "--set 'model.sparsity={kind=\"topk\", keep=0.5}' on every variant")
     p.add_argument("--tokens", type=int, default=12, help="decode steps timed per model and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models (the fastest step counts)")
     p.add_argument("--prompt", type=int, default=8, help="prompt length before decoding")
@@ -50,8 +53,19 @@ def decode_ms(model: torch.nn.Module, prompt: int, tokens: int) -> Timing:
         return time_ms(step, [(nxt,)], torch.device("cpu"), repeat=tokens, warmup=3)
 
 
+def recipe_file(value: str) -> str:
+    """A recipe file as given, else the recipe.toml of a catalogue model, run or checkpoint folder."""
+    if Path(value).is_file():
+        return value
+    from zoo.io.checkpoint import RECIPE as RECIPE_FILE
+    from zoo.train.state import resolve_checkpoint
+
+    return str(resolve_checkpoint(value) / RECIPE_FILE)
+
+
 def run(args) -> int:
     apply_threads(args)
+    args.recipe = recipe_file(args.recipe)
     overrides = ["model.max_seq_len=256", *args.overrides]
     models = []  # all built first, then timed in interleaved rounds: a slow moment of the machine hits every model
     for name, extra, freeze, prepare in VARIANTS:

@@ -95,6 +95,15 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override a recipe key, e.g. --set model.n_layers=8 (value parsed as TOML)")
 
 
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """NAME_OR_DIR and repeated --set, shared by commands that load a model (eval, generate, calibrate)."""
+    p.add_argument("run", metavar="NAME_OR_DIR",
+                   help="a catalogue model (zoo models), a run folder (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the model's recipe at load, e.g. --set 'model.sparsity={kind=\"topk\", "
+                        "keep=0.5}' (the tensors must still match)")
+
+
 def print_json(obj: object) -> None:
     """One JSON document on stdout (tuples as arrays; anything else non-JSON as its str)."""
     print(json.dumps(obj, indent=2, default=str))

@@ -1,14 +1,19 @@
-"""`zoo eval DIR [--data PATH ...] [--json]`."""
+"""`zoo eval NAME_OR_DIR [--set KEY=VALUE ...] [--data PATH ...] [--json]`."""
 
 from __future__ import annotations
 
 
 def add_parser(sub):
+    from zoo.cli import add_load_args
+
     p = sub.add_parser("eval", help="validation loss, perplexity, measured sparsity, expert load, activated params")
-    p.add_argument("run", metavar="DIR", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    add_load_args(p)
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="evaluate on these text / JSONL files or folders instead of the recipe's validation split")
     p.add_argument("--batches", type=int, metavar="N", help="batches to evaluate (default: the recipe's eval_batches)")
+    p.add_argument("--heldout", action="store_true",
+                   help="also report the two held-out texts: the KJV's last 2,048 tokens and Python standard-library "
+                        "modules (zoo.eval.heldout)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return p
 
@@ -22,7 +27,7 @@ def run(args) -> int:
     from zoo.train.state import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.run)
-    model = load(ckpt)
+    model = load(ckpt, overrides=args.overrides)
     recipe, cfg = model.recipe, model.recipe.train
     tok = checkpoint_tokenizer(ckpt, recipe)
     if args.data:
@@ -32,6 +37,10 @@ def run(args) -> int:
     seq_len = min(cfg.seq_len, recipe.model.max_seq_len)
     batches = list(val_batches(tokens, seq_len, cfg.batch_size, args.batches or cfg.eval_batches))
     report = {"checkpoint": str(ckpt), **evaluate(model, batches, cfg.precision)}
+    if args.heldout:
+        from zoo.eval.heldout import heldout
+
+        report["heldout"] = heldout(model, tok, precision=cfg.precision)
     if args.json:
         print_json(report)
         return 0
@@ -46,5 +55,9 @@ def run(args) -> int:
         loads = " ".join(f"{v:.2f}" for v in e["load"])
         rows.append([f"expert load {e['module']}", f"{loads}  (cv {e['load_cv']:.2f}, router entropy "
                                                     f"{e['router_entropy']:.2f} nats)"])
+    for name, r in report.get("heldout", {}).items():
+        if isinstance(r, dict):
+            rows.append([f"held-out {name} ({r['tokens']} tokens)",
+                         f"perplexity {r['ppl']:.3f}  (loss {r['loss']:.4f}, sparsity {r['sparsity']:.3f})"])
     print_table(rows)
     return 0

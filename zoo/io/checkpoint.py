@@ -128,19 +128,25 @@ def _check_size(path: Path, skeleton: nn.Module) -> None:
                               f"{have:,} bytes: the recipe does not belong to these weights")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", registry=None) -> nn.Module:
-    """Rebuild the model saved in folder `path`; any mismatch raises CheckpointError."""
+def load(path: str | Path, device: str | torch.device = "cpu", registry=None,
+         overrides: list[str] | dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild the model saved in folder `path` (or catalogue model `path`); any mismatch raises CheckpointError.
+
+    `overrides` (`a.b=value`, as `--set`) change its recipe first, e.g. a training-free sparsity;
+    the tensors must still match.
+    """
+    from zoo.io.pretrained import resolve
     from zoo.model.build import build
     from zoo.recipe.recipe import load_recipe
 
-    path = Path(path)
+    path = resolve(path)
     meta = read_meta(path)
     digest = sha256(path / WEIGHTS)
     if digest != meta["sha256"]:
         raise CheckpointError(f"{path / WEIGHTS}: sha256 {digest[:12]}… does not match meta.json "
                               f"({meta['sha256'][:12]}…): the file is corrupt or was changed")
     try:
-        recipe = load_recipe(path / RECIPE)
+        recipe = load_recipe(path / RECIPE, overrides)
         _check_size(path, build(recipe, device="meta", registry=registry))
         model = build(recipe, device=device, registry=registry)
     except CheckpointError:

@@ -132,11 +132,20 @@ def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = (), *,
         raise RecipeError("expected a path string (relative to this file)", file=str(path), path="extends")
     target = path.parent / parent
     if not is_file(target):
+        target = _catalogue_recipe(parent) or target
+    if not is_file(target):
         raise RecipeError(f"extends {parent!r}, which does not exist ({target})", file=str(path), path="extends")
     base = read_with_extends(target, (*_stack, real), origins=origins)
     if origins is not None:
         _mark(data, "", str(path), origins)
     return deep_merge(base, data)
+
+
+def _catalogue_recipe(name: str) -> Path | None:
+    """The recipe.toml of catalogue model `name` (imported on first use), or None if it is not one."""
+    from zoo.io.pretrained import is_name, resolve
+
+    return resolve(name) / "recipe.toml" if is_name(name) else None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

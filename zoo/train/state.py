@@ -122,8 +122,10 @@ def load_train_state(ckpt: Path, load_optimizer: Callable[[dict], None]) -> Trai
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
-    path = Path(path)
+    """A checkpoint folder, a run folder (its newest checkpoint) or a catalogue model's name."""
+    from zoo.io.pretrained import resolve
+
+    path = resolve(path)
     if (path / META).is_file():
         read_meta(path)
         return path

@@ -73,6 +73,8 @@ class Converter:
     gguf: ClassVar[GGUFLayout | None] = None
     # zoo ModelConfig -> config.json for `zoo export hf`; None: the architecture is import-only.
     config: ClassVar[Callable[..., dict[str, Any]] | None] = None
+    # bumped when the mapping changes, so that catalogue imports made by an older one are redone
+    version: ClassVar[int] = 1
 
     def recipe(self, cfg: HFConfig) -> dict[str, Any]:
         """config.json -> the zoo `[model]` table of a model computing the same function."""
