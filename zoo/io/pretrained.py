@@ -254,8 +254,17 @@ def import_source(name: str, model: Pretrained, src: Path, digest: str, out: Pat
 
 
 def resolve(value: str | os.PathLike) -> Path:
-    """A catalogue name -> its imported checkpoint folder; anything else -> the path as given."""
-    return checkpoint(os.fspath(value)) if is_name(value) else Path(value)
+    """A catalogue name -> its imported checkpoint folder; anything else -> the path as given (a missing one
+    that looks like a misspelt name: CheckpointError with "did you mean")."""
+    text = os.fspath(value)
+    if is_name(text):
+        return checkpoint(text)
+    path = Path(text)
+    hint = "" if path.exists() or os.sep in text else did_you_mean(text, names())
+    if hint:
+        raise CheckpointError(f"{text}: no such checkpoint or run folder, nor a model in the catalogue{hint}; "
+                              "`zoo models` lists them")
+    return path
 
 
 def status(name: str) -> dict[str, Any]:
