@@ -253,6 +253,9 @@ class Validator:
             args = typing.get_args(tp)
             if v is None and type(None) in args:
                 return None
+            alone = [a for a in args if a is not type(None)]
+            if len(alone) == 1:  # `X | None`: X's own error, with its key path
+                return self.value(alone[0], v, path)
             errors = []
             for a in (a for a in args if a is not type(None)):
                 try:

@@ -9,6 +9,15 @@ from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Distillation: loss = cross-entropy + weight · T² · KL(teacher_T ‖ student_T), at temperature T."""
+
+    teacher: str = param(doc="the teacher: a catalogue model, run or checkpoint folder (same vocabulary)")
+    weight: float = param(1.0, "weight of the KL term (0: plain training)", ge=0)
+    temperature: float = param(1.0, "softmax temperature of both distributions", gt=0)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How long and how to train."""
 
@@ -31,6 +40,7 @@ class TrainConfig:
     compile: bool = param(False, "wrap the model in torch.compile")
     init_from: str | None = param(None, "start from the weights of this zoo checkpoint (or run) folder; the "
                                         "recipe may differ in sparsity, the tensors must match")
+    distill: DistillConfig | None = param(None, "distil from a teacher model (e.g. the dense original of a retrofit)")
     schedule: BlockSpec = slot_field("schedule", {"kind": "cosine"}, "learning-rate / weight-decay schedule")
     layer_grad_norms: bool = param(False, "log the gradient norm of every transformer block")
     tensorboard: bool = param(False, "also log to TensorBoard (needs the tensorboard package)")

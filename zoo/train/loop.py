@@ -28,6 +28,7 @@ from zoo.kernels import prepare_inference
 from zoo.model.accounting import account
 from zoo.model.build import build
 from zoo.recipe.recipe import Recipe, load_recipe
+from zoo.train.distill import kl_loss, load_teacher
 from zoo.train.parallel import setup
 from zoo.train.state import TrainState, load_train_state, resolve_checkpoint, save_checkpoint, step_dirs
 
@@ -180,6 +181,7 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
         copy_weights(model, cfg.init_from, "train.init_from")
     if resume:
         copy_weights(model, ckpt, "--resume")
+    teacher = load_teacher(cfg.distill, model, par.device) if cfg.distill else None
     fwd = par.wrap(model)
     registry = get_registry()
     opt = registry.get("optimizer", recipe.optim.kind).factory(recipe.optim.config, model.parameters())
@@ -217,6 +219,11 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
                 state.samples += micro
                 with autocast(cfg.precision, par.device):
                     o = fwd(x, y)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            target = teacher(x).logits
+                        o.aux_losses["distill"] = cfg.distill.weight * kl_loss(o.logits, target,
+                                                                              cfg.distill.temperature)
                 (o.total_loss / cfg.grad_accum).backward()
                 loss_sum += float(o.loss.detach()) / cfg.grad_accum
                 for k, v in o.aux_losses.items():
