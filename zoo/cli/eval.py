@@ -14,6 +14,12 @@ def add_parser(sub):
     p.add_argument("--heldout", action="store_true",
                    help="also report the two held-out texts: the KJV's last 2,048 tokens and Python standard-library "
                         "modules (zoo.eval.heldout)")
+    p.add_argument("--tasks", metavar="T1,T2",
+                   help="run these lm-eval tasks instead (zoo's local ones: zoo_kjv_next_verse, zoo_kjv_rolling, "
+                        "zoo_stdlib_rolling; any lm-eval task whose data is local); needs the eval extra. For a run "
+                        "folder the scores are also written to its tasks.json, which zoo compare shows")
+    p.add_argument("--limit", type=int, metavar="N", help="with --tasks: at most N documents per task")
+    p.add_argument("--include", metavar="DIR", help="with --tasks: a folder of lm-eval task YAML files")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return p
 
@@ -30,6 +36,8 @@ def run(args) -> int:
     model = load(ckpt, overrides=args.overrides)
     recipe, cfg = model.recipe, model.recipe.train
     tok = checkpoint_tokenizer(ckpt, recipe)
+    if args.tasks:
+        return run_tasks(args, ckpt, model, tok)
     if args.data:
         tokens = token_file(Files(FilesConfig(paths=tuple(args.data)), key="--data"), tok)
     else:
@@ -60,4 +68,34 @@ def run(args) -> int:
             rows.append([f"held-out {name} ({r['tokens']} tokens)",
                          f"perplexity {r['ppl']:.3f}  (loss {r['loss']:.4f}, sparsity {r['sparsity']:.3f})"])
     print_table(rows)
+    return 0
+
+
+def run_tasks(args, ckpt, model, tok) -> int:
+    """`--tasks`: lm-eval scores; a run folder keeps them in tasks.json (merged by task) for zoo compare."""
+    import json
+    from pathlib import Path
+
+    from zoo.cli import UsageError, print_json, print_table
+    from zoo.eval.harness import ZooLM, end_of_text
+    from zoo.eval.harness import run_tasks as evaluate_tasks
+    from zoo.files import write_atomic
+    from zoo.train.loop import RECIPE_FILE
+
+    if args.data or args.heldout or args.batches:
+        raise UsageError("zoo eval: --tasks runs lm-eval; it does not combine with --data, --heldout or --batches")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("zoo eval: --limit must be >= 1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    scores = evaluate_tasks(ZooLM(model, tok, end_of_text(ckpt, tok)), tasks, args.limit, args.include)
+    run = Path(args.run)
+    if (run / RECIPE_FILE).is_file() and not args.overrides:
+        path = run / "tasks.json"
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        write_atomic(path, json.dumps({**old, **scores}, indent=2) + "\n")
+    if args.json:
+        print_json({"checkpoint": str(ckpt), "tasks": scores})
+        return 0
+    print_table([[task, metric, f"{value:.4f}"] for task, metrics in scores.items()
+                 for metric, value in metrics.items()], ["TASK", "METRIC", "VALUE"])
     return 0

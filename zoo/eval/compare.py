@@ -20,6 +20,7 @@ from zoo.train.loop import METRICS, RECIPE_FILE, SUMMARY, flatten
 
 METRIC_KEYS = ("total_params", "activated_params", "flops_per_token", "train_loss", "val_loss", "val_ppl",
                "sparsity", "train_tokens_per_s", "decode_tokens_per_s", "tokens")
+TASKS = "tasks.json"  # lm-eval scores of a run, written by `zoo eval RUN --tasks ...`
 # not differences between runs: seeds group, the rest only changes what is logged
 IGNORED = ("name", "train.seed", "train.layer_grad_norms", "train.tensorboard", "train.log_every")
 
@@ -35,6 +36,7 @@ class Run:
     settings: dict = field(default_factory=dict)
     label: str = ""
     layer_grads: list[tuple[int, list[float]]] = field(default_factory=list)  # (step, norm per block)
+    tasks: dict[str, float] = field(default_factory=dict)  # "task/metric" -> score, from tasks.json (zoo eval --tasks)
 
     def metrics(self) -> dict[str, float | None]:
         s, acc = self.summary, self.summary["accounting"]
@@ -81,7 +83,11 @@ def load_run(path: str | Path) -> Run:
         elif rec.get("layer_grad_norms"):
             layer_grads.append((rec["step"], rec["layer_grad_norms"]))
     recipe = load_recipe(path / RECIPE_FILE)
-    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name, layer_grads)
+    tasks = {}
+    if (path / TASKS).is_file():
+        scores = json.loads((path / TASKS).read_text(encoding="utf-8"))
+        tasks = {f"{task}/{metric}": v for task, metrics in scores.items() for metric, v in metrics.items()}
+    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name, layer_grads, tasks)
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
@@ -132,6 +138,7 @@ def compare(runs: list[Run]) -> list[dict]:
             mean, std = _mean_std([r.metrics()[m] for r in g])
             row[m] = mean
             row[m + "_std"] = std
+        row["tasks"] = {k: _mean_std([r.tasks.get(k) for r in g])[0] for k in sorted({k for r in g for k in r.tasks})}
         per_layer = [np.mean([n for _, n in r.layer_grads], axis=0) for r in g if r.layer_grads]
         if per_layer and len({len(v) for v in per_layer}) == 1:  # mean over steps, then over seeds
             row["layer_grad_norms"] = np.mean(per_layer, axis=0).round(6).tolist()
@@ -156,12 +163,14 @@ COLUMNS = [("params", "total_params", 0), ("act.params", "activated_params", 0),
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Headers and cells for printing: run, seeds, the metrics, then its non-default settings that differ."""
-    headers = ["run", "seeds", *(h for h, _, _ in COLUMNS), "differs in (non-default settings)"]
+    tasks = sorted({k for r in rows for k in r.get("tasks", {})})
+    headers = ["run", "seeds", *(h for h, _, _ in COLUMNS), *tasks, "differs in (non-default settings)"]
     cells = []
     for r in rows:
         settings = " ".join(f"{k.removeprefix('model.')}={v}" for k, v in r["settings"].items()) or "-"
         cells.append([r["run"], ",".join(map(str, r["seeds"])),
-                      *(_fmt(r[k], r[k + "_std"], d) for _, k, d in COLUMNS), settings])
+                      *(_fmt(r[k], r[k + "_std"], d) for _, k, d in COLUMNS),
+                      *(_fmt(r.get("tasks", {}).get(k), None, 4) for k in tasks), settings])
     return headers, cells
 
 
