@@ -101,3 +101,27 @@ def test_the_model_knows_things(smollm2, smollm2_model, cli):
     with torch.no_grad():
         loss = smollm2_model(ids[:, :-1], ids[:, 1:]).loss
     assert float(loss.exp()) < 30  # 13.4 measured; a wrong tokenizer or weight layout gives hundreds or more
+
+
+def test_retrofit_recipes_resolve_and_a_distilled_step_runs(smollm2, smollm2_model):
+    """recipes/retrofit: every recipe builds on the catalogue model (same tokens: data, seed, batch and steps
+    as the dense control), and one distillation step of the Q-Sparse student has a positive KL and finite
+    gradients. (The continue-training runs themselves are recipes, not tests.)"""
+    from zoo.train.distill import kl_loss
+
+    recipes = {p.stem: zoo.load_recipe(p) for p in sorted((ROOT / "recipes" / "retrofit").glob("*.toml"))}
+    assert set(recipes) == {"smollm2-dense", "smollm2-qsparse", "smollm2-qsparse-distill", "smollm2-block-qsparse"}
+    control = recipes["smollm2-dense"]
+    for r in recipes.values():
+        assert r.train.init_from == NAME and r.model.d_model == 576
+        assert (r.train.seed, r.train.steps, r.train.batch_size, r.train.seq_len, r.data) == \
+               (control.train.seed, control.train.steps, control.train.batch_size, control.train.seq_len, control.data)
+    student = zoo.build(recipes["smollm2-qsparse-distill"])
+    student.load_state_dict(smollm2_model.state_dict())
+    x = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        teacher = smollm2_model(x).logits
+    out = student(x[:, :-1], x[:, 1:])
+    kl = kl_loss(out.logits, teacher[:, :-1], recipes["smollm2-qsparse-distill"].train.distill.temperature)
+    (out.loss + kl).backward()
+    assert kl.item() > 0 and all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
