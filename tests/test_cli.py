@@ -152,7 +152,9 @@ def test_paper_7b_builds_without_allocating():
     assert int(p.stderr.strip().splitlines()[-1]) < 2 * 1024 * 1024  # ru_maxrss in KiB: under 2 GiB
 
 
-@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.toml")))
+# recipes/retrofit/ extends a catalogue model (needs its plugin and weights): tests/test_smollm2.py builds those
+@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.toml")
+                                          if p.parent.name != "retrofit"))
 def test_every_shipped_recipe_builds_on_meta(cli, recipe):
     r = cli("build", RECIPES / recipe, "--json")
     assert r.code == 0, r.err

@@ -147,10 +147,18 @@ def entry(name: str) -> Pretrained:
     return get_registry().get(SLOT, name).factory()
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists, but a name the OS rejects (too long, NUL byte) simply does not exist."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def is_name(value: str | os.PathLike) -> bool:
     """Whether `value` names a catalogue model rather than a path (a path that exists wins)."""
     text = os.fspath(value)
-    return text in names() and not Path(text).exists()
+    return text in names() and not _exists(Path(text))
 
 
 def source_sha256(path: Path) -> str:
@@ -260,7 +268,7 @@ def resolve(value: str | os.PathLike) -> Path:
     if is_name(text):
         return checkpoint(text)
     path = Path(text)
-    hint = "" if path.exists() or os.sep in text else did_you_mean(text, names())
+    hint = "" if _exists(path) or os.sep in text else did_you_mean(text, names())
     if hint:
         raise CheckpointError(f"{text}: no such checkpoint or run folder, nor a model in the catalogue{hint}; "
                               "`zoo models` lists them")
