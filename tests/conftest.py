@@ -18,7 +18,6 @@ from types import ModuleType  # noqa: E402
 import pytest  # noqa: E402
 
 import zoo  # noqa: E402
-from zoo.recipe.schema import ROLE_PARENTS  # noqa: E402
 from zoo.registry import load_registry, set_registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,10 +99,9 @@ def cli(capsys) -> Callable[..., CliResult]:
 def plugin_registry() -> Iterator[Callable[..., zoo.registry.Registry]]:
     """`plugin_registry(("name", module), ...)`: make built-ins + these plugin modules the process registry.
 
-    Installed entry points are left out so the test sees exactly what it registers; the previous
-    registry and projection roles come back at teardown.
+    Installed entry points are left out so the test sees exactly what it registers (its projection roles
+    included: they live on the registry); the process registry is forgotten at teardown.
     """
-    roles = dict(ROLE_PARENTS)
 
     def use(*plugins: tuple[str, ModuleType]) -> zoo.registry.Registry:
         registry = load_registry(list(plugins), include_entry_points=False)
@@ -112,8 +110,6 @@ def plugin_registry() -> Iterator[Callable[..., zoo.registry.Registry]]:
 
     yield use
     set_registry(None)
-    ROLE_PARENTS.clear()
-    ROLE_PARENTS.update(roles)
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import torch
 
 import zoo
 from tests.tiny import tiny_run
+from zoo.runs import resolve_checkpoint
 from zoo.train.loop import train
-from zoo.train.state import resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"train__steps": 4, "train__eval_every": 0, "train__log_every": 1, "train__grad_accum": 2}

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from zoo.model.config import LayerPattern, ModelConfig
 from zoo.recipe.recipe import Recipe
-from zoo.recipe.schema import ROLE_PARENTS, ROLE_SLOTS
 from zoo.registry import get_registry
+from zoo.schema import ROLE_SLOTS
 
 SPAN = 6  # valid numbers are drawn in [lower bound, lower bound + SPAN]: small models
 MAX_NESTING = 4  # blocks inside blocks (an MoE's expert FFN, a GLU's activation) are drawn this deep
@@ -83,7 +83,7 @@ def block(slot: str, depth: int = 0, roles: bool = True) -> st.SearchStrategy[di
         body = table(registry.get(slot, kind).config, depth + 1).map(lambda d: {"kind": kind, **d})
         if not (roles and slot in ROLE_SLOTS):
             return body
-        overrides = st.dictionaries(st.sampled_from(sorted(ROLE_PARENTS)), block(slot, depth + 1, roles=False),
+        overrides = st.dictionaries(st.sampled_from(sorted(registry.roles)), block(slot, depth + 1, roles=False),
                                     max_size=2)
         return st.tuples(body, overrides).map(lambda t: {**t[0], "roles": t[1]} if t[1] else t[0])
 

@@ -42,11 +42,11 @@ class HalfConfig:
     """keeps half of each input (for accounting tests)"""
 
 
-class Half(nn.Identity):
+class Half(nn.Identity, zoo.contracts.Sparsity):
     keep_fraction = 0.5
 
 
-class Quarter(nn.Module):
+class Quarter(zoo.contracts.FFN):
     """Wraps the layer's FFN; as if each token reached one expert of four."""
 
     token_fraction = 0.25
@@ -54,6 +54,9 @@ class Quarter(nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def test_frozen_projection_stores_the_packed_ternary_weight_and_beta():
     assert lin.packed.shape == (13, 2) and lin.packed.dtype == torch.uint8
     assert torch.equal(unpack_ternary(lin.packed, 7), w)
     torch.testing.assert_close(lin.scale, beta.reshape(1))
-    assert lin.packed_nbytes() == 13 * 2 + 4 + 7 * 4
+    assert lin.inference_nbytes() == 13 * 2 + 4 + 7 * 4
 
 
 def tiny(name, *overrides):

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_save_refuses_to_replace_a_non_checkpoint(tiny_model, tmp_path):
 
 def test_missing_folder_and_files(saved, tmp_path):
     _, path = saved
-    assert "no such checkpoint folder" in load_error(tmp_path / "nope")
+    assert "no such checkpoint or run folder" in load_error(tmp_path / "nope")
     for name in ("model.safetensors", "recipe.toml", "meta.json"):
         (path / name).rename(path / (name + ".bak"))
         assert f"missing {name}" in load_error(path)
@@ -162,6 +163,43 @@ def test_unbuildable_recipe(saved):
     (path / "recipe.toml").write_text(text.replace('kind = "glu"', 'kind = "moe_from_the_future"'))
     msg = load_error(path)
     assert "its recipe cannot be built here" in msg and "model.ffn.kind" in msg and "moe_from_the_future" in msg
+
+
+def test_an_edited_recipe_loads_with_one_line_naming_the_changed_keys(tiny_recipe, tmp_path):
+    torch.manual_seed(0)
+    model = zoo.build(tiny_recipe("model.sparsity.kind=topk", "model.sparsity.keep=0.5"))
+    path = zoo.save(model, tmp_path / "ckpt")
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["recipe_sha256"] == sha256(path / "recipe.toml") and meta["recipe"] == json.loads(
+        json.dumps(model.recipe.to_dict()))
+    text = (path / "recipe.toml").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zoo.load(path)  # unchanged: no word
+        (path / "recipe.toml").write_text("# a comment changes the bytes, not the recipe\n" + text)
+        zoo.load(path)
+    (path / "recipe.toml").write_text(text.replace("keep = 0.5", "keep = 0.3"))
+    with pytest.warns(UserWarning) as caught:
+        edited = zoo.load(path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "recipe.toml differs from the recipe the weights were saved with" in message
+    assert "model.sparsity.keep: 0.5 -> 0.3" in message and "\n" not in message
+    assert edited.recipe.model.sparsity.config.keep == 0.3  # loaded as it is now
+
+
+def test_load_accepts_a_run_folder_and_short_step_names(tmp_path):
+    from tests.tiny import tiny_run
+    from zoo.train.loop import train
+
+    train(tiny_run(tmp_path, **{"train.steps": 2, "train.ckpt_every": 1, "train.keep_last": 2,
+                                "train.eval_every": 0}), tmp_path / "run", progress=False)
+    newest = zoo.load(tmp_path / "run")
+    assert zoo.load(tmp_path / "run/checkpoints/step-2").state_dict().keys() == newest.state_dict().keys()
+    assert torch.equal(zoo.load(tmp_path / "run/checkpoints/step-00000002").head.weight, newest.head.weight)
+    assert not torch.equal(zoo.load(tmp_path / "run/checkpoints/step-1").head.weight, newest.head.weight)
+    assert "no checkpoint step-7 (steps there: 1, 2)" in load_error(tmp_path / "run/checkpoints/step-7")
+    assert "nor a run folder with checkpoints/step-N" in load_error(tmp_path)
 
 
 def test_corrupt_meta(saved):

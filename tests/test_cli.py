@@ -86,6 +86,17 @@ def test_build_prints_every_accounting_field(cli):
     assert "sparsity" in r.out and "up_gate" in r.out
 
 
+def test_build_short_forms_read_right(cli):
+    from zoo.cli.build import human
+
+    assert human("total_params", 6_738_415_616) == "6.74B" and human("total_params", 999_999) == "1000K"
+    assert human("projection_bytes", 25_904_021_504) == "24.1 GiB" and human("embedding_bytes", 196_608) == "192 KiB"
+    assert human("seq_len", 2048) == "" and human("sparsity", 0.5) == ""
+    lines = {ln.split()[0]: ln.split()[1:] for ln in cli("build", RECIPES / "paper/7b.toml").out.splitlines()
+             if ln.strip()}
+    assert lines["seq_len"] == ["2,048"] and lines["projection_bytes"] == ["25,904,021,504", "24.1", "GiB"]
+
+
 def test_build_json_matches_account(cli):
     r = cli("build", RECIPES / "tiny/dense.toml", "--json")
     data = json.loads(r.out)
@@ -142,14 +153,18 @@ def test_plugins_lists_builtins(cli):
 @pytest.mark.slow
 def test_paper_7b_builds_without_allocating():
     """`zoo build recipes/paper/7b.toml --json` in a fresh process stays far below the 28 GB of fp32 weights."""
-    code = ("import json, resource, sys; from zoo.cli import main; rc = main(sys.argv[1:]); "
-            "sys.stderr.write(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); sys.exit(rc)")
+    # the peak RSS of the new process image: /proc's VmHWM (Linux's ru_maxrss also counts the forking pytest's
+    # memory, high after a test file that loaded a real model); elsewhere ru_maxrss
+    code = ("import re, resource, sys; from pathlib import Path; from zoo.cli import main; rc = main(sys.argv[1:]); "
+            "s = Path('/proc/self/status'); m = re.search(r'VmHWM:\\s*(\\d+)', s.read_text()) if s.exists() else None; "
+            "sys.stderr.write(m.group(1) if m else str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
+            "sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, "build", str(RECIPES / "paper/7b.toml"), "--json"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     data = json.loads(p.stdout)
     assert 6.5e9 < data["total_params"] < 7e9
-    assert int(p.stderr.strip().splitlines()[-1]) < 2 * 1024 * 1024  # ru_maxrss in KiB: under 2 GiB
+    assert int(p.stderr.strip().splitlines()[-1]) < 2 * 1024 * 1024  # KiB: under 2 GiB
 
 
 # recipes/retrofit/ extends a catalogue model (needs its plugin and weights): tests/test_smollm2.py builds those
@@ -161,3 +176,39 @@ def test_every_shipped_recipe_builds_on_meta(cli, recipe):
     data = json.loads(r.out)
     assert data["total_params"] == data["embedding_params"] + data["non_embedding_params"]
     assert 0 < data["activated_params"] <= data["non_embedding_params"] and data["flops_per_token"] > 0
+
+
+def _commands(parser, prefix=("zoo",)):
+    """(command words, parser) for every command and sub-command of the `zoo` parser."""
+    import argparse
+
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_every_option_is_documented_named_alike_and_has_plain_choices():
+    from zoo.cli import make_parser
+
+    seen = {}
+    for words, parser in _commands(make_parser()):
+        for action in parser._actions:
+            if not action.option_strings or action.dest in ("help", "version"):
+                continue
+            where = f"{' '.join(words)} {action.option_strings[0]}"
+            assert action.help, f"{where} has no help text"
+            assert all(" " not in str(c) for c in action.choices or ()), f"{where} has a choice with a space"
+            for flag in action.option_strings:
+                seen.setdefault(flag, where)
+    assert "--seq" not in seen and "--repeat" not in seen, "one spelling: --seq-len, --repeats"
+    assert {"--seq-len", "--repeats", "--set"} <= set(seen)
+
+
+def test_set_and_the_table_printer_are_defined_once():
+    from tests.conftest import ROOT
+
+    sources = {p: p.read_text(encoding="utf-8") for p in (ROOT / "zoo").rglob("*.py")}
+    assert [p.name for p, text in sources.items() if '"--set"' in text] == ["loader.py"]
+    assert [p.name for p, text in sources.items() if ".ljust(" in text] == ["console.py"]

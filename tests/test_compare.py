@@ -34,11 +34,28 @@ def test_compare_rows_show_only_differing_keys_and_aggregate_seeds(runs):
     assert silu["val_loss"] == pytest.approx((s0["val_loss"] + s1["val_loss"]) / 2)
     assert silu["val_loss_std"] == pytest.approx(abs(s0["val_loss"] - s1["val_loss"]) / 2 ** 0.5)
     assert relu["val_loss_std"] is None and relu["total_params"] == s0["accounting"]["total_params"]
-    assert silu["settings"] == {"model.ffn.activation.kind": "silu"}
+    assert silu["settings"] == {"model.ffn.activation.kind": "silu"} and relu["settings"] == {
+        "model.ffn.activation.kind": "relu"}
     headers, cells = table(rows)
     row = cells[[r["run"] for r in rows].index(silu["run"])]
     assert headers[:2] == ["run", "seeds"] and "±" in row[headers.index("val")]
-    assert row[-1] == "ffn.activation.kind=silu"
+    assert row[-1] == 'model.ffn.activation.kind="silu"'
+
+
+def test_table_prints_settings_as_set_takes_them_and_one_unit_per_column():
+    from zoo.eval.compare import COLUMNS
+
+    def row(name, tok_s, settings):
+        metrics = {k: 1.0 for _, k, _ in COLUMNS} | {"train_tokens_per_s": tok_s, "sparsity": None}
+        return {"run": name, "seeds": [0], "settings": settings, **metrics, **{k + "_std": None for k in metrics}}
+
+    headers, cells = table([row("a", 11812.0, {"model.sparsity.ste": False, "model.sparsity.keep": 0.5}),
+                            row("b", 9151.7, {"model.sparsity.ste": True})])
+    assert headers[-1] == "differs in"
+    rate = headers.index("train tok/s")
+    assert [c[rate] for c in cells] == ["11.8k", "9.2k"]
+    assert cells[0][-1] == "model.sparsity.ste=false model.sparsity.keep=0.5"
+    assert cells[1][-1] == "model.sparsity.ste=true" and cells[1][headers.index("sparsity")] == "-"
 
 
 def test_cli_compare_json_and_plot(runs, tmp_path, capsys):
@@ -95,6 +112,7 @@ def test_sweep_runs_every_point_and_resumes(tmp_path, capsys):
     args = ["sweep", str(tmp_path / "r.toml"), "--grid", "model.ffn.activation.kind=silu,relu", "--seeds", "0,1",
             "--out", str(tmp_path / "sw"), "--quiet"]
     assert main(args) == 0
+    assert f"4 runs in {tmp_path / 'sw'}" in capsys.readouterr().out
     names = sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir())
     assert names == ["kind-relu_seed-0", "kind-relu_seed-1", "kind-silu_seed-0", "kind-silu_seed-1"]
     before = (tmp_path / "sw" / "kind-relu_seed-1" / "summary.json").read_text()
@@ -103,3 +121,5 @@ def test_sweep_runs_every_point_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().err.count("finished before, skipped") == 4
     assert (tmp_path / "sw" / "kind-relu_seed-1" / "summary.json").read_text() == before
     assert main(["sweep", str(tmp_path / "r.toml"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["sweep", str(tmp_path / "r.toml"), "--seeds", "0", "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    assert f"1 run in {tmp_path / 'one'};" in capsys.readouterr().out

@@ -1,12 +1,17 @@
-"""plugins/zoo-example, pip-installed for real: discovered by entry point, listed, built, trained one step."""
+"""plugins/zoo-example, pip-installed for real into a throwaway folder (`pip install --target`: the package
+and its dist-info with the entry point), put on sys.path of this process and of the `zoo` subprocesses:
+discovered by entry point, listed, built, trained one step. The environment running the tests is never
+changed."""
 
 import importlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,26 +40,38 @@ def no_isolation() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """pip install --no-deps a copy of the plugin into this interpreter's environment; uninstall afterwards."""
-    src = tmp_path_factory.mktemp("plugin") / "zoo-example"
+def target(tmp_path_factory) -> Path:
+    """A folder holding zoo-example as pip installs it (--no-deps --target): nothing else is touched."""
+    tmp = tmp_path_factory.mktemp("plugin")
+    src, target = tmp / "zoo-example", tmp / "site"
     shutil.copytree(PLUGIN, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    r = pip("install", "--no-deps", *no_isolation(), str(src))
+    before = pip("freeze").stdout
+    r = pip("install", "--no-deps", "--target", str(target), *no_isolation(), str(src))
     assert r.returncode == 0, r.stderr
-    importlib.invalidate_caches()
-    yield
-    pip("uninstall", "-y", "zoo-example")
+    assert any(target.glob("zoo_example-0.1.0.dist-info/entry_points.txt"))
+    assert pip("freeze").stdout == before  # the environment running the tests is as it was
+    return target
+
+
+@pytest.fixture
+def installed(target, monkeypatch):
+    """The throwaway install on this process's sys.path for one test (entry points are read from sys.path)."""
+    monkeypatch.syspath_prepend(str(target))  # also invalidates the import caches; undone after the test
+    yield target
     sys.modules.pop("zoo_example", None)
     importlib.invalidate_caches()
     set_registry(None)
 
 
-def zoo_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, timeout=300)
+def zoo_cli(target: Path, *args: str) -> subprocess.CompletedProcess:
+    path = os.pathsep.join([str(target), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path})
 
 
+@pytest.mark.slow  # pip builds and installs a wheel
 def test_zoo_list_and_plugins_show_it(installed, cli):
-    r = zoo_cli("list", "norm")  # a fresh process discovers the entry point
+    r = zoo_cli(installed, "list", "norm")  # a fresh process discovers the entry point
     assert r.returncode == 0, r.stderr
     assert any(line.split()[:2] == ["norm.scalenorm", "example"] for line in r.stdout.splitlines())
     set_registry(load_registry())
@@ -62,7 +79,7 @@ def test_zoo_list_and_plugins_show_it(installed, cli):
         rows = json.loads(cli("plugins", "--json").out)
         [row] = [x for x in rows if x["name"] == "example"]
         assert (row["distribution"], row["version"], row["registered"]) == ("zoo-example", "0.1.0",
-                                                                            ["norm.scalenorm"])
+                                                                            ["norm.scalenorm", "weights.int8"])
         info = json.loads(cli("show", "norm.scalenorm", "--json").out)
         assert [f["name"] for f in info["fields"]] == ["eps"] and info["distribution"] == "zoo-example"
         assert json.loads(cli("build", PLUGIN / "example.toml", "--json").out)["name"] == "dense-scalenorm"
@@ -70,6 +87,7 @@ def test_zoo_list_and_plugins_show_it(installed, cli):
         set_registry(None)
 
 
+@pytest.mark.slow  # pip builds and installs a wheel
 def test_recipe_using_it_builds_and_trains(installed):
     set_registry(load_registry())
     try:

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import zoo
+from zoo.contracts import KernelBackend
 from zoo.kernels.grouped import (
     grouped_mm_loop,
     grouped_mm_split,
-    grouped_mm_split_of,
     grouped_mm_supported,
     grouped_mm_torch,
 )
@@ -98,13 +98,13 @@ def test_grouped_mm_split_gives_contiguous_parts_with_gradients(counts, sizes, g
 
 
 def test_backend_without_split_gets_its_grouped_mm_split():
-    class Plain:
+    class Plain(KernelBackend):
         def grouped_mm(self, x, w, offsets, rows=None):
             return grouped_mm_loop(x if rows is None else x[rows], w, offsets)
 
     torch.manual_seed(5)
     x, w, rows = torch.randn(6, 4), torch.randn(3, 8, 4), torch.tensor([5, 0, 0, 2, 3])
-    got = grouped_mm_split_of(Plain(), x, w, groups([2, 0, 3]), (5, 3), rows)
+    got = Plain().grouped_mm_split(x, w, groups([2, 0, 3]), (5, 3), rows)  # the contract's default
     want = torch_backend().grouped_mm_split(x, w, groups([2, 0, 3]), (5, 3), rows)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)

@@ -93,8 +93,11 @@ def test_unknown_and_unwritable_architectures_list_the_plugin_one(toy, tmp_path,
     r = cli("convert", "hf", src, tmp_path / "zoo")
     assert r.code == 2 and "did you mean \"toyformer\"" in r.err and "toyformer" in r.err.split("one of:")[1]
     zoo.save(model, tmp_path / "ck")
-    r = cli("export", "hf", tmp_path / "ck", tmp_path / "out", "--arch", "olmoe")  # import-only
-    assert r.code == 2 and "one of: llama, mistral, mixtral, qwen2, toyformer" in r.err
+    r = cli("export", "hf", tmp_path / "ck", tmp_path / "out", "--arch", "toyformr")
+    assert r.code == 2 and "did you mean \"toyformer\"" in r.err
+    assert "one of: bitnet, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, toyformer" in r.err
+    r = cli("export", "hf", tmp_path / "ck", tmp_path / "out", "--arch", "olmoe")  # a dense model
+    assert r.code == 2 and "model.ffn.kind: the olmoe layout needs a 'moe' FFN" in r.err
 
 
 def test_a_broken_plugin_converter_is_one_line_naming_the_plugin(toy, tmp_path, cli):
@@ -109,8 +112,12 @@ def test_gguf_architectures_come_from_the_converters():
     from zoo.io.gguf import layouts
 
     found = layouts()
-    assert {arch: (kind, layout.permute_qk) for arch, (kind, layout) in found.items()} == \
-        {"llama": ("llama", True), "qwen2": ("qwen2", False)}
-    assert found["llama"][1].gguf_name("model.layers.11.self_attn.k_proj.weight") == "blk.11.attn_k.weight"
+    assert {key: (kind, layout.permute_qk) for key, (kind, layout) in found.items()} == {
+        ("llama", False): ("llama", True), ("qwen2", False): ("qwen2", False), ("bitnet", False): ("bitnet", False),
+        ("llama", True): ("mixtral", True), ("qwen2moe", True): ("qwen2_moe", False), ("olmoe", True): ("olmoe", False)}
+    llama = found[("llama", False)][1]
+    assert llama.gguf_name("model.layers.11.self_attn.k_proj.weight") == "blk.11.attn_k.weight"
     with pytest.raises(zoo.CheckpointError, match="no GGUF name for tensor 'model.layers.0.mlp.gate.weight'"):
-        found["llama"][1].gguf_name("model.layers.0.mlp.gate.weight")
+        llama.gguf_name("model.layers.0.mlp.gate.weight")
+    mixtral = found[("llama", True)][1]
+    assert mixtral.slot("model.layers.3.block_sparse_moe.experts.5.w3.weight") == ("blk.3.ffn_up_exps.weight", 5)

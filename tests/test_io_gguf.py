@@ -205,8 +205,12 @@ def test_bad_gguf_files_are_clear_errors(tmp_path):
     with pytest.raises(zoo.CheckpointError, match="not a readable GGUF file"):
         zoo.from_gguf(tmp_path / "junk.gguf")
     write_gguf(tmp_path / "moe.gguf", tiny_llama(), down=(Q.F16, Q.F16), extra={"llama.expert_count": 8})
-    with pytest.raises(zoo.CheckpointError, match="expert_count=8: mixture-of-experts GGUF"):
+    with pytest.raises(zoo.CheckpointError, match="metadata key 'llama.expert_used_count' is missing"):
         zoo.from_gguf(tmp_path / "moe.gguf")
+    write_gguf(tmp_path / "moe2.gguf", tiny_llama(), down=(Q.F16, Q.F16), arch="bitnet",
+               extra={"bitnet.expert_count": 8})
+    with pytest.raises(zoo.CheckpointError, match="expert_count=8: no converter reads mixture-of-experts 'bitnet'"):
+        zoo.from_gguf(tmp_path / "moe2.gguf")
     write_gguf(tmp_path / "yarn.gguf", tiny_llama(), down=(Q.F16, Q.F16), extra={"llama.rope.scaling.type": "yarn"})
     with pytest.raises(zoo.CheckpointError, match="rope.scaling.type 'yarn' is not supported"):
         zoo.from_gguf(tmp_path / "yarn.gguf")

@@ -12,8 +12,8 @@ import torch
 from tests.conftest import HAS_CXX as COMPILER
 from tests.conftest import needs_cxx as needs_build
 from zoo.blocks.sparsity import BlockTopK, TopK
+from zoo.blocks.weights import TopKLinear, TransposedLinear
 from zoo.kernels import cpu
-from zoo.kernels.prepare import TopKLinear, TransposedLinear
 from zoo.kernels.topk_matmul import topk_matmul, topk_matmul_reference
 
 from .test_kernels import TOL, rel_err
@@ -121,7 +121,7 @@ FALLBACK = """
 import torch
 from zoo.errors import ZooError
 from zoo.kernels import cpu
-from zoo.kernels.prepare import TopKLinear
+from zoo.blocks.weights import TopKLinear
 from zoo.kernels.topk_matmul import topk_matmul
 assert not cpu.available() and not cpu.available()  # asked twice: said once
 w, x = torch.randn(40, 30), torch.randn(1, 30)

@@ -5,7 +5,9 @@ import torch
 
 import zoo
 from tests.conftest import RECIPES
-from zoo.kernels.prepare import TernaryLinear, TopKLinear, TransposedLinear, prepare_inference
+from zoo.blocks.bitnet import TernaryLinear
+from zoo.blocks.weights import TopKLinear, TransposedLinear
+from zoo.kernels.prepare import prepare_inference
 
 SHAPE = ["model.n_layers=2", "model.d_model=48", "model.n_heads=4", "model.ffn.hidden=72", "model.vocab_size=61"]
 TOPK = ["model.sparsity.kind='topk'", "model.sparsity.keep=0.4"]

@@ -1,8 +1,9 @@
 """Faults during training: SIGKILL at any moment (also inside a checkpoint write), a full disk, an unwritable
 folder. Nothing is lost: `--resume` finishes the run with weights bit-identical to an uninterrupted run.
 
-`ZOO_TEST_CHECKPOINT_PAUSE=seconds` makes zoo.save wait while its temporary folder is complete but not
-yet renamed into place, so the test can kill a process exactly there.
+To kill a process exactly while a checkpoint's temporary folder is complete but not yet renamed into
+place, the training process is started through PAUSING (`python -c`): it wraps os.replace and os.rename
+so that renaming a `.tmp-` folder waits first. zoo itself has no test hook.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import zoo
 import zoo.io.checkpoint as checkpoint
 from tests.conftest import ROOT
 from tests.tiny import tiny_run
+from zoo.runs import CHECKPOINTS, resolve_checkpoint, step_dirs
 from zoo.train.loop import train
-from zoo.train.state import CHECKPOINTS, resolve_checkpoint, step_dirs
 
 STEPS = 8
 SETTINGS = {"train__steps": STEPS, "train__ckpt_every": 2, "train__keep_last": 2, "train__eval_every": 0}
@@ -58,10 +59,25 @@ def assert_resumable(run: Path) -> None:
         zoo.load(ckpt)
 
 
+# `zoo` with every rename of a complete temporary checkpoint folder delayed by sys.argv[1] seconds
+PAUSING = """
+import os, sys, time
+from zoo.cli import main
+pause = float(sys.argv.pop(1))
+def delayed(rename):
+    def wrapper(src, dst, *args, **kwargs):
+        if ".tmp-" in os.path.basename(os.fspath(src)) and os.path.isdir(src):
+            time.sleep(pause)
+        return rename(src, dst, *args, **kwargs)
+    return wrapper
+os.replace, os.rename = delayed(os.replace), delayed(os.rename)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def start(recipe_file: Path, run: Path, resume: bool, pause: float) -> subprocess.Popen:
-    env = {**ENV, "ZOO_TEST_CHECKPOINT_PAUSE": str(pause)}
-    argv = [sys.executable, "-m", "zoo", "train", str(recipe_file), "--out", str(run), "--quiet"]
-    return subprocess.Popen(argv + (["--resume"] if resume else []), env=env, stdout=subprocess.PIPE,
+    argv = [sys.executable, "-c", PAUSING, str(pause), "train", str(recipe_file), "--out", str(run), "--quiet"]
+    return subprocess.Popen(argv + (["--resume"] if resume else []), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -87,6 +103,7 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.slow  # trains in subprocesses and kills them
 def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path):
     recipe, expected = reference
     recipe_file = tmp_path / "recipe.toml"

@@ -123,7 +123,7 @@ def test_capacity_mode_per_backend_equals_naive_float64(backend):
     assert rel_err(y, ref) < TOL[torch.float32] and rel_err(x.grad, x64.grad) < TOL[torch.float32]
 
 
-class TwoPathFFN(nn.Module):
+class TwoPathFFN(zoo.contracts.FFN):
     """A plugin FFN that uses its input twice: once straight into a projection (the gather is fused) and once
     through its own op (`flip`, which gathers the rows): down(act(up(x)) ⊙ sigmoid(gate(flip(x))))."""
 

@@ -17,10 +17,12 @@ from torch import nn
 
 import zoo
 from tests.conftest import tiny
-from tests.tiny import Times
-from zoo.errors import PluginError
-from zoo.recipe import param
+from tests.tiny import Times, tiny_run
+from zoo.data import build_corpus
+from zoo.errors import PluginError, RecipeError
+from zoo.recipe import Invalid, param
 from zoo.registry import PluginWarning
+from zoo.train.loop import train
 
 
 @dataclass(frozen=True)
@@ -154,3 +156,71 @@ def test_cli_with_a_broken_plugin_still_runs(broken_registry, cli):
     result = cli("list", "activation")
     assert result.code == 0 and "times" in result.out and "Traceback" not in result.err
     assert sys.modules.get("raises_in_hook") is None
+
+
+@dataclass(frozen=True)
+class NeedsPath:
+    """a dataset that checks its path only when built"""
+
+    path: str = param("", "where the text is")
+
+
+def bad_dataset(cfg, source):
+    raise Invalid("path", "no text there")
+
+
+# Slots whose blocks are not modules, and their recipe keys: built through registry.build like the rest.
+NOT_MODULES = {"dataset": "data.dataset", "tokenizer": "data.tokenizer", "optimizer": "optim",
+               "schedule": "train.schedule"}
+
+
+@pytest.mark.parametrize("slot", sorted(NOT_MODULES))
+def test_every_slot_blames_the_plugin(plugin_registry, tmp_path, slot):
+    """From where zoo builds them (data loading, the training loop's start), not only registry.build."""
+    def register(registry):
+        registry.register(slot, "broken", Plain, lambda cfg, *args: raise_(KeyError("a bug")))
+
+    plugin_registry(("broken_" + slot, module("broken_" + slot, register)))
+    key = NOT_MODULES[slot]
+    recipe = tiny_run(tmp_path, **{key.replace(".", "__"): {"kind": "broken"}, "train__steps": 1})
+    with pytest.raises(PluginError) as info:
+        train(recipe, tmp_path / "run", progress=False)
+    msg = str(info.value)
+    assert msg.startswith(f"plugin 'broken_{slot}'") and f"building {slot}.broken at {key} failed: KeyError" in msg
+
+
+def test_invalid_from_a_dataset_factory_is_a_recipe_error(plugin_registry):
+    plugin_registry(("lazy", module("lazy", lambda r: r.register("dataset", "lazy", NeedsPath, bad_dataset))))
+    with pytest.raises(RecipeError) as info:
+        build_corpus(tiny("data.dataset={kind='lazy'}"))
+    assert info.value.path == "data.dataset.path" and info.value.reason == "no text there"
+    assert info.value.file.endswith("dense.toml")
+
+
+def test_roles_belong_to_the_registry(plugin_registry):
+    """A plugin's role exists in the registry that loaded it, and nowhere else (no process-wide state)."""
+    with_role = plugin_registry(("roles", module("roles", lambda r: r.add_role("gate_only", parent="up_gate"))))
+    assert with_role.roles["gate_only"] == "up_gate"
+    spec = tiny("model.weights.roles.gate_only={dtype='float16'}").model.weights
+    assert spec.for_role("gate_only").config.dtype == "float16" and spec.for_role("up_gate") is spec
+    assert "gate_only" not in zoo.registry.load_registry(include_entry_points=False).roles
+    plugin_registry()  # built-ins alone: the role is unknown again
+    with pytest.raises(RecipeError, match="unknown role"):
+        tiny("model.weights.roles.gate_only={dtype='float16'}")
+
+
+def test_a_failing_plugin_takes_its_roles_with_it(plugin_registry):
+    def half(registry):
+        registry.add_role("half_role", parent="down")
+        raise RuntimeError("then fails")
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        registry = plugin_registry(("half", module("half", half)))
+    assert "half_role" not in registry.roles and "half" in registry.failures
+
+
+def test_a_role_needs_a_known_parent():
+    registry = zoo.registry.Registry()
+    with pytest.raises(PluginError, match="unknown parent 'dwon'.*did you mean \"down\""):
+        registry.add_role("x", parent="dwon")

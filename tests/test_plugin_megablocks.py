@@ -20,6 +20,10 @@ def plugin_module():
     return module
 
 
+class PlainLinear(torch.nn.Linear, zoo.contracts.Weights):
+    """nn.Linear as a weights block"""
+
+
 @dataclass(frozen=True)
 class PlainConfig:
     """a non-fp weights kind, standing in for BitNet"""
@@ -30,7 +34,7 @@ def registry_with_plugin():
 
     @zoo.hookimpl
     def zoo_register(registry):
-        registry.register("weights", "other", PlainConfig, lambda cfg, ctx, i, o, b: torch.nn.Linear(i, o, b))
+        registry.register("weights", "other", PlainConfig, lambda cfg, ctx, i, o, b: PlainLinear(i, o, b))
 
     extra.zoo_register = zoo_register
     return zoo.registry.load_registry(extra=[("megablocks", plugin_module()), ("otherweights", extra)])

@@ -1,5 +1,7 @@
 """Recipes: TOML reading, extends, overrides, validation errors (file, key path, did-you-mean), round trip."""
 
+from pathlib import Path
+
 import pytest
 
 import zoo
@@ -75,6 +77,11 @@ def test_validation_errors_name_file_path_and_fix(recipe_file, text, path, words
     for w in words:
         assert w in str(err)
     assert "\n" not in str(err)
+
+
+def test_unknown_key_of_a_block_without_settings(recipe_file):
+    err = error_of(recipe_file('[data.dataset]\nkind = "kjv"\nbook = "Genesis"\n'))
+    assert err.path == "data.dataset.book" and err.reason == "unknown key; this block takes no settings besides kind"
 
 
 def test_kind_missing_lists_kinds(recipe_file):
@@ -166,6 +173,43 @@ def test_overrides_index_arrays_and_open_kind_shorthands(recipe_file):
     assert err.path == "model.n_layers" and "is an integer, not an array" in str(err)
     err = error_of(path, ["model.layers[0].ffn.hidden=-1"])
     assert (err.file, err.path) == (OVERRIDES, "model.layers[0].ffn.hidden")
+    err = error_of(recipe_file("[model]\nn_layers = 2\n", "flat.toml"), ["model.layers[0].ffn.hidden=512"])
+    assert (err.file, err.path) == (OVERRIDES, "model.layers") and "has no array here for [0]" in err.reason
+    assert "--set 'model.layers=[{...}]'" in err.reason
+
+
+def test_paths_are_relative_to_the_file_that_set_them(recipe_file, tmp_path, monkeypatch):
+    recipe_file('[train]\ninit_from = "ckpt"\n[data.dataset]\nkind = "files"\npaths = ["text", "/abs/t.txt"]\n'
+                '[data.tokenizer]\nkind = "file"\npath = "~/tok.json"\n', "base/base.toml")
+    child = recipe_file('extends = "base/base.toml"\n[model]\nn_layers = 2\n', "child.toml")
+    monkeypatch.chdir(tmp_path.parent)  # the working directory is neither file's folder
+    r = zoo.load_recipe(child.relative_to(tmp_path.parent))
+    assert r.train.init_from == str(tmp_path / "base" / "ckpt")
+    assert r.data.dataset.config.paths == (str(tmp_path / "base" / "text"), "/abs/t.txt")
+    assert r.data.tokenizer.config.path == str(Path.home() / "tok.json")
+    over = zoo.load_recipe(child, ["train.init_from=runs/x"])  # a --set value: the working directory
+    assert over.train.init_from == str(tmp_path.parent / "runs" / "x")
+    assert zoo.load_recipe(child, ["model.n_layers=3"]).train.init_from == r.train.init_from
+    assert r.replace(**{"train.init_from": "y"}).train.init_from == str(tmp_path.parent / "y")
+    saved = recipe_file(r.to_toml(), "elsewhere/recipe.toml")  # a run folder's copy names the same files
+    assert zoo.load_recipe(saved) == r
+    assert zoo.loads_recipe('[train]\ninit_from = "z"\n').train.init_from == str(tmp_path.parent / "z")
+
+
+def test_errors_found_after_validation_name_the_file_that_set_the_key(recipe_file):
+    base = recipe_file('[model.sparsity]\nkind = "block_topk"\nm = 20\n', "base.toml")
+    child = recipe_file('extends = "base.toml"\n[model]\nd_model = 64\nn_heads = 4\n', "child.toml")
+    for overrides, file in ((None, str(base)), (["model.sparsity.m=24"], OVERRIDES)):
+        with pytest.raises(RecipeError) as info:
+            zoo.build(zoo.load_recipe(child, overrides), device="meta")
+        assert (info.value.file, info.value.path) == (file, "model.sparsity.m")
+        assert "does not divide the projection input width 64" in info.value.reason
+    from zoo.train.loop import train
+
+    with pytest.raises(RecipeError) as info:  # checked before the run folder is made
+        train(zoo.load_recipe(child, ["model.sparsity.m=16", "train.seq_len=9999"]), child.parent / "run")
+    assert (info.value.file, info.value.path) == (OVERRIDES, "train.seq_len")
+    assert not (child.parent / "run").exists()
 
 
 def test_kind_given_as_string_and_default_kind_kept(recipe_file):
@@ -207,7 +251,9 @@ def test_layer_pattern_all_and_later_wins(recipe_file):
     assert m.layer(1)["ffn"].config.hidden == 32
 
 
-@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.toml")))
+# recipes/retrofit/ extends a catalogue model (needs its plugin and weights): tests/test_smollm2.py round-trips those
+@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.toml")
+                                          if p.parent.name != "retrofit"))
 def test_shipped_recipes_round_trip(recipe, tmp_path):
     r = zoo.load_recipe(RECIPES / recipe)
     out = tmp_path / "resolved.toml"

@@ -65,6 +65,17 @@ def entry_points(monkeypatch):
     return install
 
 
+def test_a_local_plugin_module_replaces_the_installed_copy(entry_points):
+    installed = plugin_module("twice_module")
+    entry_points(FakeEntryPoint("twice", "zoo-twice", installed))
+    for name, module in (("twice", plugin_module("twice_plugin")), ("renamed", installed)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            registry = load_registry([(name, module)])
+        assert registry.get("activation", "twice").plugin.dist == "<local>" and list(registry.plugins) == [
+            "builtins", name]
+
+
 def test_entry_point_plugin_loads_and_is_described(entry_points):
     entry_points(FakeEntryPoint("twice", "zoo-twice", plugin_module("twice_plugin")))
     registry = load_registry()

@@ -97,8 +97,8 @@ def test_quickstart_trains_compares_and_plots(tmp_path, cli):
     lines = res.out.strip().splitlines()
     header = next(ln for ln in lines if ln.startswith("run"))
     assert "act.params" in header and "decode tok/s" in header
-    assert any(ln.startswith("dense ") and ln.endswith("sparsity.kind=none") for ln in lines)
-    assert any(ln.startswith("sparse ") and ln.endswith("sparsity.kind=topk") for ln in lines)
+    assert any(ln.startswith("dense ") and ln.endswith("model.sparsity.kind=\"none\"") for ln in lines)
+    assert any(ln.startswith("sparse ") and ln.endswith("model.sparsity.kind=\"topk\"") for ln in lines)
 
 
 def test_bench_train_prints_the_ratio_against_transformers(cli):

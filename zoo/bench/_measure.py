@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from zoo.console import print_table
+from zoo.kernels import cpu
+
 CACHE_BYTES = 256 << 20  # rotate through copies of the operands until this much: larger than any CPU's last-level cache
 
 
@@ -102,8 +105,6 @@ def bandwidth_gbs(device: torch.device, nbytes: int = 512 << 20) -> float:
     buf = torch.ones(nbytes // 4, device=device)
     best = time_ms(torch.sum, [(buf,)], device, repeat=15).best
     if device.type == "cpu":
-        from zoo.kernels import cpu
-
         if cpu.available():
             rows = buf.view(-1, 4096)
             x = torch.ones(1, rows.shape[0])
@@ -127,13 +128,8 @@ def report(rows: Sequence[dict], header: dict, as_json: bool) -> None:
         return
     for k, v in header.items():
         print(f"{k}: {v}")
-    if not rows:
-        return
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    width = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(width[c]) for c in cols))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(width[c]) for c in cols))
+    print_table([[r.get(c, "") for c in cols] for r in rows], cols if rows else None)
 
 
 def machine(device: torch.device) -> str:

@@ -11,6 +11,9 @@ import torch
 import zoo
 from zoo.bench._measure import Timing, add_threads_argument, apply_threads, machine, report, time_ms
 from zoo.kernels.prepare import prepare_inference
+from zoo.recipe.loader import add_set_argument
+from zoo.runs import RECIPE as RECIPE_FILE
+from zoo.runs import resolve_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "paper" / "300m.toml"
 TOPK = ["model.sparsity.kind='topk'", "model.sparsity.keep=0.5"]
@@ -22,20 +25,19 @@ DENSE = [("dense fp32 (nn.Linear)", [], False, None), ("dense fp32 (prepared, to
          ("dense fp32 (prepared, zoo kernels)", [], False, "auto")]
 VARIANTS = [*DENSE, ("qsparse keep 0.5", TOPK, False, "auto"), ("bitnet b1.58", BITNET, True, "auto"),
             ("bitnet + qsparse 0.5", BITNET + TOPK, True, "auto")]
+ONLY = {"qsparse": "qsparse keep 0.5", "bitnet": "bitnet b1.58", "bitnet-qsparse": "bitnet + qsparse 0.5"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=str(RECIPE), metavar="RECIPE|NAME|DIR",
                    help="the dense recipe, or the recipe of a catalogue model or checkpoint (its shapes; weights "
                         "are random) (default: the paper's 300M shape)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the dense recipe, e.g. --set model.n_layers=4 or a training-free "
-                        "--set 'model.sparsity={kind=\"topk\", keep=0.5}' on every variant")
+    add_set_argument(p, "a key of the dense recipe (on every variant)")
     p.add_argument("--tokens", type=int, default=12, help="decode steps timed per model and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models (the fastest step counts)")
     p.add_argument("--prompt", type=int, default=8, help="prompt length before decoding")
-    p.add_argument("--only", nargs="+", default=None, choices=[v[0] for v in VARIANTS[len(DENSE):]],
-                   help="variants besides the dense twin")
+    p.add_argument("--only", nargs="+", default=None, choices=list(ONLY),
+                   help="variants to time besides the dense twin (default: all)")
     add_threads_argument(p)
 
 
@@ -57,9 +59,6 @@ def recipe_file(value: str) -> str:
     """A recipe file as given, else the recipe.toml of a catalogue model, run or checkpoint folder."""
     if Path(value).is_file():
         return value
-    from zoo.io.checkpoint import RECIPE as RECIPE_FILE
-    from zoo.train.state import resolve_checkpoint
-
     return str(resolve_checkpoint(value) / RECIPE_FILE)
 
 
@@ -69,7 +68,7 @@ def run(args) -> int:
     overrides = ["model.max_seq_len=256", *args.overrides]
     models = []  # all built first, then timed in interleaved rounds: a slow moment of the machine hits every model
     for name, extra, freeze, prepare in VARIANTS:
-        if args.only and (name, extra, freeze, prepare) not in DENSE and name not in args.only:
+        if args.only and (name, extra, freeze, prepare) not in DENSE and name not in {ONLY[o] for o in args.only}:
             continue
         model = zoo.build(zoo.load_recipe(args.recipe, overrides + extra)).eval()
         params = sum(p.numel() for p in model.parameters())

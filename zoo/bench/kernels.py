@@ -21,9 +21,11 @@ from zoo.bench._measure import (
     time_ms,
 )
 from zoo.blocks.sparsity import TopK
+from zoo.kernels import cpu
 from zoo.kernels.grouped import grouped_mm, sort_by_expert
 from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul
 from zoo.kernels.topk_matmul import topk_matmul
+from zoo.registry import get_registry
 
 # (name, in, out): LLaMA-7B-like FFN, a 2B-class FFN, and the tiny recipes' FFN (d_model 192, hidden 512)
 SHAPES = [("7b-up", 4096, 11008), ("7b-down", 11008, 4096), ("2b-up", 2048, 5460), ("2b-down", 5460, 2048),
@@ -45,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", nargs="+", default=None, choices=[s[0] for s in SHAPES + MOE_SHAPES],
                    help="shapes to run (default all)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per MoE call (default 128 on CPU, 4096 on CUDA)")
-    p.add_argument("--repeat", type=int, default=20, help="timed calls per measurement (the fastest counts)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (the fastest counts)")
     add_threads_argument(p)
 
 
@@ -64,8 +66,6 @@ def bench_topk(args, device, gbs) -> list[dict]:
     Where zoo's compiled CPU kernels are built, a second ratio is printed against zoo's own dense GEMV
     (the same kernel reading every row of Wt): the ratio of bytes read, at equal read speed.
     """
-    from zoo.kernels import cpu
-
     rows = []
     for name, d_in, d_out in _shapes(args, SHAPES):
         for dtype_name in args.dtype:
@@ -89,7 +89,7 @@ def bench_topk(args, device, gbs) -> list[dict]:
                     if compiled:  # the pure-torch path (F.embedding_bag) beside it
                         calls[f"bag {keep}"] = (functools.partial(topk_matmul, impl="torch"),
                                                 [(values, idx, wt) for wt in wts])
-                t = time_interleaved(calls, device, args.repeat)
+                t = time_interleaved(calls, device, args.repeats)
                 way = min(dense_ways, key=lambda k: t[k].best)
                 baseline = {"baseline": way, **{f"dense {k} ms": round(t[k].best, 4) for k in dense_ways}}
                 if "zoo GEMV" in t:
@@ -110,8 +110,6 @@ def bench_ternary(args, device, gbs) -> list[dict]:
     """Ternary (packed on CUDA; on CPU the compiled kernel's [in, out] int8 rows where built, else the
     int8 layout for `torch._int_mm`), alone and with the top-K gather, vs the fastest dense float way
     (fp32 on CPU: `F.linear` or `x @ Wt`; bf16 `F.linear` on CUDA), all timed in turns."""
-    from zoo.kernels import cpu
-
     rows, cuda = [], device.type == "cuda"
     base_dtype = torch.bfloat16 if cuda else torch.float32
     per_weight = 0.25 if cuda else 1.0  # bytes read per weight
@@ -133,7 +131,7 @@ def bench_ternary(args, device, gbs) -> list[dict]:
             for keep in args.keep:
                 idx = x.abs().topk(int(keep * d_in), dim=-1).indices
                 calls[f"topk {keep}"] = (ternary_matmul, [(xq.gather(-1, idx), tw, 1 / s, idx) for tw in tws])
-            t = time_interleaved(calls, device, args.repeat)
+            t = time_interleaved(calls, device, args.repeats)
             way = min(dense_ways, key=lambda k: t[k].best)
             extra = {"impl": "triton" if cuda else "zoo cpu" if compiled else "torch", "baseline": way}
             rows.append(row("ternary", f"{name} {d_in}->{d_out} b{n} vs {str(base_dtype)[6:]}", t["ternary"],
@@ -181,8 +179,8 @@ def bench_moe(args, device, gbs) -> list[dict]:
         g = torch.randn(tokens * top_k, hidden, device=device, dtype=dtype)
         for label, grad in [("fwd", None)] + ([("fwd+bwd", g)] if cuda else []):
             with torch.set_grad_enabled(grad is not None):
-                base = time_ms(_dense_step, [(xd, wd, grad)], device, args.repeat)
-                ms = time_ms(_grouped_step, [(x, w, offsets, token_rows, grad)], device, args.repeat)
+                base = time_ms(_dense_step, [(xd, wd, grad)], device, args.repeats)
+                ms = time_ms(_grouped_step, [(x, w, offsets, token_rows, grad)], device, args.repeats)
             mult = 1 if grad is None else 3
             rows.append(row(f"moe-{label}", f"{name} T{tokens} {d_model}->{hidden} E{experts} k{top_k} "
                             f"{str(dtype)[6:]}", ms, base, nbytes * mult, gbs,
@@ -194,8 +192,6 @@ def bench_moe(args, device, gbs) -> list[dict]:
 def bench_moe_backends(args, device, gbs) -> list[dict]:
     """CUDA: every other registered MoE kernel backend (torch._grouped_mm, megablocks when installed) on the
     same expert-sorted rows, forward, against the same dense matmul; the `triton` row is ours."""
-    from zoo.registry import get_registry
-
     registry, rows = get_registry(), []
     tokens, dtype = args.tokens or 4096, torch.bfloat16
     for name, d_model, hidden, experts, top_k in _shapes(args, MOE_SHAPES):
@@ -204,13 +200,13 @@ def bench_moe_backends(args, device, gbs) -> list[dict]:
         x = torch.randn(tokens * top_k, d_model, device=device, dtype=dtype)
         w = torch.randn(experts, hidden, d_model, device=device, dtype=dtype)  # the MoE block's [E, out, in]
         wd = torch.randn(d_model, hidden, device=device, dtype=dtype)
-        base = time_ms(torch.matmul, [(x, wd)], device, args.repeat)
+        base = time_ms(torch.matmul, [(x, wd)], device, args.repeats)
         nbytes = (w.numel() + x.numel() + x.shape[0] * hidden) * dtype.itemsize
         for kind in sorted(set(registry.kinds("kernel-backend")) - {"auto"}):
             entry = registry.get("kernel-backend", kind)
             try:
                 backend = entry.factory(entry.config(), None)
-                t = time_ms(backend.grouped_mm, [(x, w, offsets)], device, args.repeat)
+                t = time_ms(backend.grouped_mm, [(x, w, offsets)], device, args.repeats)
             except Exception as err:  # a backend that cannot run here is reported, not fatal
                 rows.append({"kernel": f"moe-backend {kind}", "shape": name, "error": f"{type(err).__name__}: {err}"})
                 continue

@@ -14,6 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from zoo.bench._measure import add_threads_argument, apply_threads
+from zoo.model.build import build
 from zoo.model.projection import ExpertProjection
 from zoo.recipe.recipe import recipe_from_dict
 
@@ -29,16 +31,14 @@ def add_arguments(p) -> None:
                    help="expert weights kinds to time (bitnet158 runs with Q-Sparse top-K inputs, --keep)")
     p.add_argument("--keep", type=float, default=0.5, help="top-K keep fraction of the BitNet rows")
     p.add_argument("--repeats", type=int, default=5, help="timed fwd+bwd rounds (the best is kept)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    add_threads_argument(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens (default: %(default)s)")
 
 
 def ffn(args, spec: dict, **model_keys) -> torch.nn.Module:
     """One FFN block built through the real recipe path (a one-layer model's FFN)."""
     model = {"vocab_size": 8, "d_model": args.d_model, "n_layers": 1, "n_heads": 1, "max_seq_len": 8, "ffn": spec,
              **model_keys}
-    from zoo.model.build import build
-
     return build(recipe_from_dict({"model": model})).blocks[0].ffn
 
 
@@ -121,8 +121,7 @@ def bandwidth() -> float:
 
 def run(args) -> int:
     torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     T, D, E, k, H = args.tokens, args.d_model, args.experts, args.top_k, args.hidden
     x = torch.randn(T, D, requires_grad=True)
     flops = 3 * 2 * T * k * 3 * D * H  # fwd + 2× bwd, three D×H matmuls per chosen expert

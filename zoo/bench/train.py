@@ -10,14 +10,20 @@ import torch
 
 import zoo
 from zoo.bench._measure import add_threads_argument, apply_threads
-from zoo.cli.quickstart import RECIPES
+from zoo.eval.perplexity import autocast
+from zoo.io.arch.llama import Llama
+from zoo.io.hf import HFConfig, exportable, scatter
+from zoo.recipe.loader import add_set_argument
+from zoo.recipe.recipe import BUNDLED
+from zoo.registry import get_registry
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--recipe", default=str(RECIPES / "dense.toml"), help="a dense LLaMA-like recipe (default: tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--recipe", default=str(BUNDLED / "tiny" / "dense.toml"),
+                   help="a dense LLaMA-like recipe (default: tiny)")
+    add_set_argument(p, "a key of the recipe")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: train.batch_size)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: train.seq_len)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: train.seq_len)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model (after 3 warm-up steps)")
     add_threads_argument(p)
 
@@ -38,9 +44,6 @@ def hf_twin(model, recipe):
     """transformers' LlamaForCausalLM of the recipe's configuration, holding `model`'s weights (same function)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from zoo.io.arch.llama import Llama
-    from zoo.io.hf import HFConfig, exportable, scatter
-
     exportable(recipe)
     config = Llama().config(recipe.model)
     cfg = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "dtype")}
@@ -55,15 +58,13 @@ def hf_twin(model, recipe):
 
 
 def run(args) -> int:
-    recipe = zoo.load_recipe(args.recipe, args.overrides)  # before the slow import: a bad recipe fails at once
+    recipe = zoo.load_recipe(args.recipe, args.overrides)
     apply_threads(args)
-    from zoo.eval.perplexity import autocast
-    from zoo.registry import get_registry
 
     torch.manual_seed(recipe.train.seed)
     ours = zoo.build(recipe)
     theirs = hf_twin(ours, recipe)
-    batch, seq = args.batch or recipe.train.batch_size, args.seq or recipe.train.seq_len
+    batch, seq = args.batch or recipe.train.batch_size, args.seq_len or recipe.train.seq_len
     idx = torch.randint(0, recipe.model.vocab_size, (batch, seq + 1))
     x, y = idx[:, :-1], idx[:, 1:]
     precision = recipe.train.precision

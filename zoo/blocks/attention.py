@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.model.context import BuildContext
-from zoo.recipe.schema import BlockSpec, param, slot_field
+from zoo.schema import BlockSpec, param, slot_field
+
+if TYPE_CHECKING:
+    from zoo.model.context import BuildContext
 
 
 @dataclass(frozen=True)

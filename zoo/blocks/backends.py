@@ -1,9 +1,10 @@
 """Kernel backends for the MoE expert matmuls: `torch` (reference) and `auto` (best for the device).
 
-A `kernel-backend` factory `factory(cfg, ctx)` returns an object with
-`grouped_mm(x, w, offsets, rows=None)` (the interface in zoo/kernels/grouped.py) and optionally
-`check(ctx, moe)`, called when a MoE layer is built, which raises `ctx.error(...)` for a
-recipe the backend cannot run. Other backends (`triton`, the `megablocks` plugin) register the same way.
+A `kernel-backend` factory `factory(cfg, ctx)` returns a `zoo.contracts.KernelBackend`:
+`grouped_mm(x, w, offsets, rows=None)` (the interface in zoo/kernels/grouped.py), and where it
+needs them `grouped_mm_split`, `fuses_gather` and `check(ctx, moe)`, called when a MoE layer is
+built, which raises `ctx.error(...)` for a recipe the backend cannot run. Other backends
+(`triton`, the `megablocks` plugin) register the same way.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch
 
-from zoo.kernels.grouped import gather_rows, grouped_mm_split, grouped_mm_split_of, grouped_mm_torch
-from zoo.recipe.schema import Validator, param
+from zoo.contracts import KernelBackend
+from zoo.kernels.grouped import gather_rows, grouped_mm_split, grouped_mm_torch
+from zoo.schema import param
 
 # What `auto` prefers on a CUDA device when a plugin or module registered it.
 FAST_CUDA_BACKEND = "triton"
@@ -30,7 +32,7 @@ class TorchBackendConfig:
                                    "per expert)")
 
 
-class TorchBackend:
+class TorchBackend(KernelBackend):
     name = "torch"
 
     def __init__(self, cfg: TorchBackendConfig):
@@ -62,27 +64,25 @@ class AutoBackendConfig:
     """the best available backend for the device of each call: `triton` on CUDA when registered, else `torch`"""
 
 
-class AutoBackend:
+class AutoBackend(KernelBackend):
     name = "auto"
 
     def __init__(self, cfg: AutoBackendConfig, ctx: Any):
         self.ctx, self.reference, self._fast = ctx, TorchBackend(TorchBackendConfig()), None
 
-    def fast(self) -> Any:
+    def fast(self) -> KernelBackend | None:
         """The CUDA backend, built on first use (None when nothing faster than torch is registered)."""
         if self._fast is None and FAST_CUDA_BACKEND in self.ctx.registry.kinds("kernel-backend"):
-            spec = Validator(self.ctx.source or None, self.ctx.registry).block(
-                "kernel-backend", FAST_CUDA_BACKEND, "backend")
+            spec = self.ctx.registry.spec("kernel-backend", FAST_CUDA_BACKEND, "backend", self.ctx.source or None)
             self._fast = self.ctx.build(spec)
         return self._fast
 
-    def on(self, t: torch.Tensor) -> Any:
+    def on(self, t: torch.Tensor) -> KernelBackend:
         """The backend for tensors like `t`."""
         return (self.fast() if t.is_cuda else None) or self.reference
 
     def fuses_gather(self, x: torch.Tensor) -> bool:
-        fuses = getattr(self.on(x), "fuses_gather", None)
-        return fuses is None or fuses(x)
+        return self.on(x).fuses_gather(x)
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +90,7 @@ class AutoBackend:
 
     def grouped_mm_split(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sizes: Sequence[int],
                          rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        return grouped_mm_split_of(self.on(x), x, w, offsets, sizes, rows)
+        return self.on(x).grouped_mm_split(x, w, offsets, sizes, rows)
 
 
 def register(registry) -> None:

@@ -10,6 +10,13 @@ Y = (Q(X) ⊙ M)·(W̃β)ᵀ, M = TopK(|X|) (quantized top-K; top-K keeps the ma
 of zoo.kernels.ternary (the one the ternary matmul kernels read), `scale` float32 [1] = β.
 `operands(x, sparsify, expert)` gives the quantized input and W̃β for a grouped matmul: as MoE experts, every
 parameter is stacked along a leading expert dim (β per expert, each row normed with its expert's gain).
+
+Inference form (`zoo.kernels.prepare_inference`, frozen weights): `TernaryLinear`, int8 activations times
+the ternary weight (CPU: unpacked once to int8 — [in, out] for zoo's compiled GEMV, which at decode reads
+only the kept inputs' rows when the input is top-K sparse, or [out, in] for `torch._int_mm` without the
+compiled kernels; CUDA: the packed Triton kernel, with the top-K gather fused in when the projection's
+input is top-K sparse). Stacked MoE experts keep running through the grouped matmul, which takes float
+weights: they keep W̃β unpacked (`keep_dequantized`, not saved) instead of unpacking every call.
 """
 
 from __future__ import annotations
@@ -23,8 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.blocks.norm import RMSNorm, rms_norm
-from zoo.kernels.ternary import pack_ternary, unpack_ternary
-from zoo.recipe.schema import param
+from zoo.blocks.sparsity import kernel_selects
+from zoo.contracts import InferenceForm, Sparsity, Weights
+from zoo.kernels import cpu
+from zoo.kernels.dispatch import choose
+from zoo.kernels.ternary import TernaryWeight, pack_ternary, quantize_rows, ternary_matmul, unpack_ternary
+from zoo.kernels.topk_matmul import gather_pays, top_entries
+from zoo.schema import param
 
 ACT_MAX = 127.0
 
@@ -83,10 +95,11 @@ class BitNetConfig:
                   "fused q/k/v or gate/up projections each had their own β)")
 
 
-class BitLinear(nn.Module):
+class BitLinear(Weights):
     """y = Q(norm(x) ⊙ M)·(W̃β)ᵀ (+ b). Training: latent `weight`; frozen: `packed` uint8 + `scale` β."""
 
     sparsify_inside = True  # the projection hands us its sparsity block: mask after the norm
+    freezable = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool, input_norm: bool = True,
                  norm_eps: float = 1e-6, eps: float = 1e-5, per_row: bool = False):
@@ -148,21 +161,104 @@ class BitLinear(nn.Module):
 
     @torch.no_grad()
     def keep_dequantized(self, dtype: torch.dtype) -> None:
-        """Frozen: keep W̃·β unpacked in `dtype` (not saved), so inference stops unpacking it at every call.
-        `zoo.kernels.prepare_inference` asks this of stacked MoE experts, whose grouped matmul takes
-        float weights: a decode step would otherwise unpack every expert of every layer per token."""
+        """Frozen: keep W̃·β unpacked in `dtype` (not saved), so inference stops unpacking it at every call."""
         if self.frozen:
             self.register_buffer("dequantized", self.quantized_weight(dtype), persistent=False)
 
-    def packed_nbytes(self) -> int:
-        """Bytes of the inference storage: packed matrix, float32 β, bias."""
+    def inference_form(self, sparsify: Sparsity, device: torch.device, dtype: torch.dtype,
+                       impl: str = "auto") -> Weights:
+        """Frozen: `TernaryLinear`; with latent weights (not frozen) there is no faster form."""
+        return TernaryLinear(self, device, impl, sparsify.kept_count(self.in_features)) if self.frozen else self
+
+    def prepare_stacked(self, dtype: torch.dtype) -> None:
+        """Stacked experts run through the grouped matmul, which takes float weights: a decode step would
+        otherwise unpack every expert of every layer per token."""
+        self.keep_dequantized(dtype)
+
+    def inference_nbytes(self) -> int:
+        """Bytes of the inference storage: packed matrix, float32 β, bias (each stacked expert's)."""
         bias = 0 if self.bias is None else self.out_features * self.bias.element_size()
         scales = self.out_features if self.per_row else 1
-        return self.in_features * -(-self.out_features // 4) + 4 * scales + bias
+        experts = (self.packed if self.frozen else self.weight).shape[:-2].numel()
+        return experts * (self.in_features * -(-self.out_features // 4) + 4 * scales + bias)
 
     def extra_repr(self) -> str:
         state = "frozen, packed 2-bit" if self.frozen else "latent weight"
         return f"{self.in_features}->{self.out_features}, bias={self.bias is not None}, {state}"
+
+
+class TernaryLinear(InferenceForm):
+    """A frozen BitNet projection: norm, optional top-K, int8 per-token activations × ternary weight · β
+    (β one per matrix or one per output row)."""
+
+    def __init__(self, bitlinear: BitLinear, device: torch.device, impl: str = "auto", kept: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features = bitlinear.in_features, bitlinear.out_features
+        self.kept = kept  # inputs the projection's sparsity keeps per token (None: all), for `bytes_per_token`
+        self.norm, self.bias = bitlinear.norm, bitlinear.bias
+        self.register_buffer("packed", bitlinear.packed)  # the checkpoint's storage, kept as is
+        self.register_buffer("scale", bitlinear.scale)
+        self.impl = choose(impl, device, cpu_kernel=device.type == "cpu" and cpu.available())
+        self.triton = self.impl == "triton"
+        # the checkpoint storage is already the packed kernel layout; the CPU unpacks it once, here:
+        # [in, out] for the compiled kernels (kept inputs read contiguous rows), [out, in] for torch's
+        if self.triton:
+            kernel_layout, self.layout = self.packed, "packed"
+        elif self.impl == "cpu":
+            kernel_layout, self.layout = unpack_ternary(self.packed, self.out_features).t().contiguous(), "rows"
+        else:
+            kernel_layout, self.layout = unpack_ternary(self.packed, self.out_features), "int8"
+        self.register_buffer("kernel_weight", kernel_layout, persistent=False)
+
+    def ternary_weight(self) -> TernaryWeight:
+        return TernaryWeight(self.in_features, self.out_features, **{self.layout: self.kernel_weight})
+
+    def fused(self, x: torch.Tensor, sparsify: Sparsity | None) -> bool:
+        """Whether one `cpu.ternary_gemv` call does it all: the compiled kernels, one fp32 row (decode),
+        and no sparsity or a top-K the kernel selects itself."""
+        return (self.layout == "rows" and x.dtype == torch.float32 and x.numel() == self.in_features
+                and kernel_selects(sparsify))
+
+    def fuses(self, sparsify: Sparsity | None) -> bool:
+        return self.layout == "rows" and kernel_selects(sparsify)
+
+    def forward(self, x: torch.Tensor, sparsify: Sparsity | None = None) -> torch.Tensor:
+        x = self.norm(x)
+        if self.fused(x, sparsify):
+            k = 0 if sparsify is None else sparsify.kept_count(self.in_features) or 0
+            y = cpu.ternary_gemv(x.reshape(1, -1), k, self.kernel_weight, self.scale, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
+        if sparsify is not None:
+            x = sparsify(x)
+        rows = x.reshape(-1, self.in_features)
+        xq, s = quantize_rows(rows)
+        k = None if sparsify is None else sparsify.kept_count(self.in_features)
+        idx = None
+        gathers = self.triton or (self.layout == "rows" and rows.shape[0] == 1)  # reads only the kept rows
+        if gathers and k is not None and gather_pays(rows.shape[0], k / self.in_features):
+            idx = top_entries(rows, k)[1]
+            xq = xq.gather(-1, idx)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        y = ternary_matmul(xq, self.ternary_weight(), 1 / s, idx, None, wide, impl=self.impl)
+        y = y * self.scale.to(wide).reshape(-1)  # β: one per matrix, or one per output row
+        y = (y if self.bias is None else y + self.bias.to(wide)).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def bytes_per_token(self) -> int:
+        """The weight bytes a decoded row reads: the kernel layout (only the kept inputs' rows where the
+        kernel gathers them: Triton, or the compiled CPU kernels), β and the bias."""
+        w = self.kernel_weight
+        if self.layout == "int8":  # [out, in]: the dense int8 GEMV reads all of it
+            weight = w.numel() * w.element_size()
+        else:  # [in, ...]: one row per input, only the kept inputs' rows read
+            weight = (self.kept or self.in_features) * w[0].numel() * w.element_size()
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return weight + self.scale.numel() * self.scale.element_size() + bias
+
+    def extra_repr(self) -> str:
+        kind = {"packed": "packed 2-bit, Triton", "rows": "int8 [in, out], zoo cpu",
+                "int8": "int8, torch._int_mm"}[self.layout]
+        return f"{self.in_features}->{self.out_features}, {kind}"
 
 
 def build_bitlinear(cfg: BitNetConfig, ctx, in_features: int, out_features: int, bias: bool) -> BitLinear:

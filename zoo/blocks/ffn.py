@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from zoo.model.context import BuildContext
-from zoo.recipe.schema import BlockSpec, param, slot_field
+from zoo.contracts import FFN
+from zoo.schema import BlockSpec, param, slot_field
+
+if TYPE_CHECKING:
+    from zoo.model.context import BuildContext
 
 
 def default_hidden(d_model: int, multiple_of: int = 64) -> int:
@@ -29,7 +32,7 @@ class GLUConfig:
     sub_norm: BlockSpec | None = slot_field("norm", None, "norm of the down projection's input (SubLN, BitNet)")
 
 
-class GLU(nn.Module):
+class GLU(FFN):
     def __init__(self, cfg: GLUConfig, ctx: BuildContext, d_model: int):
         super().__init__()
         self.hidden = cfg.hidden or default_hidden(d_model)
@@ -38,7 +41,8 @@ class GLU(nn.Module):
         self.act_sparsity = ctx.build_optional(cfg.act_sparsity, self.hidden)
         self.sub_norm = ctx.build_optional(cfg.sub_norm, self.hidden)
         self.down = ctx.projection("down", self.hidden, d_model, cfg.bias)
-        self.down.upstream_keep = float(getattr(self.act_sparsity, "keep_fraction", 1.0))
+        if cfg.act_sparsity is not None:  # act(gate) ⊙ up keeps at most what act_sparsity keeps
+            self.down.upstream_keep = float(self.act_sparsity.keep_fraction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.up_gate.split(x, (self.hidden, self.hidden))
@@ -55,7 +59,7 @@ class MLPConfig:
     sub_norm: BlockSpec | None = slot_field("norm", None, "norm of the down projection's input (SubLN, BitNet)")
 
 
-class MLP(nn.Module):
+class MLP(FFN):
     def __init__(self, cfg: MLPConfig, ctx: BuildContext, d_model: int):
         super().__init__()
         self.hidden = cfg.hidden or 4 * d_model

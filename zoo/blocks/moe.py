@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from zoo.blocks.router import Routing
+from zoo.contracts import FFN, KernelBackend
 from zoo.kernels.moe_permute import GatheredRows, RowLayout, combine, sort_tokens
-from zoo.model.context import BuildContext
-from zoo.model.projection import ExpertGroups
-from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
+from zoo.schema import BlockSpec, Invalid, param, slot_field
+
+if TYPE_CHECKING:
+    from zoo.model.context import BuildContext
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,28 @@ class MoEConfig:
             raise Invalid("shared_hidden", "set shared_experts >= 1 to use shared_hidden")
 
 
+class ExpertGroups:
+    """Shared by the expert projections of one MoE layer (`ctx.with_experts(groups)`): its backend,
+    during a forward where each expert's rows lie in the expert-sorted input (see
+    `zoo.model.projection.ExpertProjection`), and `parallel`: the dispatcher when the experts are
+    sharded over ranks (set by zoo.train.expert_parallel; None here)."""
+
+    def __init__(self, num_experts: int, backend: KernelBackend):
+        self.num_experts, self.backend = num_experts, backend
+        self.offsets: torch.Tensor | None = None
+        self.row_expert: torch.Tensor | None = None
+        self.parallel: Any = None
+
+    @contextmanager
+    def sorted_rows(self, offsets: torch.Tensor, row_expert: torch.Tensor) -> Iterator[None]:
+        """Inside: inputs are rows sorted by expert; expert e owns rows offsets[e-1]:offsets[e]."""
+        self.offsets, self.row_expert = offsets, row_expert
+        try:
+            yield
+        finally:
+            self.offsets = self.row_expert = None
+
+
 def with_hidden(ctx: BuildContext, spec: BlockSpec, hidden: int) -> BlockSpec:
     """`spec` (an FFN) with its `hidden` width replaced; a recipe error if that kind has none."""
     if not any(f.name == "hidden" for f in dataclasses.fields(spec.config)):
@@ -59,7 +86,7 @@ def with_hidden(ctx: BuildContext, spec: BlockSpec, hidden: int) -> BlockSpec:
     return dataclasses.replace(spec, config=dataclasses.replace(spec.config, hidden=hidden))
 
 
-class MoE(nn.Module):
+class MoE(FFN):
     """y = Σ_{e in top_k(x)} gate_e(x) · expert_e(x)  [+ shared(x) · sigmoid(x·w_s)]."""
 
     def __init__(self, cfg: MoEConfig, ctx: BuildContext, d_model: int):
@@ -67,15 +94,14 @@ class MoE(nn.Module):
         self.num_experts, self.top_k, self.capacity_factor = cfg.num_experts, cfg.top_k, cfg.capacity_factor
         self.aux_coef, self.z_coef = cfg.aux_loss, cfg.z_loss
         self.backend = ctx.build(cfg.backend)
-        if hasattr(self.backend, "check"):
-            self.backend.check(ctx, cfg)
+        self.backend.check(ctx, cfg)
         self.router = ctx.build(cfg.router, d_model, cfg.num_experts, cfg.top_k)
         self.groups = ExpertGroups(cfg.num_experts, self.backend)
         self.experts = ctx.with_roles("expert_").with_experts(self.groups).build(cfg.expert, d_model)
         self.experts.token_fraction = cfg.top_k / cfg.num_experts  # accounting: activated share
         self.shared = self.shared_gate = None
         if cfg.shared_experts:
-            width = cfg.shared_hidden or getattr(self.experts, "hidden", None)
+            width = cfg.shared_hidden or self.experts.hidden
             if width is None:
                 raise ctx.error(None, "set shared_hidden: the expert FFN does not expose its hidden width",
                                 "shared_hidden")
@@ -96,6 +122,10 @@ class MoE(nn.Module):
             y = y + (s * torch.sigmoid(self.shared_gate(x)) if self.shared_gate is not None else s)
         self.aux_losses = self.losses(route)
         return y.reshape(shape)
+
+    def routing_stats(self) -> Mapping[str, torch.Tensor] | None:
+        """The statistics of the last forward (see `statistics`)."""
+        return self.last_stats
 
     def capacity(self, tokens: int) -> int | None:
         """Rows each expert may take: ceil(capacity_factor · T · top_k / E), or None (dropless)."""

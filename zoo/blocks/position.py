@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zoo.recipe.schema import param
+from zoo.schema import param
 
 
 @dataclass(frozen=True)

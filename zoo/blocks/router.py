@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.recipe.schema import param
+from zoo.schema import param
 
 
 @dataclass

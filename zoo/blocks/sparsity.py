@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from zoo.recipe.schema import Invalid, param
+from zoo.contracts import Sparsity
+from zoo.schema import Invalid, param
 
 FEW_ROWS = 8  # up to this many rows (decode) torch.kthvalue beats NumPy's per-call overhead on CPU
 
@@ -132,7 +133,7 @@ class BlockTopKConfig(MaskOptions):
             raise Invalid("n", f"n={self.n} must be <= m={self.m} (keep N of each block of M)")
 
 
-class TopK(nn.Module):
+class TopK(Sparsity):
     """y = x ⊙ TopK(|x|) per token; `keep_fraction` = K / width."""
 
     def __init__(self, width: int, k: int, ste: bool = True, rescale: bool = False):
@@ -148,6 +149,9 @@ class TopK(nn.Module):
         """True when the kept entries are exactly the k largest |x| of the row, ties to the lower index,
         unscaled: a fused inference kernel may then select them itself (zoo.kernels.cpu.topk_gemv)."""
         return not self.rescale
+
+    def kept_count(self, width: int) -> int | None:
+        return self.k if 0 < self.k < width else None
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         return topk_mask(x.detach().abs(), self.k)
@@ -206,7 +210,19 @@ class NoSparsityConfig:
     """the projection sees its whole input"""
 
 
+class NoSparsity(nn.Identity, Sparsity):
+    """y = x: every entry kept (so a kernel that selects the kept entries itself may take the raw row)."""
+
+    magnitude_topk = True
+
+
+def kernel_selects(sparsify: Sparsity | None) -> bool:
+    """Whether a fused kernel may take the raw row and select the kept entries itself: no sparsity, or a
+    block whose kept entries are the row's `kept_count` largest |x| (ties to the lower index, unscaled)."""
+    return sparsify is None or sparsify.magnitude_topk
+
+
 def register(registry) -> None:
-    registry.register("sparsity", "none", NoSparsityConfig, lambda cfg, ctx, width: nn.Identity())
+    registry.register("sparsity", "none", NoSparsityConfig, lambda cfg, ctx, width: NoSparsity())
     registry.register("sparsity", "topk", TopKConfig, build_topk)
     registry.register("sparsity", "block_topk", BlockTopKConfig, build_block_topk)

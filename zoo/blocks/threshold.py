@@ -5,9 +5,11 @@ calibrated on text so that a fraction `keep` of the entries survives (`zoo calib
 zoo.eval.calibrate). t is a buffer, so it is saved and checked with the checkpoint; a freshly
 built block has t = 0 (it keeps every nonzero entry) until calibrated.
 
-Contract: `keep_fraction` is the declared expected kept fraction (what accounting counts, and what
-calibration aims at); the measured fraction varies per token (`zoo eval` reports it). The
-selection is not a fixed K per token, so inference runs it ahead of the dense matmul (no `k`).
+Contract (zoo.contracts.Sparsity): `keep_fraction` is the declared expected kept fraction (what
+accounting counts, and what calibration aims at); the measured fraction varies per token (`zoo eval`
+reports it). No fixed K is kept per row (`kept_count` is None) and the kept entries are not a top-K
+(`magnitude_topk` is False), so no kernel selects them itself: inference runs the block ahead of the
+dense matmul.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from zoo.blocks.sparsity import mask_input
-from zoo.recipe.schema import param
+from zoo.contracts import Sparsity
+from zoo.schema import param
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,9 @@ class ThresholdConfig:
     ste: bool = param(True, "straight-through backward: the gradient reaches every input, not only kept ones")
 
 
-class Threshold(nn.Module):
-    """y = x ⊙ (|x| > t) with one calibrated threshold t per projection."""
+class Threshold(Sparsity):
+    """y = x ⊙ (|x| > t) with one calibrated threshold t per projection; `keep_fraction` = the declared keep
+    (`kept_count` None, `magnitude_topk` False: the contract's defaults)."""
 
     def __init__(self, width: int, keep: float, ste: bool = True):
         super().__init__()

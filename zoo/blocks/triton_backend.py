@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zoo.contracts import KernelBackend
 from zoo.kernels.dispatch import triton_available
 from zoo.kernels.grouped import grouped_mm_triton
 
@@ -15,7 +16,7 @@ class TritonBackendConfig:
     """Triton grouped matmul: token rows gathered in the kernel, per-block expert ids, no padding, dw per expert"""
 
 
-class TritonBackend:
+class TritonBackend(KernelBackend):
     """`grouped_mm(x, w, offsets, rows)` of docs/moe.md on zoo.kernels.grouped_mm_triton (CUDA; CPU only when
     interpreting). With `rows` the kernel gathers the token rows itself: no expert-sorted copy of x."""
 

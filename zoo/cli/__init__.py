@@ -17,7 +17,10 @@ import sys
 import traceback
 import warnings
 
+from zoo._version import __version__
+from zoo.console import print_table as print_table  # the commands import it from here
 from zoo.errors import ZooError
+from zoo.recipe.loader import add_set_argument
 
 
 class UsageError(ZooError):
@@ -30,8 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from zoo import __version__
-
     parser = _Parser(prog="zoo", description="Language models declared in TOML from registered blocks.")
     parser.add_argument("--version", action="version", version=f"zoo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -91,29 +92,17 @@ def _main(argv: list[str] | None) -> int:
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """RECIPE and repeated --set key.path=value, shared by commands that take a recipe."""
     p.add_argument("recipe", metavar="RECIPE", help="a .toml recipe file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set model.n_layers=8 (value parsed as TOML)")
+    add_set_argument(p)
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
-    """NAME_OR_DIR and repeated --set, shared by commands that load a model (eval, generate, calibrate)."""
+    """NAME_OR_DIR and --set, shared by the commands that load a model (eval, generate, calibrate)."""
     p.add_argument("run", metavar="NAME_OR_DIR",
                    help="a catalogue model (zoo models), a run folder (its newest checkpoint) or a checkpoint folder")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the model's recipe at load, e.g. --set 'model.sparsity={kind=\"topk\", "
-                        "keep=0.5}' (the tensors must still match)")
+    add_set_argument(p, "a key of the model's recipe at load (the tensors must still match), e.g. a training-free "
+                        "--set 'model.sparsity={kind=\"topk\", keep=0.5}';")
 
 
 def print_json(obj: object) -> None:
     """One JSON document on stdout (tuples as arrays; anything else non-JSON as its str)."""
     print(json.dumps(obj, indent=2, default=str))
-
-
-def print_table(rows: list[list[object]], headers: list[str] | None = None) -> None:
-    """Left-aligned columns, two spaces apart; the last column is not padded."""
-    table = [[str(c) for c in r] for r in ([headers] if headers else []) + rows]
-    if not table:
-        return
-    widths = [max(len(r[i]) for r in table if i < len(r)) for i in range(max(map(len, table)))]
-    for r in table:
-        print("  ".join(c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)).rstrip())

@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 
 import zoo.bench
+from zoo.cli import UsageError
 
 
 def add_parser(sub):
@@ -28,7 +29,5 @@ def add_parser(sub):
 
 def run(args) -> int:
     if args._bench is None:
-        from zoo.cli import UsageError
-
         raise UsageError("zoo bench: name a benchmark (see zoo bench --help)")
     return args._bench(args)

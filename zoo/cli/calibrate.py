@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from zoo.cli import UsageError, add_load_args
+from zoo.data import build_corpus, checkpoint_tokenizer, split_tokens, token_file, val_batches
+from zoo.data.corpus import Files, FilesConfig
+from zoo.errors import CheckpointError
+from zoo.eval.calibrate import calibrate
+from zoo.io.checkpoint import load
+from zoo.io.hf import TOKENIZER, save_converted
+from zoo.model.build import build
+from zoo.runs import resolve_checkpoint
+
 
 def add_parser(sub):
-    from zoo.cli import add_load_args
-
     p = sub.add_parser("calibrate", help="training-free sparsity: per-projection magnitude thresholds calibrated "
                                          "on text to a target sparsity, saved as a new checkpoint")
     add_load_args(p)
@@ -21,16 +29,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from zoo.cli import UsageError
-    from zoo.data import build_corpus, checkpoint_tokenizer, split_tokens, token_file, val_batches
-    from zoo.data.corpus import Files, FilesConfig
-    from zoo.errors import CheckpointError
-    from zoo.eval.calibrate import calibrate
-    from zoo.io.checkpoint import load
-    from zoo.io.hf import TOKENIZER, save_converted
-    from zoo.model.build import build
-    from zoo.train.state import resolve_checkpoint
-
     if not 0 < args.sparsity < 1 or args.batches < 1:
         raise UsageError("zoo calibrate: need 0 < --sparsity < 1 and --batches >= 1")
     ckpt = resolve_checkpoint(args.run)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from zoo.cli import print_json, print_table
+from zoo.eval.compare import compare, find_runs, plot, plot_layer_grads, table
+
 
 def add_parser(sub):
     p = sub.add_parser("compare", help="finished runs side by side (seeds aggregated as mean ± std), and a plot")
@@ -14,9 +17,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from zoo.cli import print_json, print_table
-    from zoo.eval.compare import compare, find_runs, plot, plot_layer_grads, table
-
     runs = find_runs(args.runs)
     rows = compare(runs)
     if args.grad_plot:  # first: it is the one that can refuse, and then nothing is written

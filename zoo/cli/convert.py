@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from zoo.cli import UsageError
+from zoo.io.gguf import convert_gguf
+from zoo.io.hf import convert_hf
+
 
 def add_parser(sub):
     p = sub.add_parser("convert", help="import a Hugging Face folder or a GGUF file as a zoo checkpoint")
@@ -22,17 +26,10 @@ def add_parser(sub):
 
 def run(args) -> int:
     if args.format is None:
-        from zoo.cli import UsageError
-
         raise UsageError("zoo convert: name a format, hf or gguf (see zoo convert --help)")
     if args.max_seq_len is not None and args.max_seq_len < 1:
-        from zoo.cli import UsageError
-
         raise UsageError("zoo convert: --max-seq-len must be >= 1")
-    if args.format == "hf":
-        from zoo.io.hf import convert_hf as convert
-    else:
-        from zoo.io.gguf import convert_gguf as convert
+    convert = convert_hf if args.format == "hf" else convert_gguf
     out = convert(args.src, args.out, dtype=args.dtype, max_seq_len=args.max_seq_len)
     print(f"wrote {out}")
     return 0

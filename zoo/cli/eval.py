@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
+import json
+from pathlib import Path
+
+from zoo.cli import UsageError, add_load_args, print_json, print_table
+from zoo.data import build_corpus, checkpoint_tokenizer, split_tokens, token_file, val_batches
+from zoo.data.corpus import Files, FilesConfig
+from zoo.eval.evaluate import evaluate
+from zoo.eval.heldout import heldout
+from zoo.files import write_atomic
+from zoo.io.checkpoint import load
+from zoo.runs import RECIPE, TASKS, resolve_checkpoint
+
+# imports lm-eval (the optional `eval` extra, seconds to import): loaded by name only for --tasks
+HARNESS = "zoo.eval.harness"
+
 
 def add_parser(sub):
-    from zoo.cli import add_load_args
-
     p = sub.add_parser("eval", help="validation loss, perplexity, measured sparsity, expert load, activated params")
     add_load_args(p)
     p.add_argument("--data", nargs="+", metavar="PATH",
@@ -25,13 +39,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from zoo.cli import print_json, print_table
-    from zoo.data import build_corpus, checkpoint_tokenizer, split_tokens, token_file, val_batches
-    from zoo.data.corpus import Files, FilesConfig
-    from zoo.eval.evaluate import evaluate
-    from zoo.io.checkpoint import load
-    from zoo.train.state import resolve_checkpoint
-
     ckpt = resolve_checkpoint(args.run)
     model = load(ckpt, overrides=args.overrides)
     recipe, cfg = model.recipe, model.recipe.train
@@ -46,8 +53,6 @@ def run(args) -> int:
     batches = list(val_batches(tokens, seq_len, cfg.batch_size, args.batches or cfg.eval_batches))
     report = {"checkpoint": str(ckpt), **evaluate(model, batches, cfg.precision)}
     if args.heldout:
-        from zoo.eval.heldout import heldout
-
         report["heldout"] = heldout(model, tok, precision=cfg.precision)
     if args.json:
         print_json(report)
@@ -73,24 +78,17 @@ def run(args) -> int:
 
 def run_tasks(args, ckpt, model, tok) -> int:
     """`--tasks`: lm-eval scores; a run folder keeps them in tasks.json (merged by task) for zoo compare."""
-    import json
-    from pathlib import Path
-
-    from zoo.cli import UsageError, print_json, print_table
-    from zoo.eval.harness import ZooLM, end_of_text
-    from zoo.eval.harness import run_tasks as evaluate_tasks
-    from zoo.files import write_atomic
-    from zoo.train.loop import RECIPE_FILE
-
     if args.data or args.heldout or args.batches:
         raise UsageError("zoo eval: --tasks runs lm-eval; it does not combine with --data, --heldout or --batches")
     if args.limit is not None and args.limit < 1:
         raise UsageError("zoo eval: --limit must be >= 1")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    scores = evaluate_tasks(ZooLM(model, tok, end_of_text(ckpt, tok)), tasks, args.limit, args.include)
+    harness = importlib.import_module(HARNESS)
+    lm = harness.ZooLM(model, tok, harness.end_of_text(ckpt, tok))
+    scores = harness.run_tasks(lm, tasks, args.limit, args.include)
     run = Path(args.run)
-    if (run / RECIPE_FILE).is_file() and not args.overrides:
-        path = run / "tasks.json"
+    if (run / RECIPE).is_file() and not args.overrides:
+        path = run / TASKS
         old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         write_atomic(path, json.dumps({**old, **scores}, indent=2) + "\n")
     if args.json:

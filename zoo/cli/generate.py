@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from zoo.cli import UsageError, add_load_args
+from zoo.data import checkpoint_tokenizer
+from zoo.io.checkpoint import load
+from zoo.kernels import prepare_inference
+from zoo.runs import resolve_checkpoint
+
 
 def add_parser(sub):
-    from zoo.cli import add_load_args
-
     p = sub.add_parser("generate", help="sample a continuation of a prompt, streamed to stdout")
     add_load_args(p)
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="tokens to sample after the prompt (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="softmax temperature; 0 = greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
@@ -21,12 +27,6 @@ def run(args) -> int:
     import sys
 
     import torch
-
-    from zoo.cli import UsageError
-    from zoo.data import checkpoint_tokenizer
-    from zoo.io.checkpoint import load
-    from zoo.kernels import prepare_inference
-    from zoo.train.state import resolve_checkpoint
 
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
         raise UsageError("zoo generate: need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from zoo.cli import print_json, print_table
+from zoo.io.pretrained import names, status
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -15,8 +16,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zoo.io.pretrained import names, status
-
     rows = [status(name) for name in names()]
     if args.json:
         print_json(rows)

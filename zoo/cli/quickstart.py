@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "tiny"
+from zoo.cli import print_table
+from zoo.eval.compare import compare, load_run, plot, table
+from zoo.recipe.loader import add_set_argument
+from zoo.recipe.recipe import BUNDLED, load_recipe
+from zoo.train.sweep import run_all
+
+RECIPES = BUNDLED / "tiny"
 DEFAULT = ("dense.toml", "qsparse.toml", "moe-bitnet-qsparse.toml")
 # Equal tokens for every model, sized to finish in about ten minutes on two CPU cores.
 SETTINGS = ["train.batch_size=16", "train.seq_len=128", "train.eval_every=25", "train.eval_batches=4",
@@ -18,19 +24,13 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=200, metavar="N", help="optimizer steps per model (default: 200)")
     p.add_argument("--recipes", nargs="+", metavar="TOML",
                    help=f"recipes to train instead of recipes/tiny/{{{','.join(DEFAULT)}}}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key in every recipe")
+    add_set_argument(p, "a key of every recipe")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def run(args) -> int:
     import time
-
-    from zoo.cli import print_table
-    from zoo.eval.compare import compare, load_run, plot, table
-    from zoo.recipe.recipe import load_recipe
-    from zoo.train.sweep import run_all
 
     start = time.perf_counter()
     paths = [Path(p) for p in args.recipes] if args.recipes else [RECIPES / name for name in DEFAULT]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from zoo.cli import UsageError, print_json, print_table
+from zoo.eval.compare import find_runs
+from zoo.eval.scaling import fit, law
+
 
 def add_parser(sub):
     p = sub.add_parser("scaling", help="fit the Q-Sparse scaling law L(N, S) to finished runs")
@@ -14,10 +18,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from zoo.cli import UsageError, print_json, print_table
-    from zoo.eval.compare import find_runs
-    from zoo.eval.scaling import fit, law
-
     if args.action != "fit":
         raise UsageError("zoo scaling: name an action: fit")
     runs = find_runs(args.runs)

@@ -10,10 +10,10 @@ import tomli_w
 
 from zoo.cli import UsageError, print_json, print_table
 from zoo.errors import did_you_mean
+from zoo.recipe.loader import add_set_argument
 from zoo.recipe.recipe import read_recipe_data, recipe_from_dict
-from zoo.recipe.schema import to_plain
 from zoo.registry import Entry, describe_config, get_registry
-from zoo.registry.docs import inline_toml
+from zoo.schema import inline_toml, to_plain
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -21,8 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("target", metavar="RECIPE|SLOT.KIND", help='a .toml recipe file, or a block such as "ffn.glu"')
     p.add_argument("--resolved", action="store_true",
                    help="for a recipe: every key, defaults filled in (loading this output gives an equal recipe)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set model.n_layers=8 (value parsed as TOML)")
+    add_set_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of TOML / a table")
     return p
 
@@ -58,8 +57,9 @@ def find_block(name: str) -> Entry:
     if slot in registry.slots and kind:
         return registry.get(slot, kind)
     if name in registry.slots:
-        raise UsageError(f"zoo show: {name!r} is a slot; its kinds: {', '.join(registry.kinds(name)) or 'none'} "
-                         f"(zoo show {name}.KIND)")
+        kinds = registry.kinds(name)
+        raise UsageError(f"zoo show: {name!r} is a slot; " + (f"its kinds: {', '.join(kinds)} (zoo show {name}.KIND)"
+                                                              if kinds else "no kinds are registered for it"))
     names = [f"{s}.{k}" for s, k in registry.entries]
     raise UsageError(f"zoo show: {name!r} is neither a recipe file nor a registered SLOT.KIND"
                      f"{did_you_mean(name, names)}; see zoo list")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from zoo.cli import UsageError, add_recipe_args
+from zoo.recipe.recipe import load_recipe
+from zoo.train.sweep import parse_grid, sweep
+
 
 def add_parser(sub):
-    from zoo.cli import add_recipe_args
-
     p = sub.add_parser("sweep", help="train a recipe at every point of a grid (sequential, resumable)")
     add_recipe_args(p)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -17,10 +19,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from zoo.cli import UsageError
-    from zoo.recipe.recipe import load_recipe
-    from zoo.train.sweep import parse_grid, sweep
-
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
@@ -29,5 +27,5 @@ def run(args) -> int:
         raise UsageError("zoo sweep: give at least one --grid key=v1,v2 or --seeds")
     recipe = load_recipe(args.recipe, args.overrides)
     done = sweep(recipe, parse_grid(args.grid), seeds, args.out, progress=not args.quiet)
-    print(f"{len(done)} runs in {args.out}; compare them with: zoo compare {args.out}")
+    print(f"{len(done)} run{'s' * (len(done) != 1)} in {args.out}; compare them with: zoo compare {args.out}")
     return 0

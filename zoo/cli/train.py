@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from zoo.cli import add_recipe_args
+from zoo.recipe.recipe import load_recipe
+from zoo.train.loop import train
+
 
 def add_parser(sub):
-    from zoo.cli import add_recipe_args
-
     p = sub.add_parser("train", help="train a recipe into a run folder (metrics, checkpoints, summary)")
     add_recipe_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (created; must be new unless --resume)")
@@ -18,9 +20,6 @@ def add_parser(sub):
 def run(args) -> int:
     import json
     import os
-
-    from zoo.recipe.recipe import load_recipe
-    from zoo.train.loop import train
 
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     recipe = load_recipe(args.recipe, overrides)

@@ -12,6 +12,7 @@ from zoo.data.corpus import Corpus
 from zoo.data.tokenize import TOKENIZER_FILE, ByteTokenizer, Tokenizer, cache_dir, load_tokenizer_file
 from zoo.data.tokens import Windows, split_tokens, token_file, val_batches
 from zoo.errors import RecipeError
+from zoo.registry import get_registry
 
 
 @dataclass
@@ -25,18 +26,13 @@ class Data:
 
 def build_corpus(recipe) -> Corpus:
     """The `[data] dataset` block of `recipe`, built."""
-    from zoo.registry import get_registry
-
-    spec = recipe.data.dataset
-    return get_registry().get("dataset", spec.kind).factory(spec.config, recipe.source)
+    return get_registry().build(recipe.data.dataset, recipe.source, file=recipe.source or None)
 
 
 def build_tokenizer(recipe, corpus: Corpus | None = None) -> Tokenizer:
     """The `[data] tokenizer` of `recipe`, checked against `model.vocab_size`."""
-    from zoo.registry import get_registry
-
     spec = recipe.data.tokenizer
-    tok = get_registry().get("tokenizer", spec.kind).factory(spec.config, corpus)
+    tok = get_registry().build(spec, corpus, file=recipe.source or None)
     if tok.vocab_size > recipe.model.vocab_size:
         raise RecipeError(f"the {spec.kind!r} tokenizer has {tok.vocab_size} tokens; set model.vocab_size "
                           f">= {tok.vocab_size}", file=recipe.source or None, path="model.vocab_size")

@@ -15,22 +15,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
+from zoo.contracts import Corpus
 from zoo.errors import RecipeError, ZooError
-from zoo.recipe.schema import param
+from zoo.schema import PathStr, param
 
 CHUNK_CHARS = 1 << 20
-
-
-class Corpus:
-    """A stream of text. `fingerprint` changes whenever the text may have changed."""
-
-    name: str = "corpus"
-
-    def chunks(self) -> Iterator[str]:
-        raise NotImplementedError
-
-    def fingerprint(self) -> str:
-        raise NotImplementedError
 
 
 def _lines_to_chunks(lines: Iterator[str]) -> Iterator[str]:
@@ -96,7 +85,7 @@ class KJV(Corpus):
 class FilesConfig:
     """your own text: files and folders of plain text (.txt, ...) or JSON lines (.jsonl, one `text` per line)"""
 
-    paths: tuple[str, ...] = param((), "files or folders (folders are searched with `pattern`)")
+    paths: tuple[PathStr, ...] = param((), "files or folders (folders are searched with `pattern`)")
     pattern: str = param("**/*", "glob for the files inside a folder")
     format: Literal["auto", "text", "jsonl"] = param("auto", "file format; auto: .jsonl/.json files are JSON lines")
     field: str = param("text", "the text field of a JSON line")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.data.corpus import Corpus
+from zoo.contracts import Corpus, Tokenizer
 from zoo.errors import ZooError
 from zoo.files import write_atomic
-from zoo.recipe.schema import param
+from zoo.schema import PathStr, param
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -22,40 +22,6 @@ TOKENIZER_FILE = "tokenizer.json"
 def cache_dir() -> Path:
     """Where tokenized corpora and trained tokenizers are cached ($ZOO_CACHE, else ~/.cache/zoo)."""
     return Path(os.environ.get("ZOO_CACHE") or Path.home() / ".cache" / "zoo")
-
-
-class Tokenizer:
-    """text <-> ids. `to_json()` is what a checkpoint stores (None: rebuilt from the recipe)."""
-
-    vocab_size: int
-    fingerprint: str
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """Token ids of `text` as an integer array (what the data pipeline uses)."""
-        return np.asarray(self.encode(text), dtype=np.int64)
-
-    def to_json(self) -> str | None:
-        return None
-
-    def stream_decoder(self):
-        """A callable ids -> newly printable text, for printing tokens as they are generated."""
-        seen: list[int] = []
-        printed = [0]
-
-        def step(ids: list[int]) -> str:
-            seen.extend(ids)
-            text = self.decode(seen)
-            stable = text.rstrip("\ufffd")  # a partial multi-byte character is completed later
-            new, printed[0] = stable[printed[0]:], max(printed[0], len(stable))
-            return new
-
-        return step
 
 
 @dataclass(frozen=True)
@@ -141,7 +107,7 @@ def train_bpe(cfg: BPEConfig, corpus: Corpus) -> HFTokenizer:
 class FileTokenizerConfig:
     """a tokenizer.json file (Hugging Face `tokenizers` format), e.g. from an imported model"""
 
-    path: str = param(doc="path to tokenizer.json")
+    path: PathStr = param(doc="path to tokenizer.json")
 
 
 def load_tokenizer_file(path: str | Path) -> HFTokenizer:

@@ -15,12 +15,11 @@ import numpy as np
 
 from zoo.errors import ZooError
 from zoo.recipe.recipe import load_recipe
-from zoo.recipe.schema import BlockSpec, to_plain
-from zoo.train.loop import METRICS, RECIPE_FILE, SUMMARY, flatten
+from zoo.runs import METRICS, RECIPE, SUMMARY, TASKS
+from zoo.schema import BlockSpec, flatten, inline_toml, to_plain
 
 METRIC_KEYS = ("total_params", "activated_params", "flops_per_token", "train_loss", "val_loss", "val_ppl",
                "sparsity", "train_tokens_per_s", "decode_tokens_per_s", "tokens")
-TASKS = "tasks.json"  # lm-eval scores of a run, written by `zoo eval RUN --tasks ...`
 # not differences between runs: seeds group, the rest only changes what is logged
 IGNORED = ("name", "train.seed", "train.layer_grad_norms", "train.tensorboard", "train.log_every")
 
@@ -72,7 +71,7 @@ def explicit(obj: Any, prefix: str = "") -> dict[str, Any]:
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not (path / SUMMARY).is_file():
-        what = "has not finished (no summary.json)" if (path / RECIPE_FILE).is_file() else "is not a zoo run folder"
+        what = "has not finished (no summary.json)" if (path / RECIPE).is_file() else "is not a zoo run folder"
         raise ZooError(f"{path}: {what}")
     summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
     curve, layer_grads = [], []
@@ -82,7 +81,7 @@ def load_run(path: str | Path) -> Run:
             curve.append((rec["tokens"], rec["val_loss"]))
         elif rec.get("layer_grad_norms"):
             layer_grads.append((rec["step"], rec["layer_grad_norms"]))
-    recipe = load_recipe(path / RECIPE_FILE)
+    recipe = load_recipe(path / RECIPE)
     tasks = {}
     if (path / TASKS).is_file():
         scores = json.loads((path / TASKS).read_text(encoding="utf-8"))
@@ -94,12 +93,12 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
     """Run folders given directly, or found one level down (a sweep or quickstart folder)."""
     runs = []
     for p in map(Path, paths):
-        if (p / RECIPE_FILE).is_file():
+        if (p / RECIPE).is_file():
             runs.append(load_run(p))
         elif p.is_dir() and any((c / SUMMARY).is_file() for c in p.iterdir()):
             runs += [load_run(c) for c in sorted(p.iterdir()) if (c / SUMMARY).is_file()]
         else:
-            raise ZooError(f"{p}: not a run folder (no {RECIPE_FILE}) nor a folder of finished runs")
+            raise ZooError(f"{p}: not a run folder (no {RECIPE}) nor a folder of finished runs")
     if not runs:
         raise ZooError("no runs to compare")
     names = [r.label for r in runs]
@@ -133,7 +132,7 @@ def compare(runs: list[Run]) -> list[dict]:
         row = {"run": g[0].label if len(g) == 1 else f"{g[0].label} (+{len(g) - 1})",
                "runs": [str(r.path) for r in g], "seeds": sorted(r.recipe.get("train.seed", 0) for r in g),
                "differences": {k: g[0].recipe.get(k) for k in differing},
-               "settings": {k: g[0].settings[k] for k in salient if k in g[0].settings}}
+               "settings": {k: g[0].recipe[k] for k in salient if k in g[0].recipe}}
         for m in METRIC_KEYS:
             mean, std = _mean_std([r.metrics()[m] for r in g])
             row[m] = mean
@@ -146,30 +145,37 @@ def compare(runs: list[Run]) -> list[dict]:
     return rows
 
 
-def _fmt(v: float | None, std: float | None, digits: int) -> str:
+def _unit(values: list[float | None]) -> tuple[str, float]:
+    """One unit for a whole column of counts or rates (so that 9.2k and 11.8k, not 9151.7 and 11.8k)."""
+    top = max((abs(v) for v in values if v is not None), default=0.0)
+    return next(((u, s) for u, s in (("G", 1e9), ("M", 1e6), ("k", 1e3)) if top >= 10 * s), ("", 1.0))
+
+
+def _fmt(v: float | None, std: float | None, digits: int, unit: tuple[str, float] = ("", 1.0)) -> str:
     if v is None:
         return "-"
-    if abs(v) >= 1e4 and digits <= 1:
-        text = f"{v / 1e6:.2f}M" if abs(v) >= 1e6 else f"{v / 1e3:.1f}k"
-    else:
-        text = f"{v:.{digits}f}"
-    return text + (f" ± {std:.{digits}f}" if std is not None and digits > 1 else "")
+    if digits == 0:  # a count or a rate: in the column's unit
+        name, scale = unit
+        return f"{v / scale:.1f}{name}" if name else f"{v:.0f}"
+    return f"{v:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 COLUMNS = [("params", "total_params", 0), ("act.params", "activated_params", 0), ("FLOPs/tok", "flops_per_token", 0),
            ("train", "train_loss", 3), ("val", "val_loss", 3), ("ppl", "val_ppl", 2), ("sparsity", "sparsity", 2),
-           ("train tok/s", "train_tokens_per_s", 1), ("decode tok/s", "decode_tokens_per_s", 1)]
+           ("train tok/s", "train_tokens_per_s", 0), ("decode tok/s", "decode_tokens_per_s", 0)]
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Headers and cells for printing: run, seeds, the metrics, then its non-default settings that differ."""
+    """Headers and cells for printing: run, seeds, the metrics, the lm-eval task scores, then the settings that
+    differ between rows (as `--set` takes them)."""
     tasks = sorted({k for r in rows for k in r.get("tasks", {})})
-    headers = ["run", "seeds", *(h for h, _, _ in COLUMNS), *tasks, "differs in (non-default settings)"]
+    headers = ["run", "seeds", *(h for h, _, _ in COLUMNS), *tasks, "differs in"]
+    units = {k: _unit([r[k] for r in rows]) for _, k, _ in COLUMNS}
     cells = []
     for r in rows:
-        settings = " ".join(f"{k.removeprefix('model.')}={v}" for k, v in r["settings"].items()) or "-"
+        settings = " ".join(f"{k}={inline_toml(v)}" for k, v in r["settings"].items()) or "-"
         cells.append([r["run"], ",".join(map(str, r["seeds"])),
-                      *(_fmt(r[k], r[k + "_std"], d) for _, k, d in COLUMNS),
+                      *(_fmt(r[k], r[k + "_std"], d, units[k]) for _, k, d in COLUMNS),
                       *(_fmt(r.get("tasks", {}).get(k), None, 4) for k in tasks), settings])
     return headers, cells
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from zoo.contracts import FFN
 from zoo.eval.perplexity import autocast, perplexity
 from zoo.eval.sparsity import measure_sparsity
 from zoo.model.accounting import account
@@ -23,14 +24,17 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], precision:
     entropy: dict[str, list[float]] = {}  # per forward: (mean router entropy, tokens)
     hooks = []
     for name, module in model.named_modules():
-        if hasattr(module, "last_stats"):  # a routed FFN: its per-forward statistics
+        if isinstance(module, FFN):  # a routed FFN reports its per-forward statistics
 
             def add(mod, args, out, name=name):
-                counts = mod.last_stats["tokens_per_expert"].detach().cpu().double()
+                stats = mod.routing_stats()
+                if stats is None:
+                    return
+                counts = stats["tokens_per_expert"].detach().cpu().double()
                 tokens_per_expert[name] = tokens_per_expert.get(name, 0) + counts
                 tokens = args[0].numel() / args[0].shape[-1]
                 acc = entropy.setdefault(name, [0.0, 0.0])
-                acc[0] += float(mod.last_stats["router_entropy"]) * tokens
+                acc[0] += float(stats["router_entropy"]) * tokens
                 acc[1] += tokens
             hooks.append(module.register_forward_hook(add))
     was_training = model.training

@@ -1,7 +1,7 @@
 """Standard evaluation through lm-eval (EleutherAI's harness; the optional `eval` extra).
 
-`ZooLM` is a zoo model as an lm-eval model (registered as "zoo": `pretrained=NAME_OR_DIR` in
-lm-eval's model_args): `loglikelihood` (batched, right-padded), `loglikelihood_rolling` (lm-eval's
+`ZooLM` is a loaded zoo model and its tokenizer as an lm-eval model (`zoo eval --tasks` builds it; in
+Python: `ZooLM(zoo.load(x), tokenizer)`): `loglikelihood` (batched, right-padded), `loglikelihood_rolling` (lm-eval's
 disjoint rolling windows of max_seq_len tokens) and `generate_until` (greedy, KV cache). No
 dataset hub is reachable, so the tasks zoo ships (zoo.eval.tasks) read local files generated from
 bundled text; any other lm-eval task runs when its data is local.
@@ -17,11 +17,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zoo.errors import ZooError
+from zoo.errors import ZooError, did_you_mean
+from zoo.eval.tasks import LOCAL, task_config
 
 try:
+    from lm_eval import simple_evaluate
     from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
+    from lm_eval.tasks import TaskManager
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ModuleNotFoundError:  # pragma: no cover - exercised by the CLI's message when lm-eval is absent
     raise ZooError("standard evaluation needs lm-eval: pip install 'qsparse-zoo[eval]'") from None
@@ -38,18 +40,8 @@ def end_of_text(ckpt: Path, tok) -> int:
 class ZooLM(TemplateLM):
     """A zoo model (zoo.load) and its tokenizer, scored and sampled the way lm-eval asks."""
 
-    def __init__(self, model=None, tokenizer=None, eot: int | None = None, batch_size: int = 8,
-                 max_gen_toks: int = 64, pretrained: str | None = None, overrides: str | None = None):
+    def __init__(self, model, tokenizer, eot: int | None = None, batch_size: int = 8, max_gen_toks: int = 64):
         super().__init__()
-        if model is None:  # lm-eval's own construction: pretrained=NAME_OR_DIR[,overrides=a=1;b=2]
-            from zoo.data import checkpoint_tokenizer
-            from zoo.io.checkpoint import load
-            from zoo.train.state import resolve_checkpoint
-
-            ckpt = resolve_checkpoint(pretrained)
-            model = load(ckpt, overrides=[o for o in (overrides or "").split(";") if o])
-            tokenizer = checkpoint_tokenizer(ckpt, model.recipe)
-            eot = end_of_text(ckpt, tokenizer)
         self.model, self.tok = model.eval(), tokenizer
         self.eot = eot if eot is not None else tokenizer.encode("\n")[-1]
         self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
@@ -124,17 +116,9 @@ class ZooLM(TemplateLM):
         return out
 
 
-register_model("zoo")(ZooLM)
-
-
 def run_tasks(lm: ZooLM, tasks: list[str], limit: int | None = None, include: str | None = None) -> dict[str, Any]:
     """{task: {metric: value}} from lm-eval's simple_evaluate on `tasks` (zoo's local tasks by name, or any
     lm-eval task whose data is local)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    from zoo.eval.tasks import LOCAL, task_config
-
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing is downloaded: a task's data is local or it fails
     manager = TaskManager(include_path=include) if include else TaskManager()
     specs: list[Any] = []
@@ -143,8 +127,6 @@ def run_tasks(lm: ZooLM, tasks: list[str], limit: int | None = None, include: st
             specs.append(task_config(name))
             continue
         if name not in manager.all_tasks:
-            from zoo.errors import did_you_mean
-
             raise ZooError(f"--tasks: unknown task {name!r}{did_you_mean(name, [*LOCAL, *manager.all_tasks])}; "
                            f"zoo's local tasks: {', '.join(LOCAL)}")
         specs.append(name)

@@ -9,7 +9,6 @@ overall, the overall weighted by each projection's parameters, i.e. 1 - activate
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ class Site:
 
     layer: int | None
     role: str
+    base_role: str
     params: int
     zeros: int = 0
     total: int = 0
@@ -49,11 +49,12 @@ class SparsityTable:
                 for n, s in self.sites.items()]
 
     def by_role(self, base: bool = True) -> dict[str, float]:
-        """Sparsity per role over all layers; `base` folds expert_/shared_ roles into qkv/o/up_gate/down."""
+        """Sparsity per role over all layers; `base` folds each role into the root it falls back to
+        (expert_/shared_ roles into qkv/o/up_gate/down)."""
         zeros: dict[str, int] = {}
         total: dict[str, int] = {}
         for s in self.sites.values():
-            role = re.sub(r"^(expert|shared)_", "", s.role) if base else s.role
+            role = s.base_role if base else s.role
             zeros[role] = zeros.get(role, 0) + s.zeros
             total[role] = total.get(role, 0) + s.total
         return {r: zeros[r] / total[r] for r in sorted(total) if total[r]}
@@ -85,11 +86,6 @@ class SparsityTable:
         return out
 
 
-def _layer_of(name: str) -> int | None:
-    m = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
 @torch.no_grad()
 def measure_sparsity(model: nn.Module, batches: Iterable[torch.Tensor]) -> SparsityTable:
     """Run `model` on each batch of token ids [B, T] and count the zeros every projection multiplies."""
@@ -104,7 +100,7 @@ def measure_sparsity(model: nn.Module, batches: Iterable[torch.Tensor]) -> Spars
 
     for name, module in model.named_modules():
         if isinstance(module, Projection):
-            site = Site(_layer_of(name), module.role, module.weight_count)
+            site = Site(module.layer, module.role, module.base_role, module.weight_count)
             table.sites[name] = site
             handles.append(module.sparsify.register_forward_hook(hook(site)))
     was_training = model.training

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from zoo._version import __version__
 from zoo.errors import CheckpointError, ZooError
 from zoo.files import atomic_folder
-
-WEIGHTS, RECIPE, META = "model.safetensors", "recipe.toml", "meta.json"
-FORMAT = 1
+from zoo.model.build import build
+from zoo.recipe.recipe import load_recipe
+from zoo.runs import FORMAT, META, RECIPE, WEIGHTS, read_meta, resolve_checkpoint
+from zoo.schema import recipe_changes
 
 
 def sha256(path: Path) -> str:
@@ -72,46 +73,22 @@ def save(model: nn.Module, path: str | Path, *, meta: dict[str, Any] | None = No
                 mode = "wb" if isinstance(content, bytes) else "w"
                 with open(tmp / name, mode) as f:
                     f.write(content)
-            from zoo import __version__
 
             info = {
                 "format": FORMAT,
                 "zoo_version": __version__,
                 "parameters": sum((weights[n] if n in weights else p).numel() for n, p in model.named_parameters()),
                 "sha256": sha256(tmp / WEIGHTS),
+                "recipe_sha256": sha256(tmp / RECIPE),  # with "recipe": what load compares an edited recipe.toml to
+                "recipe": recipe.to_dict(),
                 "aliases": aliases,
                 "transforms": list(getattr(model, "zoo_transforms", [])),
                 **(meta or {}),
             }
             (tmp / META).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-            time.sleep(float(os.environ.get("ZOO_TEST_CHECKPOINT_PAUSE", 0)))  # tests kill a process here
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
     return path
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's meta.json, after checking the folder has all three files."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
-    for name in (META, RECIPE, WEIGHTS):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path}: missing {name} (not a zoo checkpoint, or an incomplete one)")
-    try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path / META}: corrupt JSON ({err})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
-        raise CheckpointError(f"{path / META}: missing the 'sha256' of {WEIGHTS}")
-    aliases, transforms = meta.get("aliases", {}), meta.get("transforms", [])
-    if not (isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values())):
-        raise CheckpointError(f"{path / META}: 'aliases' must map tensor names to tensor names")
-    if not (isinstance(transforms, list) and all(isinstance(t, str) for t in transforms)):
-        raise CheckpointError(f"{path / META}: 'transforms' must be a list of method names")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path / META}: checkpoint format {meta.get('format')!r}, this zoo reads {FORMAT}")
-    return meta
 
 
 def _check_size(path: Path, skeleton: nn.Module) -> None:
@@ -128,18 +105,30 @@ def _check_size(path: Path, skeleton: nn.Module) -> None:
                               f"{have:,} bytes: the recipe does not belong to these weights")
 
 
+def _warn_if_recipe_changed(path: Path, meta: dict[str, Any], recipe) -> None:
+    """One warning line naming the keys in which recipe.toml differs from the recipe the weights were saved
+    with: an edit is allowed (it is how a checkpoint is continued differently), a silent change is not."""
+    if meta.get("recipe_sha256") in (None, sha256(path / RECIPE)):
+        return
+    saved = meta.get("recipe")
+    if isinstance(saved, dict):
+        changes = recipe_changes(saved, json.loads(json.dumps(recipe.to_dict())))
+        if not changes:  # reformatted, comments: the same recipe
+            return
+        what = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    else:
+        what = "its saved copy is not in meta.json"
+    warnings.warn(f"{path / RECIPE} differs from the recipe the weights were saved with ({what}); "
+                  "loading it as it is now", stacklevel=3)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", registry=None,
          overrides: list[str] | dict[str, Any] | None = None) -> nn.Module:
-    """Rebuild the model saved in folder `path` (or catalogue model `path`); any mismatch raises CheckpointError.
-
-    `overrides` (`a.b=value`, as `--set`) change its recipe first, e.g. a training-free sparsity;
-    the tensors must still match.
-    """
-    from zoo.io.pretrained import resolve
-    from zoo.model.build import build
-    from zoo.recipe.recipe import load_recipe
-
-    path = resolve(path)
+    """Rebuild the model saved in folder `path` (the newest checkpoint of run folder `path`, or catalogue model
+    `path`); any mismatch of the weights raises CheckpointError, a recipe.toml edited since saving is loaded
+    with a warning. `overrides` (`a.b=value`, as `--set`) change its recipe first, e.g. a training-free
+    sparsity; the tensors must still match."""
+    path = resolve_checkpoint(path)
     meta = read_meta(path)
     digest = sha256(path / WEIGHTS)
     if digest != meta["sha256"]:
@@ -153,6 +142,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", registry=None,
         raise
     except ZooError as err:
         raise CheckpointError(f"{path}: its recipe cannot be built here: {err}") from None
+    _warn_if_recipe_changed(path, meta, recipe)
     allowed = getattr(model, "TRANSFORMS", ())
     for transform in meta.get("transforms", []):
         if transform not in allowed:

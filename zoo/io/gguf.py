@@ -20,6 +20,8 @@ import torch
 from zoo.errors import CheckpointError, ZooError, one_of
 from zoo.io.arch import REQUIRED, Converter, GGUFLayout
 from zoo.io.hf import SLOT, HFConfig, hf_recipe, load_weights, save_converted
+from zoo.io.ternary import split_ternary
+from zoo.model.build import build
 from zoo.registry import get_registry
 
 
@@ -76,17 +78,18 @@ class GGUFFile:
         return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
 
 
-def layouts() -> dict[str, tuple[str, GGUFLayout]]:
-    """GGUF architecture -> (model_type, layout) of the registered converters that read GGUF.
+def layouts() -> dict[tuple[str, bool], tuple[str, GGUFLayout]]:
+    """(GGUF architecture, experts) -> (model_type, layout) of the registered converters with a GGUF form.
 
-    Several converters may declare one GGUF architecture (llama.cpp stores Mistral as `llama`):
-    the one registered under the architecture's own name reads it."""
+    Several converters may declare one GGUF architecture (llama.cpp stores Mistral as `llama`, and
+    Mixtral as `llama` with experts): the one registered under the architecture's own name reads it."""
     registry = get_registry()
-    found: dict[str, tuple[str, GGUFLayout]] = {}
+    found: dict[tuple[str, bool], tuple[str, GGUFLayout]] = {}
     for kind in registry.kinds(SLOT):
         conv: Converter = registry.get(SLOT, kind).factory()
-        if conv.gguf is not None and (conv.gguf.arch not in found or kind == conv.gguf.arch):
-            found[conv.gguf.arch] = (kind, conv.gguf)
+        key = None if conv.gguf is None else (conv.gguf.arch, conv.gguf.experts)
+        if key is not None and (key not in found or kind == conv.gguf.arch):
+            found[key] = (kind, conv.gguf)
     return found
 
 
@@ -94,15 +97,17 @@ def hf_config(g: GGUFFile) -> tuple[dict[str, Any], GGUFLayout]:
     """A transformers config.json dictionary equivalent to the GGUF metadata, and the layout read."""
     arch = g.need("general.architecture")
     known = layouts()
-    if arch not in known:
-        raise CheckpointError(f"{g.path}: general.architecture {arch!r} is not supported; {one_of(known)}")
-    model_type, layout = known[arch]
     p = f"{arch}."
-    if g.value(p + "expert_count", 0):
-        raise CheckpointError(f"{g.path}: {p}expert_count={g.value(p + 'expert_count')}: mixture-of-experts GGUF "
-                              "files are not supported; convert the Hugging Face folder instead")
+    experts = bool(g.value(p + "expert_count", 0))
+    if (arch, experts) not in known:
+        names = sorted({a for a, _ in known})
+        if arch in names:
+            raise CheckpointError(f"{g.path}: {p}expert_count={g.value(p + 'expert_count', 0)}: no converter reads "
+                                  f"{'mixture-of-experts' if experts else 'dense'} {arch!r} GGUF files")
+        raise CheckpointError(f"{g.path}: general.architecture {arch!r} is not supported; {one_of(names)}")
+    model_type, layout = known[(arch, experts)]
     scaling = g.value(p + "rope.scaling.type", "none")
-    if scaling not in ("none", None):
+    if scaling not in ("none", None) and not (scaling == "linear" and g.value(p + "rope.scaling.factor", 1.0) == 1.0):
         raise CheckpointError(f"{g.path}: {p}rope.scaling.type {scaling!r} is not supported (plain RoPE only)")
     config: dict[str, Any] = {"model_type": model_type}
     for key, hf, kind, default in layout.keys:
@@ -122,21 +127,51 @@ def hf_config(g: GGUFFile) -> tuple[dict[str, Any], GGUFLayout]:
         "vocab_size": int(embed.shape[1]),
         "tie_word_embeddings": layout.gguf_name("lm_head.weight") not in g.tensors,
         "attention_bias": layout.gguf_name("model.layers.0.self_attn.o_proj.bias") in g.tensors,
-        "hidden_act": "silu",
+        "qkv_bias": layout.gguf_name("model.layers.0.self_attn.q_proj.bias") in g.tensors,
+        "hidden_act": "silu",  # llama.cpp's llama-family graphs compute SiLU(gate)·up
     })
+    config.update({key: value for key, value, _ in layout.fixed})
     return config, layout
 
 
-def source(g: GGUFFile, config: dict[str, Any], layout: GGUFLayout):
-    """get(transformers name) -> float32 tensor, with llama.cpp's q/k row permutation undone."""
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of one projection from the half-split order to llama.cpp's interleaved pairs (inverse of `unpermute`)."""
+    hd = w.shape[0] // heads
+    return w.reshape(heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
-    def get(name: str) -> torch.Tensor:
-        t = g.tensor(layout.gguf_name(name))
+
+def source(g: GGUFFile, config: dict[str, Any], layout: GGUFLayout):
+    """get(transformers name) -> float32 tensor, with llama.cpp's q/k row permutation undone, one expert
+    sliced out of its stacked tensor, and ternary projections served as W̃ plus "<name>_scale" β per row."""
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    stacked: dict[str, torch.Tensor] = {}
+
+    def tensor(name: str) -> torch.Tensor:
+        gname, expert = layout.slot(name)
+        if expert is None:
+            t = g.tensor(gname)
+        else:
+            if gname not in stacked:
+                stacked.clear()  # one layer's role at a time: the rules read experts in order
+                stacked[gname] = g.tensor(gname)
+            t = stacked[gname][expert]
+        scale = g.tensors.get(gname[: -len("weight")] + "scale")
+        if scale is not None:  # llama.cpp's optional per-tensor scale of a ternary projection
+            t = t * g.tensor(scale.name).reshape(())
         proj = name.split(".")[-2]
         if layout.permute_qk and proj in heads:
             t = unpermute(t, heads[proj])
-        return t
+        return t.unsqueeze(0) if layout.pattern(name) in layout.flat else t
+
+    def get(name: str) -> torch.Tensor:
+        base = name[: -len("_scale")] if name.endswith("_scale") else name
+        if layout.pattern(base) not in layout.ternary:
+            return tensor(name)
+        try:
+            t, beta = split_ternary(tensor(base), layout.gguf_name(base))
+        except CheckpointError as err:
+            raise CheckpointError(f"{g.path}: {err}") from None
+        return beta if name != base else t
 
     return get
 
@@ -147,8 +182,6 @@ def from_gguf(path: str | Path, dtype: str | None = None, max_seq_len: int | Non
 
 
 def load_gguf(g: GGUFFile, dtype: str | None, max_seq_len: int | None):
-    from zoo.model.build import build
-
     path = g.path
     config, layout = hf_config(g)
     cfg = HFConfig(config, str(path))
@@ -177,6 +210,8 @@ def gguf_tokenizer(g: GGUFFile):
     types = g.value("tokenizer.ggml.token_type") or [1] * len(tokens)
     if kind == "gpt2":
         merges = [tuple(m.split(" ", 1)) for m in g.value("tokenizer.ggml.merges") or []]
+        merges = [m for m in merges if len(m) == 2 and m[0] + m[1] in vocab]  # others never apply (llama.cpp
+        # keeps the parts); `tokenizers` would panic on them
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         pre = g.value("tokenizer.ggml.pre", "default")
         if pre in ("llama-bpe", "llama3", "qwen2"):
@@ -188,7 +223,7 @@ def gguf_tokenizer(g: GGUFFile):
                 pre_tokenizers.Digits(individual_digits=True),
                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
         else:
-            if pre not in ("default", "gpt2"):
+            if pre not in ("default", "gpt2", "gpt-2"):
                 warnings.warn(f"{g.path}: tokenizer.ggml.pre {pre!r} is approximated by GPT-2's pre-tokenizer",
                               stacklevel=3)
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -236,4 +271,10 @@ def convert_gguf(src: str | Path, out: str | Path, dtype: str | None = None, max
     model, _ = load_gguf(g, dtype, max_seq_len)
     tok = gguf_tokenizer(g)
     files = {} if tok is None else {"tokenizer.json": tok.to_str()}
-    return save_converted(model, out, files, {"format": "gguf", "path": str(g.path)})
+    source = {"format": "gguf", "path": str(g.path)}
+    if tok is not None:  # what tokenizer.json cannot hold, for `zoo export gguf`
+        source["tokenizer"] = {k: v for k, v in (("pre", g.value("tokenizer.ggml.pre")),
+                                                 ("bos", g.value("tokenizer.ggml.bos_token_id")),
+                                                 ("eos", g.value("tokenizer.ggml.eos_token_id")),
+                                                 ("add_bos", g.value("tokenizer.ggml.add_bos_token"))) if v is not None}
+    return save_converted(model, out, files, source)

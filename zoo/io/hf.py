@@ -15,8 +15,7 @@ import dataclasses
 import json
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,12 @@ from safetensors.torch import save_file
 
 from zoo.errors import CheckpointError, ZooError, did_you_mean, one_of
 from zoo.files import atomic_folder
+from zoo.io.checkpoint import load, save
+from zoo.io.ternary import ternary_view
+from zoo.model.build import build
+from zoo.recipe.recipe import recipe_from_dict
 from zoo.registry import Entry, get_registry
-from zoo.registry.plugins import BUILTINS
+from zoo.runs import resolve_checkpoint
 
 SLOT = "converter"  # the registry slot of architecture converters (zoo.io.arch)
 CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
@@ -43,6 +46,7 @@ GENERIC_KEYS = {
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
     "attention_bias", "mlp_bias", "qkv_bias", "auto_map", "embd_pdrop", "resid_pdrop", "generation_config",
     "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+    "zoo_trained_sparse",
 }
 
 
@@ -204,28 +208,13 @@ def converter(cfg: HFConfig) -> tuple[Entry, Any]:
     return entry, entry.factory()
 
 
-@contextmanager
-def blame(entry: Entry, doing: str, where: str) -> Iterator[None]:
-    """A plugin converter's own exception becomes a PluginError naming the plugin (zoo's errors pass)."""
-    try:
-        yield
-    except ZooError:
-        raise
-    except Exception as err:
-        if entry.plugin.name == BUILTINS:
-            raise
-        raise entry.failure(doing, where, err) from err
-
-
 # -- import ----------------------------------------------------------------------------------
 
 
 def hf_recipe(cfg: HFConfig, dtype: str | None = None, max_len: int | None = None, name: str = ""):
     """The zoo Recipe equivalent to a config.json."""
-    from zoo.recipe.recipe import recipe_from_dict
-
     entry, conv = converter(cfg)
-    with blame(entry, "reading", cfg.file):
+    with entry.blame("reading", cfg.file):
         conv.check_quantization(cfg)
         model = conv.recipe(cfg)
     unknown = sorted(set(cfg.data) - GENERIC_KEYS - conv.known - {"quantization_config"})
@@ -243,8 +232,6 @@ def hf_recipe(cfg: HFConfig, dtype: str | None = None, max_len: int | None = Non
 
 def from_hf(path: str | Path, dtype: str | None = None, max_seq_len: int | None = None):
     """(model, recipe) from a Hugging Face model folder; the model computes the same logits."""
-    from zoo.model.build import build
-
     folder = Path(path)
     cfg = HFConfig.read(folder)
     recipe = hf_recipe(cfg, dtype, max_seq_len, name=folder.name)
@@ -257,7 +244,7 @@ def from_hf(path: str | Path, dtype: str | None = None, max_seq_len: int | None 
 def load_weights(model, cfg: HFConfig, get: Callable[[str], torch.Tensor], where: str) -> None:
     """Fill `model` from the HF-named tensors that `get` serves, by the architecture's rules."""
     entry, conv = converter(cfg)
-    with blame(entry, "loading weights of", where):
+    with entry.blame("loading weights of", where):
         state = conv.load(cfg, model, get, where)
     if model.config.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
@@ -285,8 +272,6 @@ def convert_hf(src: str | Path, out: str | Path, dtype: str | None = None, max_s
 
 def save_converted(model, out: str | Path, files: dict[str, str | bytes], source: dict[str, Any]) -> Path:
     """zoo.save an imported model; with a tokenizer.json its recipe's data.tokenizer points at that file."""
-    from zoo.io.checkpoint import save
-
     out = Path(out)
     if TOKENIZER in files:
         spec = {"kind": "file", "path": str(out.resolve() / TOKENIZER)}
@@ -297,23 +282,66 @@ def save_converted(model, out: str | Path, files: dict[str, str | bytes], source
 # -- export ----------------------------------------------------------------------------------
 
 
-def exportable(recipe) -> None:
-    """Refuse, by key path, what a transformers layout cannot express."""
+SPARSITY_NAMES = {"topk": "Q-Sparse top-K", "block_topk": "Block Q-Sparse"}
+
+
+def sparsity_features(m) -> list[tuple[str, str]]:
+    """(key path, feature) of each activation-sparsity block in a model: what no exported format computes."""
+    def name(kind: str) -> str:
+        return f"{kind!r} ({SPARSITY_NAMES.get(kind, 'activation sparsity')})"
+
+    found = []
+    if m.sparsity.kind != "none":
+        found.append(("model.sparsity.kind", name(m.sparsity.kind)))
+    ffns = [("model.ffn", m.ffn)] + [(f"model.layers[{n}].ffn", p.ffn) for n, p in enumerate(m.layers) if p.ffn]
+    for key, ffn in ffns:
+        inner = getattr(ffn.config, "expert", None)
+        for k, spec in ((key, ffn), (key + ".expert", inner)):
+            act = getattr(getattr(spec, "config", None), "act_sparsity", None) if spec is not None else None
+            if act is not None:
+                found.append((k + ".act_sparsity", name(act.kind) + " inside the FFN"))
+    for n, p in enumerate(m.layers):
+        if p.sparsity is not None and p.sparsity.kind != "none":
+            found.append((f"model.layers[{n}].sparsity", name(p.sparsity.kind)))
+    return found
+
+
+def without_sparsity(recipe):
+    """The recipe with every activation-sparsity block removed (the same weights, dense)."""
+    data = recipe.to_dict()
+    model = data["model"]
+    model["sparsity"] = {"kind": "none"}
+    for table in [model] + model.get("layers", []):
+        ffn = table.get("ffn")
+        if isinstance(ffn, dict):
+            ffn.pop("act_sparsity", None)
+            if isinstance(ffn.get("expert"), dict):
+                ffn["expert"].pop("act_sparsity", None)
+        if table is not model:
+            table.pop("sparsity", None)
+    return recipe_from_dict(data, source=recipe.source)
+
+
+def exportable(recipe, exports: frozenset[str] = frozenset(), fmt: str = "Hugging Face") -> None:
+    """Refuse, by key path, what the layout cannot express (`exports`: options its converter writes)."""
     m = recipe.model
     checks = [("model.attention.kind", m.attention.kind, "mha"), ("model.position.kind", m.position.kind, "rope"),
-              ("model.norm.kind", m.norm.kind, "rmsnorm"), ("model.weights.kind", m.weights.kind, "fp"),
-              ("model.sparsity.kind", m.sparsity.kind, "none")]
+              ("model.norm.kind", m.norm.kind, "rmsnorm"), ("model.sparsity.kind", m.sparsity.kind, "none")]
+    if "model.weights" not in exports:
+        checks.append(("model.weights.kind", m.weights.kind, "fp"))
     for key, value, want in checks:
         if value != want:
-            raise CheckpointError(f"{key}: {value!r} cannot be exported to Hugging Face (needs {want!r})")
+            raise CheckpointError(f"{key}: {value!r} cannot be exported to {fmt} (needs {want!r})")
     for spec, key in ((m.weights, "model.weights.roles"), (m.sparsity, "model.sparsity.roles")):
         if spec.roles:
-            raise CheckpointError(f"{key}: per-role overrides cannot be exported to Hugging Face")
-    if m.layers:
-        raise CheckpointError("model.layers: per-layer patterns cannot be exported to Hugging Face")
-    only_defaults(m.attention.config, {"qkv_bias", "o_bias"}, "model.attention")
+            raise CheckpointError(f"{key}: per-role overrides cannot be exported to {fmt}")
+    if m.layers and "model.layers" not in exports:
+        raise CheckpointError(f"model.layers: per-layer patterns cannot be exported to {fmt}")
+    allowed = {k.rsplit(".", 1)[1] for k in exports if k.startswith("model.attention.")}
+    only_defaults(m.attention.config, {"qkv_bias", "o_bias"} | allowed, "model.attention")
     if m.ffn.kind == "glu":
-        only_defaults(m.ffn.config, {"hidden", "activation", "bias"}, "model.ffn")
+        allowed = {k.rsplit(".", 1)[1] for k in exports if k.startswith("model.ffn.")}
+        only_defaults(m.ffn.config, {"hidden", "activation", "bias"} | allowed, "model.ffn")
 
 
 def only_defaults(config: Any, allowed: set[str], key: str) -> None:
@@ -325,11 +353,14 @@ def only_defaults(config: Any, allowed: set[str], key: str) -> None:
 
 
 def default_arch(recipe) -> str:
-    """mixtral for a MoE FFN; else qwen2 for q/k/v-only biases, else llama."""
+    """bitnet for ternary weights; for a MoE FFN olmoe (q/k norms), qwen2_moe (a shared expert) or
+    mixtral; else qwen2 for q/k/v-only biases, else llama."""
     m = recipe.model
-    if m.ffn.kind == "moe":
-        return "mixtral"
     a = m.attention.config
+    if m.weights.kind == "bitnet158":
+        return "bitnet"
+    if m.ffn.kind == "moe":
+        return "olmoe" if a.qk_norm else "qwen2_moe" if m.ffn.config.shared_experts else "mixtral"
     return "qwen2" if a.qkv_bias and not a.o_bias else "llama"
 
 
@@ -343,25 +374,54 @@ def writer(arch: str) -> tuple[Entry, Any]:
     return entry, entry.factory()
 
 
-def export_hf(zoo_dir: str | Path, out: str | Path, arch: str | None = None) -> Path:
+@dataclass
+class HFView:
+    """A zoo model as transformers sees it: config.json, full-precision tensors by transformers name
+    (ternary projections as W̃·β), and the activation-sparsity features dropped on the way."""
+
+    entry: Entry
+    converter: Any
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    dropped: list[tuple[str, str]]
+
+
+def hf_view(model, arch: str | None = None, drop_sparsity: bool = False, fmt: str = "Hugging Face") -> HFView:
+    """The transformers form of a zoo model, or one CheckpointError naming what `fmt` cannot express."""
+    recipe = model.recipe
+    dropped = sparsity_features(recipe.model)
+    if dropped and not drop_sparsity:
+        key, feature = dropped[0]
+        raise CheckpointError(f"{key}: {feature} cannot be expressed in {fmt} (no format computes activation "
+                              "sparsity); pass --drop-sparsity to export the dense weights (recorded in the metadata)")
+    if dropped:
+        recipe = without_sparsity(recipe)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if recipe.model.weights.kind == "bitnet158":
+        recipe, state = ternary_view(model, recipe)
+    entry, conv = writer(arch or default_arch(recipe))
+    exportable(recipe, conv.exports, fmt)
+    with entry.blame("writing", fmt):
+        config = conv.config(recipe.model)
+        rules = conv.rules(HFConfig(config, "<export>"))
+    return HFView(entry, conv, config, scatter(rules, state), dropped)
+
+
+def export_hf(zoo_dir: str | Path, out: str | Path, arch: str | None = None, drop_sparsity: bool = False,
+              force: bool = False) -> Path:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer.json) that transformers loads.
 
     `zoo_dir` is a checkpoint folder, or a run folder (its newest checkpoint)."""
-    from zoo.io.checkpoint import load
-    from zoo.train.state import resolve_checkpoint
-
     out = Path(out)
-    if out.exists():
-        raise CheckpointError(f"{out}: already exists; choose a new output folder")
+    if out.exists() and not force:
+        raise CheckpointError(f"{out}: already exists; choose a new output folder (or --force to replace it)")
     zoo_dir = resolve_checkpoint(zoo_dir)
-    model = load(zoo_dir)
-    recipe = model.recipe
-    exportable(recipe)
-    entry, conv = writer(arch or default_arch(recipe))
-    with blame(entry, "writing", str(out)):
-        config = conv.config(recipe.model)
-        rules = conv.rules(HFConfig(config, "<export>"))
-    tensors = scatter(rules, {k: v.detach() for k, v in model.state_dict().items()})
+    view = hf_view(load(zoo_dir), arch, drop_sparsity)
+    config = dict(view.config)
+    if view.dropped:
+        config["zoo_trained_sparse"] = [f"{key}: {feature}" for key, feature in view.dropped]
+    with view.entry.blame("writing", str(out)):
+        tensors = view.converter.store(HFConfig(view.config, "<export>"), view.tensors)
     try:
         with atomic_folder(out) as tmp:
             save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})

@@ -27,10 +27,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from zoo.errors import CheckpointError, ZooError, did_you_mean
-from zoo.io.checkpoint import WEIGHTS, read_meta, sha256
+from zoo.io.checkpoint import sha256
+from zoo.io.gguf import GGUFFile, gguf_tokenizer, load_gguf
+from zoo.io.hf import SLOT as CONVERTERS
+from zoo.io.hf import from_hf, save_converted, tokenizer_files
+from zoo.recipe.loader import catalogue_names as names
 from zoo.registry import get_registry
+from zoo.runs import WEIGHTS, read_meta
+from zoo.schema import MODELS as SLOT
 
-SLOT = "pretrained"
 SLOT_DOC = "a pretrained model by name: what it is and where its weights come from (docs/models.md)"
 FORMATS = ("gguf", "hf", "zoo")  # a GGUF file, a Hugging Face folder, a zoo checkpoint folder
 
@@ -115,12 +120,15 @@ class Pretrained:
     max_seq_len: ClassVar[int | None] = None  # cap on the context (zoo preallocates the KV cache at it)
     chat_template: ClassVar[str | None] = None  # Jinja chat template (None: the source's own, if any)
 
+    def checkpoint(self, name: str) -> Path:
+        """Its zoo checkpoint folder, imported on first use (how zoo.runs.resolve_checkpoint and `extends`
+        reach the catalogue through the registry)."""
+        return checkpoint(name)
+
     def tokenizer_config(self, src: Path) -> dict[str, Any]:
         """tokenizer_config.json entries stored with the import (the chat template, special tokens)."""
         if self.source.format != "gguf":
             return {"chat_template": self.chat_template} if self.chat_template else {}
-        from zoo.io.gguf import GGUFFile
-
         g = GGUFFile(src)
         tokens = g.value("tokenizer.ggml.tokens") or []
         out: dict[str, Any] = {}
@@ -134,10 +142,6 @@ class Pretrained:
         return out
 
 
-def names() -> list[str]:
-    return get_registry().kinds(SLOT) if SLOT in get_registry().slots else []
-
-
 def entry(name: str) -> Pretrained:
     """The catalogue entry called `name`; unknown names: "did you mean", and where the list is."""
     known = names()
@@ -145,20 +149,6 @@ def entry(name: str) -> Pretrained:
         raise CheckpointError(f"{name!r} is not a model in the catalogue{did_you_mean(name, known)}; "
                               f"`zoo models` lists them ({len(known)} registered)")
     return get_registry().get(SLOT, name).factory()
-
-
-def _exists(path: Path) -> bool:
-    """Path.exists, but a name the OS rejects (too long, NUL byte) simply does not exist."""
-    try:
-        return path.exists()
-    except (OSError, ValueError):
-        return False
-
-
-def is_name(value: str | os.PathLike) -> bool:
-    """Whether `value` names a catalogue model rather than a path (a path that exists wins)."""
-    text = os.fspath(value)
-    return text in names() and not _exists(Path(text))
 
 
 def source_sha256(path: Path) -> str:
@@ -173,8 +163,6 @@ def source_sha256(path: Path) -> str:
 
 def converter_version(model: Pretrained) -> str:
     """'<architecture>-v<version>' of the converter that imports the entry (zoo.io.arch.Converter.version)."""
-    from zoo.io.hf import SLOT as CONVERTERS
-
     conv = get_registry().get(CONVERTERS, model.architecture).factory()
     return f"{model.architecture}-v{conv.version}"
 
@@ -236,18 +224,12 @@ def checkpoint(name: str) -> Path:
 
 def import_source(name: str, model: Pretrained, src: Path, digest: str, out: Path) -> Path:
     """Convert the source into checkpoint folder `out` (atomically, by zoo.save)."""
-    from zoo.io.hf import save_converted
-
     if model.source.format == "gguf":
-        from zoo.io.gguf import GGUFFile, gguf_tokenizer, load_gguf
-
         g = GGUFFile(src)
         imported, _ = load_gguf(g, model.dtype, model.max_seq_len)
         tok = gguf_tokenizer(g)
         files: dict[str, str | bytes] = {} if tok is None else {"tokenizer.json": tok.to_str()}
     elif model.source.format == "hf":
-        from zoo.io.hf import from_hf, tokenizer_files
-
         imported, _ = from_hf(src, model.dtype, model.max_seq_len)
         files = dict(tokenizer_files(src))
     else:
@@ -259,20 +241,6 @@ def import_source(name: str, model: Pretrained, src: Path, digest: str, out: Pat
     info = {"format": model.source.format, "path": str(src), "sha256": digest, "catalogue": name,
             "converter": converter_version(model)}
     return save_converted(imported, out, files, info)
-
-
-def resolve(value: str | os.PathLike) -> Path:
-    """A catalogue name -> its imported checkpoint folder; anything else -> the path as given (a missing one
-    that looks like a misspelt name: CheckpointError with "did you mean")."""
-    text = os.fspath(value)
-    if is_name(text):
-        return checkpoint(text)
-    path = Path(text)
-    hint = "" if _exists(path) or os.sep in text else did_you_mean(text, names())
-    if hint:
-        raise CheckpointError(f"{text}: no such checkpoint or run folder, nor a model in the catalogue{hint}; "
-                              "`zoo models` lists them")
-    return path
 
 
 def status(name: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 - `grouped_mm`: dropless MoE grouped matmul, forward and backward, tokens sorted by expert (the
   kernel-backend contract of docs/moe.md);
 - `ternary_matmul`: int8 activations × 2-bit packed ternary weights, optionally fused with the top-K gather;
-- `prepare_inference(model)`: swap each projection for the kernel that fits it.
+- `prepare_inference(model)`: switch every block to its inference form (declared by the block, zoo/contracts.py).
 
 Triton is imported only when a Triton kernel runs (CUDA, or TRITON_INTERPRET=1). See docs/kernels.md.
 """

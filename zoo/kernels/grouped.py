@@ -15,7 +15,7 @@ Empty experts (equal consecutive offsets) are allowed; offsets[-1] == N. A backe
     grouped_mm_split(x, w, offsets, sizes, rows=None) -> (y_1, ..., y_len(sizes))
 
 equal to `grouped_mm(...).split(sizes, -1)` but free to return separate contiguous tensors (a GLU's
-gate and up); `grouped_mm_split_of` falls back to the split `grouped_mm` for backends without it.
+gate and up); a backend that does not override it (zoo.contracts.KernelBackend) gets that split.
 
 Implementations: `grouped_mm_reference` (the definition), `grouped_mm_loop` (one matmul per expert),
 `grouped_mm_torch` (`torch._grouped_mm` where it takes the operands), `grouped_mm_triton` (the
@@ -27,7 +27,6 @@ one expert, no padding to a capacity; forward and backward), and `grouped_mm(...
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -39,14 +38,6 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def gather_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """x[rows] (x itself when rows is None): the expert-sorted rows, for backends that do not fuse the gather."""
     return x if rows is None else x.index_select(0, rows)
-
-
-def grouped_mm_split_of(backend: Any, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-                        sizes: Sequence[int], rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """`backend.grouped_mm(x, w, offsets, rows).split(sizes, -1)`, through the backend's own `grouped_mm_split`
-    when it has one."""
-    own = getattr(backend, "grouped_mm_split", None)
-    return own(x, w, offsets, sizes, rows) if own else backend.grouped_mm(x, w, offsets, rows).split(sizes, -1)
 
 
 def _expert_rows(x: torch.Tensor, rows: torch.Tensor | None, s: int, t: int) -> torch.Tensor:

@@ -23,7 +23,6 @@ def topk_matmul_reference(values: torch.Tensor, indices: torch.Tensor, wt: torch
     return y if bias is None else y + bias.to(y.dtype)
 
 
-
 @functools.lru_cache(maxsize=256)
 def bag_offsets(n: int, k: int, out: int, threads: int, device: torch.device) -> torch.Tensor:
     """Start of every bag of the n·k kept entries: each row is cut into ~2 bags per thread so that
@@ -74,6 +73,12 @@ def topk_matmul(values: torch.Tensor, indices: torch.Tensor, wt: torch.Tensor,
     if impl == "cpu":
         return topk_matmul_cpu(values, indices, wt, bias)
     return (topk_matmul_reference if impl == "reference" else topk_matmul_torch)(values, indices, wt, bias)
+
+
+def top_entries(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [N, k]: the k largest |x| of each row of x [N, width], in no particular order."""
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return x.gather(-1, idx), idx
 
 
 def gather_pays(rows: int, keep: float) -> bool:

@@ -1,12 +1,13 @@
 """Parameters and FLOPs per token: total, embedding, non-embedding, and *activated*.
 
 A projection whose input keeps a fraction r of its entries reads r of its weight columns per
-token; a module with a `token_fraction` attribute (e.g. the expert list of a MoE layer, top_k /
-num_experts) scales everything below it. Works on meta-device models (nothing allocated).
+token (`keep`, from its sparsity block's `keep_fraction`); an FFN's `token_fraction` (e.g. the
+expert list of a MoE layer: top_k / num_experts) scales everything below it. Works on
+meta-device models (nothing allocated).
 
 Storage: the bytes of the projection weights as held now, in float32, and in inference form
-(a weights block with `packed_nbytes()` — BitNet — counts its packed 2-bit storage; others
-their tensors as held), apart from the embedding/head and the other (norm) tensors.
+(the weights block's `inference_nbytes()`: BitNet counts its packed 2-bit storage, others their
+tensors as held), apart from the embedding/head and the other (norm) tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from zoo.contracts import FFN
 from zoo.model.projection import Projection
 
 
@@ -72,7 +74,8 @@ def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
         return sum(p.numel() for p in fresh)
 
     def walk(module: nn.Module, mult: float) -> None:
-        mult *= float(getattr(module, "token_fraction", 1.0))
+        if isinstance(module, FFN):
+            mult *= float(module.token_fraction)
         if isinstance(module, Projection):
             # the weight (and bias) are counted by shape: packed storage differs; other
             # tensors inside (e.g. BitNet's input norm) count as non-projection parameters
@@ -80,8 +83,7 @@ def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
             extra = params_of(module) - sum(p.numel() for p in module.linear.parameters(recurse=False))
             storage["other"] -= nbytes(module.linear.parameters(recurse=False))
             n = module.weight_count
-            bias = getattr(module.linear, "bias", None)
-            nb = bias.numel() if isinstance(bias, nn.Parameter) else 0
+            nb = module.bias_count
             act = (n * module.keep + nb) * mult
             roles[module.role]["params"] += n + nb
             roles[module.role]["activated"] += act
@@ -92,9 +94,7 @@ def account(model: nn.Module, seq_len: int | None = None) -> Accounting:
             held = nbytes(weight)
             storage["proj"] += held
             storage["fp32"] += 4 * (n + nb)
-            # packed form where the weights block has one (stacked experts hold one per expert)
-            packed = getattr(module.linear, "packed_nbytes", None)
-            storage["inference"] += packed() * getattr(module, "num_experts", 1) if callable(packed) else held
+            storage["inference"] += module.linear.inference_nbytes()
             return
         own = params_of(module, recurse=False)
         totals["all"] += own

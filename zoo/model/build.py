@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from zoo.model.config import DTYPES
+from zoo.model.memory import allocator_failure, check_weights_fit
 from zoo.model.transformer import Transformer
-from zoo.recipe.recipe import Recipe
+from zoo.registry import get_registry
+from zoo.schema import errors_located
+
+if TYPE_CHECKING:  # the recipe root composes the model's config: it sits above the model
+    from zoo.recipe.recipe import Recipe
 
 
 def build(recipe: Recipe, device: str | torch.device | None = None, registry=None) -> Transformer:
-    """Build the model of `recipe`. `device="meta"` allocates nothing (for accounting of big shapes)."""
-    from zoo.registry import get_registry
+    """Build the model of `recipe`. `device="meta"` allocates nothing (for accounting of big shapes).
 
-    with torch.device(device or "cpu"):
-        model = Transformer(recipe.model, registry or get_registry(), source=recipe.source)
+    Elsewhere the weights are first sized on the meta device: a model that cannot fit is refused
+    (`OutOfMemory`, one line) before anything is allocated, and so is a failure of the allocator."""
+    registry = registry or get_registry()
+    device = torch.device(device or "cpu")
+    if device.type != "meta":
+        check_weights_fit(_assemble(recipe, "meta", registry), device, recipe.source or "recipe")
+    try:
+        return _assemble(recipe, device, registry)
+    except (RuntimeError, MemoryError) as err:
+        oom = allocator_failure(err, f"{recipe.source or 'recipe'}: building the model")
+        if oom is None:
+            raise
+        raise oom from None
+
+
+def _assemble(recipe: Recipe, device: str | torch.device, registry) -> Transformer:
+    with torch.device(device), errors_located(recipe.source, recipe.origins):
+        model = Transformer(recipe.model, registry, source=recipe.source)
     model.recipe = recipe
     return model.to(DTYPES[recipe.model.dtype])

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
+from zoo.schema import BlockSpec, Invalid, param, slot_field
 
 # Slots that a `[[model.layers]]` entry may override for some layers.
 LAYER_SLOTS = ("attention", "norm", "ffn", "weights", "sparsity", "position")

@@ -8,12 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from zoo.errors import PluginError, RecipeError, ZooError
+from zoo.errors import RecipeError
 from zoo.model.config import ModelConfig
-from zoo.recipe.schema import BlockSpec, Invalid
-
-# Slots whose factories return a torch module (docs/architecture.md); anything else is the plugin's bug.
-MODULE_SLOTS = frozenset({"norm", "position", "attention", "ffn", "activation", "weights", "sparsity", "router"})
+from zoo.model.projection import ExpertProjection, Projection
+from zoo.schema import BlockSpec
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,7 @@ class BuildContext:
     blocks: dict[str, BlockSpec] = dataclasses.field(default_factory=dict)
     role_prefix: str = ""
     source: str = ""
-    experts: Any = None  # ExpertGroups while building a MoE layer's experts: projections come stacked
+    experts: Any = None  # zoo.blocks.moe.ExpertGroups while building a MoE layer's experts: projections come stacked
 
     def block(self, slot: str) -> BlockSpec:
         return self.blocks.get(slot) or getattr(self.model, slot)
@@ -45,22 +43,10 @@ class BuildContext:
         return RecipeError(message, file=self.source or None, path=path or None)
 
     def build(self, spec: BlockSpec, *args: Any, **kwargs: Any) -> Any:
-        """Call the factory registered for spec's slot and kind (its `Invalid(key, msg)` -> RecipeError)."""
-        entry = self.registry.get(spec.slot, spec.kind)
-        try:
-            block = entry.factory(spec.config, self, *args, **kwargs)
-        except Invalid as err:  # a check that needed build-time shapes
-            raise self.error(spec, err.message, err.key) from None
-        except ZooError:
-            raise
-        except Exception as err:
-            if entry.plugin.name == "builtins":
-                raise
-            raise entry.failure("building", spec.path, err) from err
-        if spec.slot in MODULE_SLOTS and not isinstance(block, nn.Module):
-            raise PluginError(f"plugin {entry.plugin.name!r} ({entry.plugin.dist}): {spec.slot}.{spec.kind} at "
-                              f"{spec.path or '?'} returned {type(block).__name__}, not a torch.nn.Module")
-        return block
+        """`registry.build(spec, ctx, *args)`: the factory of spec's slot and kind, given this context (its
+        `Invalid(key, msg)` -> a RecipeError at the spec's key path), checked against the slot's contract
+        (zoo/contracts.py)."""
+        return self.registry.build(spec, self, *args, file=self.source or None, **kwargs)
 
     def build_optional(self, spec: BlockSpec | None, *args: Any) -> nn.Module:
         """The block of `spec`, or identity when the recipe left this optional block out."""
@@ -68,13 +54,13 @@ class BuildContext:
 
     def projection(self, role: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         """THE projection factory: every linear map of every block is made here."""
-        from zoo.model.projection import ExpertProjection, Projection
-
         role = self.role_prefix + role
         weights = self.block("weights").for_role(role)
         sparsity = self.block("sparsity").for_role(role)
         linear = self.build(weights, in_features, out_features, bias)
         sparsify = self.build(sparsity, in_features)
+        declared = {"layer": self.layer, "base_role": self.registry.role_chain(role)[-1],
+                    "residual": self.registry.writes_residual(role), "bias": bias}
         if self.experts is not None:
-            return ExpertProjection(role, sparsify, linear, in_features, out_features, self.experts)
-        return Projection(role, sparsify, linear, in_features, out_features)
+            return ExpertProjection(role, sparsify, linear, in_features, out_features, self.experts, **declared)
+        return Projection(role, sparsify, linear, in_features, out_features, **declared)

@@ -8,20 +8,22 @@ expert dimension ([E, out, in] for a weight matrix), so the experts run as one g
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from zoo.kernels.grouped import grouped_mm_split_of
+from zoo.contracts import Preparable, Sparsity, Weights
 from zoo.kernels.moe_permute import GatheredRows, materialize
 
+if TYPE_CHECKING:
+    from zoo.blocks.moe import ExpertGroups
 
-class Projection(nn.Module):
+
+class Projection(nn.Module, Preparable):
     """`sparsify` (a sparsity block) then `linear` (a weights block), for one role.
 
     `keep` is the expected fraction of input entries that reach the matmul, so the
@@ -32,25 +34,40 @@ class Projection(nn.Module):
     A weights block that must transform its input before the point where the mask belongs
     (BitNet's RMSNorm before activation quantization) sets `sparsify_inside = True` and is
     called as `linear(x, sparsify)`; it applies `sparsify` to the real-valued input it quantizes.
+
+    What the role declares travels with it: `layer` (None outside the blocks), `base_role` (the
+    root of the role's fallback chain, e.g. expert_down -> down) and `residual` (whether the
+    output is added to the residual stream: init scales such weights by 1/sqrt(2·n_layers)) and
+    `has_bias`, as asked of the projection factory.
     """
 
-    def __init__(self, role: str, sparsify: nn.Module, linear: nn.Module, in_features: int, out_features: int):
+    num_experts = 1  # ExpertProjection: E stacked experts
+
+    def __init__(self, role: str, sparsify: Sparsity, linear: Weights, in_features: int, out_features: int,
+                 layer: int | None = None, base_role: str | None = None, residual: bool = False,
+                 bias: bool = False):
         super().__init__()
         self.role, self.in_features, self.out_features = role, in_features, out_features
         self.sparsify, self.linear = sparsify, linear
+        self.layer, self.base_role, self.residual, self.has_bias = layer, base_role or role, residual, bias
         self.upstream_keep = 1.0
 
     @property
     def keep(self) -> float:
-        return min(float(getattr(self.sparsify, "keep_fraction", 1.0)), self.upstream_keep)
+        return min(float(self.sparsify.keep_fraction), self.upstream_keep)
 
     @property
     def weight_count(self) -> int:
         """Number of weights (matrix entries, no bias) this projection holds."""
         return self.in_features * self.out_features
 
+    @property
+    def bias_count(self) -> int:
+        """Number of bias entries this projection holds."""
+        return self.out_features if self.has_bias else 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self.linear, "sparsify_inside", False):
+        if self.linear.sparsify_inside:
             return self.linear(x, self.sparsify)
         return self.linear(self.sparsify(x))
 
@@ -60,40 +77,28 @@ class Projection(nn.Module):
         Each part comes out contiguous (no strided elementwise work after it) and backward adds the
         parts' input gradients instead of concatenating their output gradients: faster on CPU. The
         input transform (sparsity, BitNet's norm and quantization) runs once, so the function is the
-        same. Needs a weights block with `operands`; any other (e.g. the inference kernels of
-        zoo.kernels.prepare, where one fused GEMV is best) runs its forward and splits the result.
+        same. Needs a weights block with `operands`; any other (e.g. an inference form, where one
+        fused GEMV is best) runs its forward and splits the result.
         """
-        operands = getattr(self.linear, "operands", None)
+        operands = self.linear.operands
         if operands is None:
             return self(x).split(sizes, -1)
-        inside = getattr(self.linear, "sparsify_inside", False)
-        xq, w, b = operands(x, self.sparsify) if inside else operands(self.sparsify(x))
+        xq, w, b = operands(x, self.sparsify) if self.linear.sparsify_inside else operands(self.sparsify(x))
         biases = [None] * len(sizes) if b is None else b.split(sizes)
         return tuple(F.linear(xq, wi, bi).to(x.dtype) for wi, bi in zip(w.split(sizes), biases))
 
+    def freeze(self) -> None:
+        """The weights block's frozen storage (BitNet: packed 2-bit), when it has one."""
+        if self.linear.freezable:
+            self.linear.freeze()
+
+    def prepare_inference(self, dtype: torch.dtype, impl: str = "auto") -> None:
+        """Put the weights block's inference form in its place."""
+        device = next(self.parameters(), next(self.buffers(), None)).device
+        self.linear = self.linear.inference_form(self.sparsify, device, dtype, impl)
+
     def extra_repr(self) -> str:
         return f"role={self.role}, {self.in_features}->{self.out_features}"
-
-
-class ExpertGroups:
-    """Shared by the expert projections of one MoE layer: its backend, during a forward where each
-    expert's rows lie in the expert-sorted input (see `ExpertProjection`), and `parallel`: the
-    dispatcher when the experts are sharded over ranks (set by zoo.train.expert_parallel; None here)."""
-
-    def __init__(self, num_experts: int, backend: Any):
-        self.num_experts, self.backend = num_experts, backend
-        self.offsets: torch.Tensor | None = None
-        self.row_expert: torch.Tensor | None = None
-        self.parallel: Any = None
-
-    @contextmanager
-    def sorted_rows(self, offsets: torch.Tensor, row_expert: torch.Tensor) -> Iterator[None]:
-        """Inside: inputs are rows sorted by expert; expert e owns rows offsets[e-1]:offsets[e]."""
-        self.offsets, self.row_expert = offsets, row_expert
-        try:
-            yield
-        finally:
-            self.offsets = self.row_expert = None
 
 
 class ExpertProjection(Projection):
@@ -112,9 +117,9 @@ class ExpertProjection(Projection):
     first and `expert` gives each row's expert.
     """
 
-    def __init__(self, role: str, sparsify: nn.Module, linear: nn.Module, in_features: int, out_features: int,
-                 groups: ExpertGroups):
-        super().__init__(role, sparsify, linear, in_features, out_features)
+    def __init__(self, role: str, sparsify: Sparsity, linear: Weights, in_features: int, out_features: int,
+                 groups: ExpertGroups, **declared):
+        super().__init__(role, sparsify, linear, in_features, out_features, **declared)
         self.groups = groups
         self.num_experts = groups.num_experts
         self.stacked_buffers: set[str] = set()  # buffers with a leading expert dim (after `freeze`)
@@ -130,6 +135,10 @@ class ExpertProjection(Projection):
     def weight_count(self) -> int:
         return self.num_experts * self.in_features * self.out_features
 
+    @property
+    def bias_count(self) -> int:
+        return self.num_experts * super().bias_count
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.split(x, (self.out_features,))[0]
 
@@ -140,23 +149,22 @@ class ExpertProjection(Projection):
         g = self.groups
         if g.offsets is None:
             raise RuntimeError(f"expert projection {self.role} called outside ExpertGroups.sorted_rows")
-        inside = getattr(self.linear, "sparsify_inside", False)  # e.g. BitNet: mask after its own input norm
-        operands = getattr(self.linear, "operands", None)
+        inside = self.linear.sparsify_inside  # e.g. BitNet: mask after its own input norm
+        operands = self.linear.operands
         if operands is None or not self.grouped:
             x = materialize(x)
             y = self._per_expert(x, self.sparsify) if inside else self._per_expert(self.sparsify(x))
             return y.split(sizes, -1)
-        lazy = x if isinstance(x, GatheredRows) and not getattr(self.linear, "input_per_expert", False) else None
+        lazy = x if isinstance(x, GatheredRows) and not self.linear.input_per_expert else None
         x, expert = (lazy.tokens, None) if lazy is not None else (materialize(x), g.row_expert)
         xq, w, b = operands(x, self.sparsify, expert=expert) if inside else operands(self.sparsify(x), expert=expert)
         rows = None
         if lazy is not None:  # per-token steps ran on the T tokens; now their rows, gathered in the matmul or here
-            fuses = getattr(g.backend, "fuses_gather", None)
-            if fuses is None or fuses(xq):
+            if g.backend.fuses_gather(xq):
                 rows = lazy.token_of_row
             else:
                 xq = lazy.gather_like(xq)
-        ys = grouped_mm_split_of(g.backend, xq, w, g.offsets, sizes, rows)
+        ys = g.backend.grouped_mm_split(xq, w, g.offsets, sizes, rows)
         if b is not None:
             ys = [y + c for y, c in zip(ys, b.index_select(0, g.row_expert).split(sizes, -1))]
         return tuple(y.to(x.dtype) for y in ys)
@@ -169,7 +177,7 @@ class ExpertProjection(Projection):
         every tensor it leaves (parameters and buffers, e.g. `packed` [E, in, ceil(out/4)] and
         `scale` [E, 1]) is stacked along the expert dimension again.
         """
-        if not callable(getattr(self.linear, "freeze", None)) or self.stacked_buffers:
+        if not self.linear.freezable or self.stacked_buffers:
             return
         stacked = dict(self.linear.named_parameters())
         single = copy.deepcopy(self.linear, memo={id(p): p[0].clone() for p in stacked.values()})
@@ -193,6 +201,10 @@ class ExpertProjection(Projection):
             self.linear.get_submodule(owner).register_buffer(
                 leaf, torch.stack([dict(m.named_buffers())[name] for m in experts]))
             self.stacked_buffers.add(name)
+
+    def prepare_inference(self, dtype: torch.dtype, impl: str = "auto") -> None:
+        """Stacked experts keep running through their kernel backend; the weights block gets ready for it."""
+        self.linear.prepare_stacked(dtype)
 
     def _per_expert(self, x: torch.Tensor, *extra: nn.Module) -> torch.Tensor:
         """Each expert's rows through the weights block with that expert's slice of the parameters."""

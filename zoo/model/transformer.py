@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.blocks.weights import TransposedLinear, transposed_pays
+from zoo.contracts import FFN, Preparable
 from zoo.model.config import LAYER_SLOTS, ModelConfig
 from zoo.model.context import BuildContext
+from zoo.model.projection import Projection
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-class Transformer(nn.Module):
+class Transformer(nn.Module, Preparable):
     """A decoder-only language model assembled from the recipe's registered blocks."""
 
     TRANSFORMS = ("freeze",)  # the only methods a checkpoint's meta.json may ask zoo.load to replay
@@ -74,39 +77,41 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self._aux_modules = [m for m in self.modules() if hasattr(m, "aux_losses")]
+        self._aux_modules = [m for m in self.modules() if isinstance(m, FFN)]
         self.zoo_transforms: list[str] = []  # no-argument methods zoo.load redoes after building
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; output projections scaled by 1/sqrt(2·n_layers)."""
+        """Normal(0, init_std) weights; those of projections writing to the residual stream (their role
+        declares it: `o`, `down`, ...) scaled by 1/sqrt(2·n_layers)."""
         std = self.config.init_std
-        for name, p in self.named_parameters():
+        residual = [m for m in self.modules() if isinstance(m, Projection) and m.residual]
+        deep = {id(p) for m in residual for p in m.linear.parameters()}
+        for p in self.parameters():
             if p.is_meta or p.dim() - getattr(p, "expert_dims", 0) < 2:
                 continue
-            deep = name.endswith(("o.linear.weight", "down.linear.weight"))
-            nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers) if deep else std)
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers) if id(p) in deep else std)
 
     @torch.no_grad()
     def freeze(self) -> Transformer:
-        """Switch every block that has an inference form to it (BitNet: packed ternary weights).
+        """Switch every weights block that has a frozen storage to it (BitNet: packed ternary weights).
 
         Irreversible (latent weights are dropped); recorded in `zoo_transforms` so `zoo.load` redoes it.
-        A module with `freeze` owns its subtree (e.g. stacked MoE experts decide for their weights).
         """
-
-        def visit(module: nn.Module) -> None:
-            for child in module.children():
-                if callable(getattr(child, "freeze", None)):
-                    child.freeze()
-                else:
-                    visit(child)
-
-        visit(self)
+        for m in list(self.modules()):
+            if isinstance(m, Projection):
+                m.freeze()
         if "freeze" not in self.zoo_transforms:
             self.zoo_transforms.append("freeze")
         return self
+
+    @torch.no_grad()
+    def prepare_inference(self, dtype: torch.dtype, impl: str = "auto") -> None:
+        """An untied fp32 LM head on CPU is one more dense GEMV per token: the Wt layout (see TransposedLinear)."""
+        tied = self.head.weight is self.embed.weight
+        if isinstance(self.head, nn.Linear) and not tied and transposed_pays(self.head.weight):
+            self.head = TransposedLinear(self.head.weight, self.head.bias, impl)
 
     def new_cache(self, batch: int, device=None, dtype=None) -> list[KVCache]:
         c = self.config

@@ -1,17 +1,10 @@
-"""TOML recipes: reading, inheritance, overrides, validation against registered schemas."""
+"""TOML recipes: reading (`extends`, `--set`), the `Recipe` root and its run sections.
 
-from zoo.recipe.schema import BlockSpec, Invalid, add_role, param, slot_field
+The schema primitives a plugin's config uses are re-exported here from zoo.schema, their home:
+`zoo.recipe.param`, `slot_field`, `Invalid`, `BlockSpec`.
+"""
 
-_LAZY = ("Recipe", "load_recipe", "loads_recipe", "recipe_from_dict")
+from zoo.recipe.recipe import Recipe, load_recipe, loads_recipe, recipe_from_dict
+from zoo.schema import BlockSpec, Invalid, param, slot_field
 
-
-def __getattr__(name: str):
-    # recipe.py imports the section configs, which import schema: import it lazily.
-    if name in _LAZY:
-        from zoo.recipe import recipe
-
-        return getattr(recipe, name)
-    raise AttributeError(name)
-
-
-__all__ = ["BlockSpec", "Invalid", "add_role", "param", "slot_field", *_LAZY]
+__all__ = ["BlockSpec", "Invalid", "Recipe", "load_recipe", "loads_recipe", "param", "recipe_from_dict", "slot_field"]

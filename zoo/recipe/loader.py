@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -15,16 +15,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from zoo.errors import RecipeError
+from zoo.registry import get_registry
+from zoo.schema import MODELS, deep_merge, join_key
 
 OVERRIDES = "<overrides>"
-
-
-def join_key(path: str, key: Any) -> str:
-    """'model.ffn' + 'hidden' -> 'model.ffn.hidden' (odd keys quoted), the form every error names."""
-    key = str(key)
-    if not re.fullmatch(r"[A-Za-z0-9_\-\[\].]+", key):
-        key = json.dumps(key, ensure_ascii=False)
-    return f"{path}.{key}" if path else key
 
 
 def _mark(data: Any, prefix: str, file: str, origins: dict[str, str]) -> None:
@@ -33,30 +27,6 @@ def _mark(data: Any, prefix: str, file: str, origins: dict[str, str]) -> None:
     if isinstance(data, dict):
         for k, v in data.items():
             _mark(v, join_key(prefix, k), file, origins)
-
-
-def origin_of(path: str, origins: dict[str, str]) -> str | None:
-    """The file that set the key at `path` (or the nearest table above it), if recorded."""
-    while path:
-        if path in origins:
-            return origins[path]
-        path = path[: max(path.rfind("."), path.rfind("["), 0)]
-    return None
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    """Tables merge key by key (top wins); every other value, arrays included, is replaced.
-
-    A block table whose `kind` differs from the base's replaces it whole (the kinds' keys differ).
-    """
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) == out[k].get(
-                "kind"):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 MAX_DEPTH = 32  # tables and arrays nested deeper than this are surely a mistake (and would exhaust the stack)
@@ -131,8 +101,8 @@ def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = (), *,
     if not isinstance(parent, str):
         raise RecipeError("expected a path string (relative to this file)", file=str(path), path="extends")
     target = path.parent / parent
-    if not is_file(target):
-        target = _catalogue_recipe(parent) or target
+    if not is_file(target) and (folder := catalogue_checkpoint(parent)) is not None:
+        target = folder / "recipe.toml"
     if not is_file(target):
         raise RecipeError(f"extends {parent!r}, which does not exist ({target})", file=str(path), path="extends")
     base = read_with_extends(target, (*_stack, real), origins=origins)
@@ -141,11 +111,34 @@ def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = (), *,
     return deep_merge(base, data)
 
 
-def _catalogue_recipe(name: str) -> Path | None:
-    """The recipe.toml of catalogue model `name` (imported on first use), or None if it is not one."""
-    from zoo.io.pretrained import is_name, resolve
+def catalogue_names() -> list[str]:
+    registry = get_registry()
+    return registry.kinds(MODELS) if MODELS in registry.slots else []
 
-    return resolve(name) / "recipe.toml" if is_name(name) else None
+
+def _exists(path: Path) -> bool:
+    """Path.exists, but a name the OS rejects (too long, NUL byte) simply does not exist."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def catalogue_checkpoint(value: str | os.PathLike) -> Path | None:
+    """The checkpoint folder of catalogue model `value` (imported on first use by its entry), or None when
+    `value` is no model's name or is a path that exists (a path wins)."""
+    text = os.fspath(value)
+    if text not in catalogue_names() or _exists(Path(text)):
+        return None
+    return get_registry().get(MODELS, text).factory().checkpoint(text)
+
+
+def add_set_argument(parser, what: str = "a recipe key") -> None:
+    """The one definition of the command-line option `--set KEY=VALUE` (repeatable, read by parse_override
+    in order; `args.overrides`)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override {what}, e.g. --set model.n_layers=8 (repeatable; the value is TOML, else "
+                             "a bare string; docs/recipes.md)")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -211,6 +204,9 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None, *,
             if last:
                 node[step] = value
             else:
+                if isinstance(steps[i + 1], int) and isinstance(step, str) and step not in node:
+                    raise RecipeError(f"the recipe has no array here for [{steps[i + 1]}] to index; set the whole "
+                                      f"array instead, e.g. --set '{here}=[{{...}}]'", file=OVERRIDES, path=here)
                 nxt = node[step] if isinstance(step, int) else node.setdefault(step, {})
                 if isinstance(nxt, str) and not isinstance(steps[i + 1], int):
                     nxt = node[step] = {"kind": nxt}  # a block given by kind name: `ffn = "mlp"` + `ffn.hidden=`

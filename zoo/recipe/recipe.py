@@ -11,17 +11,21 @@ import tomli_w
 
 from zoo.errors import RecipeError
 from zoo.model.config import LAYER_SLOTS, ModelConfig
-from zoo.recipe.loader import OVERRIDES, apply_overrides, deep_merge, origin_of, parse_toml, read_with_extends
-from zoo.recipe.schema import BlockSpec, Validator, param, slot_field, to_plain
-from zoo.train.config import DataConfig, TrainConfig
-from zoo.train.parallel import ParallelConfig
+from zoo.recipe.loader import OVERRIDES, apply_overrides, parse_toml, read_with_extends
+from zoo.recipe.sections import DataConfig, ParallelConfig, TrainConfig
+from zoo.registry import get_registry
+from zoo.schema import BlockSpec, Validator, deep_merge, located, param, slot_field, to_plain
+
+BUNDLED = Path(__file__).resolve().parents[2] / "recipes"  # the recipes of a source checkout (recipes/)
 
 
 @dataclass(frozen=True)
 class Recipe:
     """A whole recipe: the model, how to train it, and on what data.
 
-    `source` (not part of equality) names the file for error messages.
+    `source` (not part of equality) names the file for error messages; `origins` ({key path: file},
+    not part of equality) the file that set each key, so that an error found later (building, training)
+    names the file, `extends` base or `<overrides>` that set the key it is about.
     """
 
     name: str = param("", "a short name for tables and plots")
@@ -31,6 +35,7 @@ class Recipe:
     data: DataConfig = param(None, "training and validation data")
     parallel: ParallelConfig = param(None, "data parallelism when launched with torchrun")
     source: str = dataclasses.field(default="", compare=False, metadata={"internal": True})
+    origins: dict = dataclasses.field(default_factory=dict, compare=False, repr=False, metadata={"internal": True})
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -40,7 +45,9 @@ class Recipe:
 
     def replace(self, **overrides: Any) -> Recipe:
         """A new recipe with dotted-key overrides applied (validated again)."""
-        return recipe_from_dict(apply_overrides(self.to_dict(), overrides), source=self.source or OVERRIDES)
+        origins = dict(self.origins)
+        return recipe_from_dict(apply_overrides(self.to_dict(), overrides, origins=origins),
+                                source=self.source or OVERRIDES, origins=origins)
 
 
 def _as_table(block: Any) -> Any:
@@ -81,17 +88,12 @@ def recipe_from_dict(data: dict, source: str = "<dict>", registry: Any = None,
 
     `origins` ({key path: file}, from `read_with_extends`) makes an error name the file that set the key.
     """
-    from zoo.registry import get_registry
-
-    validator = Validator(source, registry or get_registry())
+    validator = Validator(source, registry or get_registry(), origins)
     try:
         recipe = validator.dataclass(Recipe, _merge_layer_patterns(data), "")
     except RecipeError as err:
-        file = origin_of(err.path or "", origins or {})
-        if file is None or file == err.file:
-            raise
-        raise RecipeError(err.reason, file=file, path=err.path) from None
-    return dataclasses.replace(recipe, source=source)
+        raise located(err, source, origins or {}) from None
+    return dataclasses.replace(recipe, source=source, origins=dict(origins or {}))
 
 
 def read_recipe_data(path: str | Path, overrides: list[str] | dict[str, Any] | None = None,

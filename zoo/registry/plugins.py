@@ -15,12 +15,14 @@ from types import ModuleType
 
 import pluggy
 
+from zoo._version import __version__
 from zoo.errors import PluginCollisionError, PluginError, did_you_mean
-from zoo.recipe.schema import ROLE_PARENTS
 from zoo.registry import hookspecs
 from zoo.registry.registry import PluginInfo, Registry
 
-BUILTINS = "builtins"
+# zoo's own blocks: a plugin like any other (pyproject declares it as the `zoo` entry point `builtins`),
+# loaded first and always, from this module.
+CORE, CORE_MODULE = PluginInfo("builtins", "qsparse-zoo", __version__, core=True), "zoo.blocks"
 
 
 class PluginWarning(UserWarning):
@@ -31,30 +33,21 @@ def _strict() -> bool:
     return os.environ.get("ZOO_STRICT_PLUGINS", "") not in ("", "0")
 
 
-def _zoo_version() -> str:
-    from zoo import __version__
-
-    return __version__
-
-
 def _entry_points() -> list:
-    """The installed `zoo` entry points, sorted by name, without our own built-ins."""
+    """The installed `zoo` entry points, sorted by name, without the core's own."""
     eps = entry_points(group="zoo")
-    return sorted((ep for ep in eps if not (ep.name == BUILTINS and ep.value == "zoo.blocks")),
-                  key=lambda e: e.name)
+    return sorted((ep for ep in eps if ep.value != CORE_MODULE), key=lambda e: e.name)
 
 
 def _candidates(include_entry_points: bool) -> list[tuple[PluginInfo, object]]:
     """(info, entry point or module name) for every plugin that should load, built-ins first."""
-    found: list[tuple[PluginInfo, object]] = [
-        (PluginInfo(BUILTINS, "qsparse-zoo", _zoo_version()), "zoo.blocks")
-    ]
+    found: list[tuple[PluginInfo, object]] = [(CORE, CORE_MODULE)]
     if not include_entry_points:
         return found
     allowed = {n.strip() for n in os.environ.get("ZOO_PLUGINS", "").split(",") if n.strip()}
     installed = _entry_points()
     names = {ep.name for ep in installed}
-    for name in sorted(allowed - names - {BUILTINS}):
+    for name in sorted(allowed - names - {CORE.name}):
         warnings.warn(f"ZOO_PLUGINS names {name!r}, which is not installed{did_you_mean(name, names)}; "
                       f"installed plugins: {', '.join(sorted(names)) or 'none'}", PluginWarning, stacklevel=3)
     for ep in installed:
@@ -85,22 +78,27 @@ def _load_module(source: object) -> ModuleType:
 
 def load_registry(extra: list[tuple[str, ModuleType]] | None = None, *,
                   include_entry_points: bool = True) -> Registry:
-    """A fresh registry from built-ins, the `zoo` entry points (unless excluded) and `extra` (name, module)."""
+    """A fresh registry from built-ins, the `zoo` entry points (unless excluded) and `extra` (name, module).
+
+    An `extra` module replaces an installed entry point of the same name or module (a plugin tested from
+    its source tree while an older copy is installed)."""
     registry = Registry()
     pm = pluggy.PluginManager("zoo")
     pm.add_hookspecs(hookspecs)
-    todo = _candidates(include_entry_points) + [(PluginInfo(n, "<local>", ""), m) for n, m in (extra or [])]
+    local = [(PluginInfo(n, "<local>", ""), m) for n, m in (extra or [])]
+    shadowed = {info.name for info, _ in local} | {getattr(m, "__name__", None) for _, m in local}
+    todo = [(info, source) for info, source in _candidates(include_entry_points)
+            if not (info.name in shadowed or str(getattr(source, "value", "")).split(":")[0] in shadowed)] + local
     for info, source in todo:
-        builtin = info.name == BUILTINS
         try:
             pm.register(_load_module(source), name=info.name)
         except Exception as err:  # a broken plugin must not take the others down
-            if builtin:
+            if info.core:
                 raise
             _fail(registry, info, "failed to load", err)
             continue
         impls = [i for i in pm.hook.zoo_register.get_hookimpls() if i.plugin_name == info.name]
-        before = dict(registry.entries), dict(registry.slots), dict(ROLE_PARENTS)
+        before = dict(registry.entries), dict(registry.slots), dict(registry.roles)
         registry._current = info
         try:
             for impl in impls:
@@ -108,10 +106,8 @@ def load_registry(extra: list[tuple[str, ModuleType]] | None = None, *,
         except PluginCollisionError:
             raise
         except Exception as err:
-            registry.entries, registry.slots = before[0], before[1]
-            ROLE_PARENTS.clear()
-            ROLE_PARENTS.update(before[2])
-            if builtin:
+            registry.entries, registry.slots, registry.roles = before
+            if info.core:
                 raise
             _fail(registry, info, "failed to register", err)
             continue

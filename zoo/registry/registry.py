@@ -1,4 +1,5 @@
-"""The block catalogue: for each slot, the registered kinds with their config schema and factory."""
+"""The block catalogue: for each slot, the registered kinds with their config schema and factory; the
+projection roles; and the one way a block is built (`Registry.build`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import fnmatch
 import json
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from zoo.errors import PluginCollisionError, PluginError, UnknownNameError, did_you_mean, one_of
-from zoo.recipe.schema import unsupported_field
+from zoo.contracts import check
+from zoo.errors import PluginCollisionError, PluginError, RecipeError, UnknownNameError, ZooError, did_you_mean, one_of
+from zoo.schema import MODEL, PATH, BlockSpec, Invalid, Validator, unsupported_field
 
 # The slots every zoo knows; plugins may add more with `registry.add_slot`.
 CORE_SLOTS = {
@@ -31,14 +34,27 @@ CORE_SLOTS = {
     "schedule": "learning-rate schedule",
 }
 
+# Roles of projections; `weights` and `sparsity` specs may override any of them. A role falls back
+# along its parent (expert_down -> down -> the section itself). Plugins add roles with `registry.add_role`.
+CORE_ROLES: dict[str, str | None] = {
+    "qkv": None, "o": None, "up_gate": None, "down": None,
+    "expert_up_gate": "up_gate", "expert_down": "down",
+    "shared_up_gate": "up_gate", "shared_down": "down",
+}
+# Roles whose projection adds its output to the residual stream (init scales their weights by
+# 1/sqrt(2·n_layers)); a role without a declaration takes its parent's.
+CORE_RESIDUAL: dict[str, bool] = {"qkv": False, "o": True, "up_gate": False, "down": True}
+
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """Who registered an entry: plugin (entry-point) name and its distribution."""
+    """Who registered an entry: plugin (entry-point) name and its distribution. `core`: zoo's own blocks,
+    whose bugs surface as tracebacks instead of being blamed on a plugin."""
 
     name: str
     dist: str
     version: str
+    core: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,10 +68,22 @@ class Entry:
     doc: str
     plugin: PluginInfo
 
-    def failure(self, doing: str, path: str, err: Exception) -> PluginError:
-        """The error for this entry's code raising while `doing` (e.g. "building") the block at `path`."""
-        return PluginError(f"plugin {self.plugin.name!r} ({self.plugin.dist}): {doing} {self.slot}.{self.kind} "
-                           f"at {path or '?'} failed: {type(err).__name__}: {err}")
+    @contextmanager
+    def blame(self, doing: str, path: str, file: str | None = None) -> Iterator[None]:
+        """Around a call into this entry's code (`doing`, e.g. "building", the block at key path `path`):
+        `Invalid(key, msg)` becomes a RecipeError at `path.key` of `file`; any other exception that is not
+        a ZooError becomes a PluginError naming the plugin (zoo's own blocks: left as the bug it is)."""
+        try:
+            yield
+        except Invalid as err:
+            raise RecipeError(err.message, file=file, path=".".join(p for p in (path, err.key) if p) or None) from None
+        except ZooError:
+            raise
+        except Exception as err:
+            if self.plugin.core:
+                raise
+            raise PluginError(f"plugin {self.plugin.name!r} ({self.plugin.dist}): {doing} {self.slot}.{self.kind} "
+                              f"at {path or '?'} failed: {type(err).__name__}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -76,6 +104,8 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, str):
         return tp
     origin, args = typing.get_origin(tp), [a for a in typing.get_args(tp) if a is not Ellipsis]
+    if origin is typing.Annotated:
+        return "path" if PATH in args[1:] else "path | model name" if MODEL in args[1:] else _type_name(args[0])
     if origin is typing.Literal:
         return " | ".join(json.dumps(a) if isinstance(a, str) else repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -97,7 +127,7 @@ _BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 def describe_config(config: type) -> list[FieldInfo]:
     """One FieldInfo per dataclass field: name, type, default (as TOML data), bounds and one-line doc."""
     try:
-        hints = typing.get_type_hints(config)
+        hints = typing.get_type_hints(config, include_extras=True)
     except Exception:  # an annotation that cannot be resolved here: show it as written
         hints = {}
     out = []
@@ -120,9 +150,11 @@ def describe_config(config: type) -> list[FieldInfo]:
 
 @dataclass
 class Registry:
-    """Slots -> kinds -> Entry. Filled by plugins through the `zoo_register` hook."""
+    """Slots -> kinds -> Entry, and the projection roles. Filled by plugins through the `zoo_register` hook."""
 
     slots: dict[str, str] = field(default_factory=lambda: dict(CORE_SLOTS))
+    roles: dict[str, str | None] = field(default_factory=lambda: dict(CORE_ROLES))
+    residual: dict[str, bool] = field(default_factory=lambda: dict(CORE_RESIDUAL))
     entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     failures: dict[str, tuple[PluginInfo, str]] = field(default_factory=dict)  # skipped plugins and why
@@ -132,6 +164,31 @@ class Registry:
     def add_slot(self, slot: str, doc: str) -> None:
         """Declare a new slot (a new kind of block) that recipes and plugins can use."""
         self.slots.setdefault(slot, doc)
+
+    def add_role(self, role: str, parent: str | None = None, residual: bool | None = None) -> None:
+        """Declare a projection role (for blocks with projections of a new kind); recipes may then override
+        `weights` and `sparsity` for it, and a role without an override falls back to `parent`. `residual`:
+        whether the projection's output is added to the residual stream (None: as its parent's)."""
+        if parent is not None and parent not in self.roles:
+            raise PluginError(f"plugin {self._current.name!r}: role {role!r} has unknown parent {parent!r}"
+                              f"{did_you_mean(parent, self.roles)}; {one_of(self.roles)}")
+        if role not in self.roles:
+            self.roles[role] = parent
+            self.residual.pop(role, None)  # left by a plugin whose registration was rolled back
+            if residual is not None:
+                self.residual[role] = residual
+
+    def role_chain(self, role: str) -> list[str]:
+        """`role` and the roles it falls back to, nearest first (expert_down -> [expert_down, down])."""
+        chain = [role]
+        while self.roles.get(chain[-1]) is not None:
+            chain.append(self.roles[chain[-1]])
+        return chain
+
+    def writes_residual(self, role: str) -> bool:
+        """Whether a projection of `role` adds its output to the residual stream (its declaration, else its
+        nearest ancestor's; False when none declares)."""
+        return next((self.residual[r] for r in self.role_chain(role) if r in self.residual), False)
 
     def register(
         self, slot: str, kind: str, config: type, factory: Callable[..., Any], doc: str = ""
@@ -165,8 +222,23 @@ class Registry:
             text = (config.__doc__ or "").strip()
             if text.startswith(f"{config.__name__}("):  # the signature dataclasses writes when there is no docstring
                 text = ""
-            doc = text.splitlines()[0] if text else ""
+            doc = " ".join(text.split("\n\n")[0].split()) if text else ""  # the first paragraph, on one line
         self.entries[(slot, kind)] = Entry(slot, kind, config, factory, doc, who)
+
+    # -- specs and building ------------------------------------------------------------------
+    def spec(self, slot: str, data: Any, path: str = "", file: str | None = None) -> BlockSpec:
+        """A block of `slot` from TOML data (a kind name or a table with `kind`), validated as in a recipe."""
+        return Validator(file, self).block(slot, data, path)
+
+    def build(self, spec: BlockSpec, *args: Any, file: str | None = None, **kwargs: Any) -> Any:
+        """THE way a block is built: `factory(spec.config, *args, **kwargs)` of spec's slot and kind, its errors
+        turned into one line (see `Entry.blame`; `file` is the recipe, for error messages), the block checked
+        against its slot's contract (`zoo.contracts.check`: one line naming the missing member)."""
+        entry = self.get(spec.slot, spec.kind)
+        with entry.blame("building", spec.path, file):
+            block = entry.factory(spec.config, *args, **kwargs)
+        check(entry, block, spec.path)  # the slot's contract (zoo/contracts.py)
+        return block
 
     # -- look-up ---------------------------------------------------------------------------
     def kinds(self, slot: str) -> list[str]:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.errors import CheckpointError
+from zoo.io.checkpoint import load
 
 
 def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -19,10 +20,7 @@ def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 def load_teacher(cfg, model, device) -> torch.nn.Module:
     """The frozen teacher of `cfg` (a DistillConfig), checked to share the student's vocabulary."""
-    from zoo.io.checkpoint import load
-    from zoo.train.state import resolve_checkpoint
-
-    teacher = load(resolve_checkpoint(cfg.teacher), device=device).eval().requires_grad_(False)
+    teacher = load(cfg.teacher, device=device).eval().requires_grad_(False)
     if teacher.config.vocab_size != model.config.vocab_size:
         raise CheckpointError(f"train.distill.teacher {cfg.teacher}: vocabulary of {teacher.config.vocab_size} "
                               f"tokens, the student has {model.config.vocab_size}")

@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from zoo.blocks.moe import ExpertGroups
 from zoo.kernels.moe_permute import GatheredRows, RowLayout, unsort_rows
-from zoo.model.projection import ExpertGroups, ExpertProjection
+from zoo.model.projection import ExpertProjection
 
 
 class _Exchange(torch.autograd.Function):

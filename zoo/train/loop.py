@@ -1,14 +1,12 @@
 """The training loop: `train(recipe, out)` runs `[train]` with `[optim]` on `[data]` into run folder `out`.
 
-Run folder: recipe.toml (resolved), metrics.jsonl (one JSON object per logged step and per
-validation), checkpoints/step-N/ (see zoo.train.state) and, when the run finished, summary.json.
+The run folder's format: zoo/runs.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -27,29 +25,18 @@ from zoo.io.checkpoint import load
 from zoo.kernels import prepare_inference
 from zoo.model.accounting import account
 from zoo.model.build import build
+from zoo.model.memory import allocator_failure, check_training_fits
 from zoo.recipe.recipe import Recipe, load_recipe
+from zoo.registry import get_registry
+from zoo.runs import METRICS, RECIPE, SUMMARY, prepare_out, resolve_checkpoint, step_dirs
+from zoo.schema import errors_located, flatten, recipe_changes
 from zoo.train.distill import kl_loss, load_teacher
 from zoo.train.parallel import setup
-from zoo.train.state import TrainState, load_train_state, resolve_checkpoint, save_checkpoint, step_dirs
-
-METRICS, SUMMARY, RECIPE_FILE = "metrics.jsonl", "summary.json", "recipe.toml"
+from zoo.train.state import TrainState, load_train_state, save_checkpoint
 
 
 class TrainingDiverged(ZooError):
     """The loss or the gradient became NaN or infinite."""
-
-
-def prepare_out(out: str | Path) -> Path:
-    """Create the run folder and check that it is writable."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ZooError(f"--out {out}: cannot write there ({err.strerror or err})") from None
-    return out
 
 
 def copy_weights(model, path: str | Path, what: str) -> Path:
@@ -69,25 +56,9 @@ def copy_weights(model, path: str | Path, what: str) -> Path:
     return ckpt
 
 
-def _recipe_change(saved: Recipe, now: Recipe) -> str | None:
-    """The first key (other than train.steps and [parallel]) where `now` differs from the run's saved recipe."""
-    a, b = flatten(saved.to_dict()), flatten(now.to_dict())
-    for key in sorted(set(a) | set(b)):
-        if key != "train.steps" and not key.startswith("parallel.") and a.get(key) != b.get(key):
-            return f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
-    return None
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; arrays stay values."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def may_change_on_resume(key: str) -> bool:
+    """The recipe keys a resumed run may change."""
+    return key == "train.steps" or key.startswith("parallel.")
 
 
 def _record_step(line: str) -> float:
@@ -110,14 +81,7 @@ class MetricsLog:
             kept = [ln for ln in lines if _record_step(ln) <= keep_until]
             write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         self.file = open(self.path, "a", encoding="utf-8")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ZooError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") \
-                    from None
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.tb = summary_writer()(str(out / "tensorboard")) if tensorboard else None
 
     def write(self, record: dict) -> None:
         if not self.active:
@@ -137,33 +101,57 @@ class MetricsLog:
             self.tb.close()
 
 
+def summary_writer() -> type:
+    """TensorBoard's SummaryWriter; ZooError when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ZooError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def first_forward(model: torch.nn.Module, x: torch.Tensor, precision: str, device: torch.device) -> None:
+    """One forward pass of one validation row, without gradients or a change to the random state:
+    a block or kernel that cannot run on `device` (e.g. the triton backend on a CPU) fails here."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+            autocast(precision, device):
+        model(x.to(device))
+
+
 def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int | None = None,
           progress: bool = True) -> dict:
     """Train `recipe` into run folder `out`; return the summary (or the state when stopped at `stop_at`)."""
-    cfg = recipe.train
-    if cfg.seq_len > recipe.model.max_seq_len:
-        raise RecipeError(f"{cfg.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}",
-                          file=recipe.source or None, path="train.seq_len")
-    par = setup(recipe)
-    try:
-        return _train(recipe, out, par, resume, stop_at, progress)
-    finally:
-        par.close()
+    with errors_located(recipe.source, recipe.origins):
+        cfg = recipe.train
+        if cfg.seq_len > recipe.model.max_seq_len:
+            raise RecipeError(f"{cfg.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}",
+                              file=recipe.source or None, path="train.seq_len")
+        par = setup(recipe)
+        try:  # refused before the run folder is touched when the estimate exceeds the free memory
+            check_training_fits(build(recipe, device="meta"), recipe, par.device, par.world, par.strategy)
+            return _train(recipe, out, par, resume, stop_at, progress)
+        except (RuntimeError, MemoryError) as err:
+            oom = allocator_failure(err, f"{recipe.source or 'recipe'}: training")
+            if oom is None:
+                raise
+            raise oom from None
+        finally:
+            par.close()
 
 
 def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | None, progress: bool) -> dict:
-    from zoo.registry import get_registry
-
     cfg = recipe.train
-    out = prepare_out(out)
+    out = Path(out)
     state, ckpt, restart = TrainState(), None, False
+    # Everything that can fail at start-up is checked before the run folder is written to, so that a
+    # failed start leaves nothing that a retry would have to --resume or delete.
     if resume:
         found = step_dirs(out)
-        if not found and not (out / RECIPE_FILE).is_file():
+        if not found and not (out / RECIPE).is_file():
             raise CheckpointError(f"--resume: {out} has no checkpoints/step-N to resume from")
-        change = _recipe_change(load_recipe(out / RECIPE_FILE), recipe)
+        change = recipe_changes(load_recipe(out / RECIPE).to_dict(), recipe.to_dict(), may_change_on_resume)
         if change:
-            raise ZooError(f"--resume: the recipe differs from the one {out} was trained with ({change}); "
+            raise ZooError(f"--resume: the recipe differs from the one {out} was trained with ({change[0]}); "
                            "only train.steps and [parallel] may change")
         if found:
             ckpt = found[-1]
@@ -172,7 +160,8 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
             resume, restart = False, True
     elif step_dirs(out) or (out / METRICS).exists():
         raise ZooError(f"--out {out} already holds a run: pass --resume to continue it, or choose another folder")
-    par.barrier()  # every rank has looked at the folder before rank 0 writes to it
+    if cfg.tensorboard:
+        summary_writer()
 
     data = load_data(recipe)
     torch.manual_seed(cfg.seed)
@@ -181,21 +170,25 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
         copy_weights(model, cfg.init_from, "train.init_from")
     if resume:
         copy_weights(model, ckpt, "--resume")
+    val = list(val_batches(data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
+    first_forward(model.to(par.device), val[0][0][:1], cfg.precision, par.device)  # on this rank, before wrap
     teacher = load_teacher(cfg.distill, model, par.device) if cfg.distill else None
     fwd = par.wrap(model)
     registry = get_registry()
-    opt = registry.get("optimizer", recipe.optim.kind).factory(recipe.optim.config, model.parameters())
+    opt = registry.build(recipe.optim, model.parameters(), file=recipe.source or None)
     for g in opt.param_groups:
         g["peak_lr"], g["peak_wd"] = g["lr"], g["weight_decay"]
-    schedule = registry.get("schedule", cfg.schedule.kind).factory(cfg.schedule.config, cfg.steps)
+    schedule = registry.build(cfg.schedule, cfg.steps, file=recipe.source or None)
     if resume:
         state = load_train_state(ckpt, par.optimizer_loader(opt))
-    elif par.main:
-        write_atomic(out / RECIPE_FILE, recipe.to_toml())
+
+    par.barrier()  # every rank has looked at the folder before rank 0 writes to it
+    out = prepare_out(out)
+    if par.main and not resume:
+        write_atomic(out / RECIPE, recipe.to_toml())
 
     micro = cfg.batch_size // cfg.grad_accum
     windows = Windows(data.train, cfg.seq_len, cfg.seed)
-    val = list(val_batches(data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
     sparsity_inputs = [x for x, _ in val[:2]]
     fwd = torch.compile(fwd) if cfg.compile else fwd
     log = MetricsLog(out, state.step if resume or restart else None, cfg.tensorboard, active=par.main)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.recipe.schema import Invalid, param
+from zoo.schema import Invalid, param
 
 
 @dataclass(frozen=True)

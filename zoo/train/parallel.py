@@ -12,29 +12,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from zoo.errors import RecipeError
-from zoo.recipe.schema import param
 from zoo.train.expert_parallel import expert_groups, gather_experts, is_expert, shard_experts
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How the ranks of a torchrun launch share the training work."""
-
-    strategy: Literal["none", "ddp", "fsdp"] = param(
-        "none", "data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded weights)")
-    backend: Literal["auto", "gloo", "nccl"] = param(
-        "auto", "torch.distributed backend; auto = nccl when train.device is CUDA, else gloo")
-    expert_parallel: int = param(
-        1, "split every MoE layer's routed experts over groups of this many ranks (1 = every rank holds all); "
-           "needs strategy ddp, must divide the world size and every layer's num_experts", ge=1, le=1 << 14)
 
 
 class Parallel:
@@ -63,8 +47,8 @@ class Parallel:
             return model
         if self.strategy == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # find_unused_parameters: a parameter without gradient in a step (MoE) must not stall the all-reduce
-            return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                       find_unused_parameters=may_leave_unused(model))
         if self.strategy == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -199,6 +183,22 @@ class Parallel:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def may_leave_unused(model: nn.Module) -> bool:
+    """Whether a training step may leave a parameter without a gradient, so that DDP must look for such
+    parameters after each backward (else it waits for their all-reduce forever): a model with MoE layers
+    may (routing decides what runs), any other when one forward and backward pass leaves one out. Asked
+    for nothing more, DDP warns on every rank that it found none: the dense run's warning twice."""
+    if expert_groups(model):
+        return True
+    device = next(model.parameters()).device
+    idx = torch.randint(0, model.config.vocab_size, (1, 9), device=device, generator=torch.Generator(device)
+                        .manual_seed(0))
+    model(idx[:, :-1], idx[:, 1:]).total_loss.backward()
+    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    return unused
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from zoo.recipe.schema import param
+from zoo.schema import param
 
 Schedule = Callable[[int], tuple[float, float]]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +22,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from zoo.errors import CheckpointError
-from zoo.io.checkpoint import META, read_meta, save
+from zoo.io.checkpoint import save
+from zoo.runs import CHECKPOINTS, step_dirs
 
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
-CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"step-(\d+)$")
 
 
 @dataclass
@@ -62,15 +60,6 @@ def _restore_optimizer(load: Callable[[dict], None], tensors: dict[str, torch.Te
         state.setdefault(int(pid), {})[key] = v
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in info["param_groups"]]
     load({"state": state, "param_groups": groups})
-
-
-def step_dirs(run_dir: Path) -> list[Path]:
-    """The run's checkpoint folders, oldest first."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / META).is_file()]
-    return [p for _, p in sorted(found)]
 
 
 def save_checkpoint(run_dir: Path, model, optim_state: dict, state: TrainState, tokenizer_json: str | None,
@@ -119,19 +108,3 @@ def load_train_state(ckpt: Path, load_optimizer: Callable[[dict], None]) -> Trai
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
     return TrainState(**info["state"])
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, a run folder (its newest checkpoint) or a catalogue model's name."""
-    from zoo.io.pretrained import resolve
-
-    path = resolve(path)
-    if (path / META).is_file():
-        read_meta(path)
-        return path
-    found = step_dirs(path)
-    if found:
-        return found[-1]
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run folder")
-    raise CheckpointError(f"{path}: neither a zoo checkpoint (no {META}) nor a run folder with {CHECKPOINTS}/")

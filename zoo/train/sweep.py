@@ -17,8 +17,8 @@ from zoo.errors import ZooError
 from zoo.files import write_atomic
 from zoo.recipe.loader import parse_override
 from zoo.recipe.recipe import Recipe
-from zoo.train.loop import SUMMARY, prepare_out, train
-from zoo.train.state import step_dirs
+from zoo.runs import SUMMARY, prepare_out, step_dirs
+from zoo.train.loop import train
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:

@@ -1,4 +1,8 @@
-"""ScaleNorm (Nguyen & Salazar, 2019): y = g · x / ‖x‖ with one learned scalar g, registered as norm 'scalenorm'."""
+"""An example zoo plugin with two blocks:
+
+- ScaleNorm (Nguyen & Salazar, 2019): y = g · x / ‖x‖ with one learned scalar g, the norm kind 'scalenorm';
+- int8 weights with an int8 decode GEMV as their inference form, the weights kind 'int8' (int8.py).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from torch import nn
 
 import zoo
 from zoo.recipe import param
+
+from .int8 import Int8Config, build_int8
 
 
 @dataclass(frozen=True)
@@ -38,3 +44,4 @@ def build_scalenorm(cfg: ScaleNormConfig, ctx, dim: int) -> ScaleNorm:
 @zoo.hookimpl
 def zoo_register(registry) -> None:
     registry.register("norm", "scalenorm", ScaleNormConfig, build_scalenorm)
+    registry.register("weights", "int8", Int8Config, build_int8)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import zoo
+from zoo.contracts import KernelBackend
 from zoo.kernels.grouped import gather_rows
 
 UNAVAILABLE = 'megablocks backend needs CUDA and the megablocks package; use backend = "auto"'
@@ -49,7 +50,7 @@ def refusal(ctx: Any, moe: Any) -> str | None:
     return None
 
 
-class MegaBlocksBackend:
+class MegaBlocksBackend(KernelBackend):
     name = "megablocks"
 
     def __init__(self) -> None:

@@ -1,4 +1,5 @@
-"""BitNet b1.58 (transformers `bitnet`): ReLU², SubLN norms; quantized folders -> frozen bitnet158."""
+"""BitNet b1.58 (transformers `bitnet`, GGUF `bitnet`): ReLU² (llama.cpp: SiLU), SubLN norms; quantized
+folders and ternary GGUF files -> frozen bitnet158, and back."""
 
 from __future__ import annotations
 
@@ -7,9 +8,18 @@ from typing import Any
 
 import torch
 
-from zoo.io.arch.llama import Llama, shapes
+from zoo.errors import CheckpointError
+from zoo.io.arch import GGUFLayout
+from zoo.io.arch.llama import GGUF_KEYS, GGUF_TENSORS, Llama, dense_config, shapes
 from zoo.io.hf import HFConfig, Rule, gather
+from zoo.io.ternary import pack_hf_ternary
 from zoo.kernels.ternary import pack_ternary
+
+PROJECTIONS = tuple(f"model.layers.{{i}}.{p}.weight" for p in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj"))
+# How `zoo export` writes ternary projections to transformers: unpacked or packed W̃ and β (exact).
+STORED = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
 
 
 def quantization(cfg: HFConfig) -> dict[str, Any] | None:
@@ -65,7 +75,8 @@ def ternary_source(q: dict[str, Any], get: Callable[[str], torch.Tensor],
                 cache[name] = ((w.float() * s).round().clamp(-1, 1), 1.0 / s)
             else:
                 t = unpack_hf_ternary(w) if w.dtype == torch.uint8 else w.float()
-                scale = get(name + "_scale").float().reshape(())
+                scale = get(name + "_scale").float()  # one per projection, or one per row (GGUF)
+                scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
                 cache[name] = (t, 1.0 / scale if q["linear_class"] == "bitlinear" else scale)
         return cache[name]
 
@@ -79,11 +90,23 @@ def ternary_source(q: dict[str, Any], get: Callable[[str], torch.Tensor],
 
 
 class BitNet(Llama):
-    """BitNet b1.58: LLaMA layout with ReLU² and SubLN norms before o and down; RoPE base 500000."""
+    """BitNet b1.58: LLaMA layout with ReLU² and SubLN norms before o and down; RoPE base 500000.
+
+    GGUF `bitnet` (llama.cpp): NeoX RoPE (q/k not permuted), the head always tied to the embedding,
+    and SiLU(gate)·up in the FFN; ternary projections as TQ1_0 / TQ2_0 blocks whose scale is β.
+    """
 
     theta = 5e5
-    gguf = None
-    config = None  # import-only: zoo does not write this layout
+    exports = frozenset({"model.attention.sub_norm", "model.ffn.sub_norm", "model.weights"})
+    gguf = GGUFLayout(
+        "bitnet", False,
+        {**GGUF_TENSORS, "model.layers.{i}.self_attn.attn_sub_norm.weight": "blk.{i}.attn_sub_norm.weight",
+         "model.layers.{i}.mlp.ffn_sub_norm.weight": "blk.{i}.ffn_sub_norm.weight"},
+        GGUF_KEYS,
+        fixed=(("hidden_act", "silu", "llama.cpp's bitnet computes SiLU(gate)·up; it has no ReLU² FFN"),
+               ("tie_word_embeddings", True, "llama.cpp's bitnet has no separate output head (it reuses token_embd)"),
+               ("quantization_config", STORED, None)),
+        ternary=PROJECTIONS)
 
     def recipe(self, cfg: HFConfig) -> dict[str, Any]:
         """Quantized checkpoints become frozen `bitnet158` weights with one β per output row."""
@@ -103,6 +126,40 @@ class BitNet(Llama):
             rules += [Rule(f"blocks.{i}.attn.sub_norm.weight", ((p + "self_attn.attn_sub_norm.weight", d),)),
                       Rule(f"blocks.{i}.ffn.sub_norm.weight", ((p + "mlp.ffn_sub_norm.weight", hidden),))]
         return rules
+
+    def config(self, m) -> dict[str, Any]:
+        attn, ffn = m.attention.config, m.ffn.config
+        eps = m.norm.config.eps
+        for key, sub in (("model.attention.sub_norm", attn.sub_norm), ("model.ffn.sub_norm", ffn.sub_norm)):
+            if sub is None or sub.kind != "rmsnorm" or sub.config.eps != eps:
+                raise CheckpointError(f"{key}: the bitnet layout needs an RMSNorm sub-norm with model.norm's eps {eps}")
+        if attn.qkv_bias != attn.o_bias or ffn.bias:
+            raise CheckpointError("model.attention: the bitnet layout has one attention_bias and no FFN biases")
+        config = {"model_type": "bitnet", "architectures": ["BitNetForCausalLM"], **dense_config(m),
+                  "attention_bias": attn.qkv_bias}
+        if m.weights.kind == "bitnet158":
+            config["quantization_config"] = dict(STORED)
+        return config
+
+    def store(self, cfg: HFConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Ternary projections as transformers' packed uint8 W̃ plus `weight_scale` β (one per projection)."""
+        if cfg.data.get("quantization_config") is None:
+            return tensors
+        out = dict(tensors)
+        for i in range(shapes(cfg)[0]):
+            for name in (p.format(i=i) for p in PROJECTIONS):
+                w = tensors[name].float()
+                beta = w.abs().amax()
+                t = w / beta if beta > 0 else w
+                if not torch.equal(t, t.round().clamp(-1, 1)):
+                    raise CheckpointError(f"{name}: its rows have different β (model.weights.scale = \"row\"); "
+                                          "transformers' BitNet stores one weight_scale per projection (export "
+                                          "it to GGUF instead, which keeps a β per row)")
+                if t.shape[0] % 4:
+                    raise CheckpointError(f"{name}: {t.shape[0]} rows; transformers packs 4 rows per byte row")
+                out[name] = pack_hf_ternary(t)
+                out[name + "_scale"] = (beta if beta > 0 else torch.ones(())).reshape(1)
+        return out
 
     def check_quantization(self, cfg: HFConfig) -> None:
         """BitNet's own quantization_config (quant_method "bitnet") is read; any other is refused."""

@@ -198,6 +198,7 @@ GGUF_KEYS = (
     ("attention.head_count", "num_attention_heads", int, REQUIRED),
     ("attention.head_count_kv", "num_key_value_heads", int, lambda c: c["num_attention_heads"]),
     ("attention.key_length", "head_dim", int, lambda c: c["hidden_size"] // c["num_attention_heads"]),
+    ("attention.value_length", "head_dim", int, lambda c: c["head_dim"]),
     ("context_length", "max_position_embeddings", int, REQUIRED),
     ("attention.layer_norm_rms_epsilon", "rms_norm_eps", float, 1e-5),
     ("rope.freq_base", "rope_theta", float, 10000.0),

@@ -12,8 +12,6 @@ from zoo.io.hf import HFConfig
 class Mistral(Llama):
     """Mistral: LLaMA without biases (llama.cpp stores it as GGUF `llama`, read by that converter)."""
 
-    gguf = None
-
     def biases(self, cfg: HFConfig) -> dict[str, bool]:
         return {"qkv_bias": False, "o_bias": False, "mlp_bias": False}
 

@@ -1,18 +1,19 @@
-"""The `[train]`, `[optim]` and `[data]` sections of a recipe."""
+"""The run's sections of a recipe: `[train]`, `[data]` and `[parallel]` (`[optim]` is a block: zoo/train/optim.py;
+`[model]` sits beside the model: zoo/model/config.py). Read by zoo/train/ (loop.py, parallel.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from zoo.recipe.schema import BlockSpec, Invalid, param, slot_field
+from zoo.schema import BlockSpec, Invalid, ModelStr, param, slot_field
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """Distillation: loss = cross-entropy + weight · T² · KL(teacher_T ‖ student_T), at temperature T."""
 
-    teacher: str = param(doc="the teacher: a catalogue model, run or checkpoint folder (same vocabulary)")
+    teacher: ModelStr = param(doc="the teacher: a catalogue model, run or checkpoint folder (same vocabulary)")
     weight: float = param(1.0, "weight of the KL term (0: plain training)", ge=0)
     temperature: float = param(1.0, "softmax temperature of both distributions", gt=0)
 
@@ -38,8 +39,9 @@ class TrainConfig:
     ckpt_every: int = param(0, "checkpoint every N steps (0 = only at the end)", ge=0)
     keep_last: int = param(2, "checkpoints kept on disk", ge=1)
     compile: bool = param(False, "wrap the model in torch.compile")
-    init_from: str | None = param(None, "start from the weights of this zoo checkpoint (or run) folder; the "
-                                        "recipe may differ in sparsity, the tensors must match")
+    init_from: ModelStr | None = param(None, "start from the weights of this zoo checkpoint (or run) folder or "
+                                             "catalogue model; the recipe may differ in sparsity, the tensors must "
+                                             "match")
     distill: DistillConfig | None = param(None, "distil from a teacher model (e.g. the dense original of a retrofit)")
     schedule: BlockSpec = slot_field("schedule", {"kind": "cosine"}, "learning-rate / weight-decay schedule")
     layer_grad_norms: bool = param(False, "log the gradient norm of every transformer block")
@@ -57,3 +59,16 @@ class DataConfig:
     dataset: BlockSpec = slot_field("dataset", {"kind": "kjv"}, "text source")
     tokenizer: BlockSpec = slot_field("tokenizer", {"kind": "bytes"}, "text <-> token ids")
     val_fraction: float = param(0.05, "fraction of the text held out for validation", gt=0, lt=1)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the ranks of a torchrun launch share the training work."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = param(
+        "none", "data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2, sharded weights)")
+    backend: Literal["auto", "gloo", "nccl"] = param(
+        "auto", "torch.distributed backend; auto = nccl when train.device is CUDA, else gloo")
+    expert_parallel: int = param(
+        1, "split every MoE layer's routed experts over groups of this many ranks (1 = every rank holds all); "
+           "needs strategy ddp, must divide the world size and every layer's num_experts", ge=1, le=1 << 14)

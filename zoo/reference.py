@@ -1,7 +1,7 @@
 """Generate docs/reference.md from the code: recipe sections and every built-in block's config schema.
 
-    python -m zoo.registry.docs            # rewrite docs/reference.md
-    python -m zoo.registry.docs --check    # exit 1 when the committed file is stale
+    python -m zoo.reference            # rewrite docs/reference.md
+    python -m zoo.reference --check    # exit 1 when the committed file is stale
 
 Only the built-in blocks are documented (installed plugins document themselves), so the file is
 the same on every machine.
@@ -11,29 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any
 
 from zoo.files import write_atomic
-from zoo.registry.registry import FieldInfo, Registry, describe_config
+from zoo.recipe.recipe import Recipe
+from zoo.registry import FieldInfo, Registry, describe_config, load_registry
+from zoo.schema import inline_toml
 
 DEFAULT_PATH = Path("docs/reference.md")
-
-
-def inline_toml(v: Any) -> str:
-    """A value as it would be written in a recipe (inline tables for dicts); '' for None."""
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {inline_toml(x)}" for k, x in v.items()) + " }" if v else "{}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(inline_toml(x) for x in v) + "]"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    return "" if v is None else repr(v)
 
 
 def _cell(text: str) -> str:
@@ -73,12 +60,11 @@ def _join(key: str, name: str) -> str:
 
 def reference(registry: Registry) -> str:
     """The whole reference page as Markdown."""
-    from zoo.recipe.recipe import Recipe
-
     lines = ["# Recipe and block reference", "",
-             "Generated from the config dataclasses by `python -m zoo.registry.docs`; do not edit by hand.",
+             "Generated from the config dataclasses by `python -m zoo.reference`; do not edit by hand.",
              "A test fails when this file is stale. Built-in blocks only: `zoo list` and `zoo show SLOT.KIND`",
-             "describe installed plugins too. How recipes are written: [recipes.md](recipes.md).", "",
+             "describe installed plugins too. How recipes are written: [recipes.md](recipes.md). A `path` is",
+             "relative to the recipe file that set it ([recipes.md](recipes.md#paths)).", "",
              "## Recipe sections", ""]
     for name, cls in _sections(Recipe, "top level"):
         doc = (cls.__doc__ or "").strip().splitlines()[0]
@@ -102,13 +88,11 @@ def reference(registry: Registry) -> str:
 
 def builtin_reference() -> str:
     """The reference of the built-in registry (entry points left out)."""
-    from zoo.registry.plugins import load_registry
-
     return reference(load_registry(include_entry_points=False))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zoo.registry.docs", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zoo.reference", description=__doc__.splitlines()[0])
     p.add_argument("path", nargs="?", type=Path, default=DEFAULT_PATH, help=f"output file (default {DEFAULT_PATH})")
     p.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
     args = p.parse_args(argv)
@@ -116,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.path.read_text(encoding="utf-8") if args.path.is_file() else ""
         if current != text:
-            print(f"{args.path} is stale: run `python -m zoo.registry.docs`", file=sys.stderr)
+            print(f"{args.path} is stale: run `python -m zoo.reference`", file=sys.stderr)
             return 1
         return 0
     write_atomic(args.path, text)

@@ -1,37 +1,117 @@
-"""Validate plain TOML data against config dataclasses, naming the dotted key path on error.
+"""Schema primitives: config fields, block specs, and validation of plain TOML data against them.
 
 A config dataclass declares each field with `param(default, doc, ge=..., ...)`; a field
 declared with `slot_field("ffn", default, doc)` holds a registered block: a table with
 `kind` plus that kind's own fields, validated against the schema that kind registered.
+A leaf module: it imports only `zoo.errors`; the registry a `Validator` asks is passed in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import json
 import math
+import os
+import re
 import sys
 import types
 import typing
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
-from zoo.errors import RecipeError, UnknownNameError, ZooError, did_you_mean, one_of
-from zoo.recipe.loader import deep_merge
-from zoo.recipe.loader import join_key as _join
+from zoo.errors import RecipeError, UnknownNameError, did_you_mean, one_of
 
-# Roles of projections; `weights` and `sparsity` specs may override any of them.
-# A role falls back along ROLE_PARENTS (expert_down -> down -> the section itself).
-ROLE_PARENTS: dict[str, str | None] = {
-    "qkv": None, "o": None, "up_gate": None, "down": None,
-    "expert_up_gate": "up_gate", "expert_down": "down",
-    "shared_up_gate": "up_gate", "shared_down": "down",
-}
+# Slots whose specs may override their settings per projection role (`roles = { down = {...} }`).
 ROLE_SLOTS = ("weights", "sparsity")
 
 
-def add_role(role: str, parent: str | None = None) -> None:
-    """Declare a projection role (for plugins whose blocks have projections of a new kind)."""
-    ROLE_PARENTS.setdefault(role, parent)
+def join_key(path: str, key: Any) -> str:
+    """'model.ffn' + 'hidden' -> 'model.ffn.hidden' (odd keys quoted), the form every error names."""
+    key = str(key)
+    if not re.fullmatch(r"[A-Za-z0-9_\-\[\].]+", key):
+        key = json.dumps(key, ensure_ascii=False)
+    return f"{path}.{key}" if path else key
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """Tables merge key by key (top wins); every other value, arrays included, is replaced.
+
+    A block table whose `kind` differs from the base's replaces it whole (the kinds' keys differ).
+    """
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) == out[k].get(
+                "kind"):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def origin_of(path: str, origins: Mapping[str, str]) -> str | None:
+    """The file that set the key at `path` (or the nearest table above it), if recorded."""
+    while path:
+        if path in origins:
+            return origins[path]
+        path = path[: max(path.rfind("."), path.rfind("["), 0)]
+    return None
+
+
+def located(err: RecipeError, source: str, origins: Mapping[str, str]) -> RecipeError:
+    """`err` (raised naming `source`) naming instead the file that set its key, when that is another."""
+    file = origin_of(err.path or "", origins)
+    if file is None or file == err.file or (err.file or None) != (source or None):
+        return err
+    return RecipeError(err.reason, file=file, path=err.path)
+
+
+@contextlib.contextmanager
+def errors_located(source: str, origins: Mapping[str, str]) -> Iterator[None]:
+    """Checks made after validation (building, data, devices) raise naming the recipe's `source`; re-raise
+    them naming the file that set the key: a `--set` value is `<overrides>`, an inherited key its base."""
+    try:
+        yield
+    except RecipeError as err:
+        moved = located(err, source, origins)
+        if moved is err:
+            raise
+        raise moved from None
+
+
+def inline_toml(v: Any) -> str:
+    """A value as it would be written in a recipe or a `--set` (inline tables for dicts); '' for None."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {inline_toml(x)}" for k, x in v.items()) + " }" if v else "{}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(inline_toml(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    return "" if v is None else repr(v)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; arrays stay values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def recipe_changes(old: dict, new: dict, ignore: Callable[[str], bool] = lambda key: False) -> list[str]:
+    """'key: old -> new' (values as TOML, 'unset' when absent) for each key path where two recipes' data
+    differ, sorted; keys for which `ignore(key)` is true are left out."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {inline_toml(a[k]) if k in a else 'unset'} -> {inline_toml(b[k]) if k in b else 'unset'}"
+            for k in sorted(set(a) | set(b)) if not ignore(k) and a.get(k) != b.get(k)]
 
 
 class Invalid(ValueError):
@@ -40,6 +120,22 @@ class Invalid(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key, self.message = key, message
+
+
+class _PathMarker:
+    """Marks a str field as a file or folder path (see `PathStr`)."""
+
+
+PATH = _PathMarker()
+# A file or folder path. A relative one is taken relative to the recipe file that set it (a `--set`
+# value or a recipe built from a string or dict: relative to the working directory); validation makes it
+# absolute, so a recipe saved elsewhere (a run folder's recipe.toml) still names the same file.
+PathStr = Annotated[str, PATH]
+MODEL = _PathMarker()
+MODELS = "pretrained"  # the registry slot of the catalogue's model names (zoo.io.pretrained)
+# A model: a checkpoint or run folder (as PathStr), or the name of a model in the pretrained catalogue
+# (a kind of registry slot MODELS), kept as given when nothing of that name is next to the file that set it.
+ModelStr = Annotated[str, MODEL]
 
 
 def param(default: Any = dataclasses.MISSING, doc: str = "", *, ge=None, gt=None, le=None, lt=None) -> Any:
@@ -52,21 +148,25 @@ def param(default: Any = dataclasses.MISSING, doc: str = "", *, ge=None, gt=None
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """A chosen block: slot, kind, its validated config, and per-role overrides."""
+    """A chosen block: slot, kind, its validated config, and per-role overrides.
+
+    `parents` is the role tree of the registry that validated the spec ({role: parent or None}).
+    """
 
     slot: str
     kind: str
     config: Any
     roles: dict[str, BlockSpec] = field(default_factory=dict)
     path: str = field(default="", compare=False)
+    parents: Mapping[str, str | None] = field(default_factory=dict, compare=False, repr=False)
 
     def for_role(self, role: str) -> BlockSpec:
-        """The spec that applies to a projection of `role` (falling back to parents)."""
+        """The spec that applies to a projection of `role` (an override of it, else of its parents, else self)."""
         r: str | None = role
         while r is not None:
             if r in self.roles:
                 return self.roles[r]
-            r = ROLE_PARENTS.get(r)
+            r = self.parents.get(r)
         return self
 
     def to_dict(self) -> dict:
@@ -144,9 +244,19 @@ class Validator:
 
     file: str | None
     registry: Any
+    origins: dict[str, str] | None = None  # {key path: file that set it}, from read_with_extends
 
     def error(self, path: str, message: str) -> RecipeError:
         return RecipeError(message, file=self.file, path=path)
+
+    def absolute(self, value: str, path: str, name_ok: bool = False) -> str:
+        """A `PathStr` value made absolute: relative to the folder of the file that set key `path`.
+        `name_ok` (a `ModelStr`): a catalogue model's name naming nothing there stays as given."""
+        file = origin_of(path, self.origins or {}) or self.file
+        base = os.path.dirname(os.path.abspath(file)) if file and os.path.isfile(file) else os.getcwd()
+        found = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+        names = self.registry.kinds(MODELS) if name_ok and MODELS in self.registry.slots else ()
+        return value if value in names and not os.path.exists(found) else found
 
     # -- dataclasses -----------------------------------------------------------------------
     def dataclass(self, cls: type, data: Any, path: str, *, ignore: tuple[str, ...] = ()) -> Any:
@@ -157,12 +267,13 @@ class Validator:
         for key in data:
             if key not in fields and key not in ignore:
                 raise self.error(
-                    _join(path, key),
-                    f"unknown key{did_you_mean(key, fields)}; valid keys: {', '.join(fields) or 'none'}",
+                    join_key(path, key),
+                    f"unknown key{did_you_mean(key, fields)}; " + (f"valid keys: {', '.join(fields)}" if fields
+                                                                    else "this block takes no settings besides kind"),
                 )
         values = {}
         for name, f in fields.items():
-            sub = _join(path, name)
+            sub = join_key(path, name)
             slot = f.metadata.get("slot")
             if name in data:
                 raw = data[name]
@@ -188,7 +299,7 @@ class Validator:
             try:
                 check()
             except Invalid as err:
-                raise self.error(_join(path, err.key), err.message) from None
+                raise self.error(join_key(path, err.key), err.message) from None
         return obj
 
     def _bounds(self, f: dataclasses.Field, v: Any, path: str) -> None:
@@ -208,45 +319,43 @@ class Validator:
         if not isinstance(data, dict):
             raise self.error(path, f"expected a table with 'kind' (or a kind name), got {_describe(data)}")
         if "kind" not in data:
-            raise self.error(_join(path, "kind"), f"missing; {slot} kinds: {', '.join(self.registry.kinds(slot))}")
+            raise self.error(join_key(path, "kind"), f"missing; {slot} kinds: {', '.join(self.registry.kinds(slot))}")
         kind = data["kind"]
         if not isinstance(kind, str):
-            raise self.error(_join(path, "kind"), f"expected a string, got {_describe(kind)}")
+            raise self.error(join_key(path, "kind"), f"expected a string, got {_describe(kind)}")
         try:
             entry = self.registry.get(slot, kind)
         except UnknownNameError as err:
-            raise self.error(_join(path, "kind"), str(err)) from None
+            raise self.error(join_key(path, "kind"), str(err)) from None
         roles_ok = allow_roles and slot in ROLE_SLOTS
-        try:
+        with entry.blame("validating", path, self.file):  # a plugin's check() with a bug: name the plugin
             config = self.dataclass(entry.config, {k: v for k, v in data.items() if k != "kind"}, path,
                                     ignore=("roles",) if roles_ok else ())
-        except ZooError:
-            raise
-        except Exception as err:  # a plugin's check() with a bug: name the plugin, not a traceback
-            if entry.plugin.name == "builtins":
-                raise
-            raise entry.failure("validating", path, err) from err
-        roles = {}
+        roles, parents = {}, self.registry.roles if roles_ok else {}
         if roles_ok and "roles" in data:
             table = data["roles"]
             if not isinstance(table, dict):
-                raise self.error(_join(path, "roles"), f"expected a table of roles, got {_describe(table)}")
+                raise self.error(join_key(path, "roles"), f"expected a table of roles, got {_describe(table)}")
             for role, over in table.items():
-                rpath = _join(_join(path, "roles"), role)
-                if role not in ROLE_PARENTS:
-                    raise self.error(rpath, f"unknown role{did_you_mean(role, ROLE_PARENTS)}; {one_of(ROLE_PARENTS)}")
+                rpath = join_key(join_key(path, "roles"), role)
+                if role not in parents:
+                    raise self.error(rpath, f"unknown role{did_you_mean(role, parents)}; {one_of(parents)}")
                 if not isinstance(over, dict):
                     raise self.error(rpath, f"expected a table, got {_describe(over)}")
                 base = {k: v for k, v in data.items() if k != "roles"}
                 merged = dict(over) if over.get("kind", kind) != kind else deep_merge(base, over)
                 roles[role] = self.block(slot, merged, rpath, allow_roles=False)
-        return BlockSpec(slot, kind, config, roles, path)
+        return BlockSpec(slot, kind, config, roles, path, parents)
 
     # -- plain values ----------------------------------------------------------------------
     def value(self, tp: Any, v: Any, path: str) -> Any:
         origin = typing.get_origin(tp)
         if origin is Annotated:
-            return self.value(typing.get_args(tp)[0], v, path)
+            inner, *marks = typing.get_args(tp)
+            out = self.value(inner, v, path)
+            if isinstance(out, str) and (PATH in marks or MODEL in marks):
+                return self.absolute(out, path, name_ok=MODEL in marks)
+            return out
         if tp is Any:
             return v
         if origin in (Union, types.UnionType):
@@ -282,7 +391,7 @@ class Validator:
             if not isinstance(v, dict):
                 raise self.error(path, f"expected a table, got {_describe(v)}")
             _, vt = typing.get_args(tp) or (str, Any)
-            return {str(k): self.value(vt, x, _join(path, k)) for k, x in v.items()}
+            return {str(k): self.value(vt, x, join_key(path, k)) for k, x in v.items()}
         if dataclasses.is_dataclass(tp):
             return self.dataclass(tp, v, path)
         if tp is bool:
