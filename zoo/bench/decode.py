@@ -12,6 +12,8 @@ import zoo
 from zoo.bench._measure import Timing, add_threads_argument, apply_threads, machine, report, time_ms
 from zoo.kernels.prepare import prepare_inference
 from zoo.recipe.loader import add_set_argument
+from zoo.runs import RECIPE as RECIPE_FILE
+from zoo.runs import resolve_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "paper" / "300m.toml"
 TOPK = ["model.sparsity.kind='topk'", "model.sparsity.keep=0.5"]
@@ -27,8 +29,10 @@ ONLY = {"qsparse": "qsparse keep 0.5", "bitnet": "bitnet b1.58", "bitnet-qsparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default=str(RECIPE), help="the dense recipe (default: the paper's 300M shape)")
-    add_set_argument(p, "a key of the dense recipe")
+    p.add_argument("--recipe", default=str(RECIPE), metavar="RECIPE|NAME|DIR",
+                   help="the dense recipe, or the recipe of a catalogue model or checkpoint (its shapes; weights "
+                        "are random) (default: the paper's 300M shape)")
+    add_set_argument(p, "a key of the dense recipe (on every variant)")
     p.add_argument("--tokens", type=int, default=12, help="decode steps timed per model and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models (the fastest step counts)")
     p.add_argument("--prompt", type=int, default=8, help="prompt length before decoding")
@@ -51,8 +55,16 @@ def decode_ms(model: torch.nn.Module, prompt: int, tokens: int) -> Timing:
         return time_ms(step, [(nxt,)], torch.device("cpu"), repeat=tokens, warmup=3)
 
 
+def recipe_file(value: str) -> str:
+    """A recipe file as given, else the recipe.toml of a catalogue model, run or checkpoint folder."""
+    if Path(value).is_file():
+        return value
+    return str(resolve_checkpoint(value) / RECIPE_FILE)
+
+
 def run(args) -> int:
     apply_threads(args)
+    args.recipe = recipe_file(args.recipe)
     overrides = ["model.max_seq_len=256", *args.overrides]
     models = []  # all built first, then timed in interleaved rounds: a slow moment of the machine hits every model
     for name, extra, freeze, prepare in VARIANTS:

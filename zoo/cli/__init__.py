@@ -116,6 +116,14 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     add_set_argument(p)
 
 
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """NAME_OR_DIR and --set, shared by the commands that load a model (eval, generate, calibrate)."""
+    p.add_argument("run", metavar="NAME_OR_DIR",
+                   help="a catalogue model (zoo models), a run folder (its newest checkpoint) or a checkpoint folder")
+    add_set_argument(p, "a key of the model's recipe at load (the tensors must still match), e.g. a training-free "
+                        "--set 'model.sparsity={kind=\"topk\", keep=0.5}';")
+
+
 def print_json(obj: object) -> None:
     """One JSON document on stdout (tuples as arrays; anything else non-JSON as its str)."""
     print(json.dumps(obj, indent=2, default=str))

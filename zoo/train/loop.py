@@ -30,6 +30,7 @@ from zoo.recipe.recipe import Recipe, load_recipe
 from zoo.registry import get_registry
 from zoo.runs import METRICS, RECIPE, SUMMARY, prepare_out, resolve_checkpoint, step_dirs
 from zoo.schema import errors_located, flatten, recipe_changes
+from zoo.train.distill import kl_loss, load_teacher
 from zoo.train.parallel import check_launch, setup
 from zoo.train.state import TrainState, load_train_state, save_checkpoint
 
@@ -191,6 +192,7 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
         copy_weights(model, ckpt, "--resume")
     val = list(val_batches(data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
     first_forward(model.to(par.device), val[0][0][:1], cfg.precision, par.device)  # on this rank, before wrap
+    teacher = load_teacher(cfg.distill, model, par.device) if cfg.distill else None
     fwd = par.wrap(model)
     registry = get_registry()
     opt = registry.build(recipe.optim, model.parameters(), file=recipe.source or None)
@@ -230,6 +232,11 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
                 state.samples += micro
                 with autocast(cfg.precision, par.device):
                     o = fwd(x, y)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            target = teacher(x).logits
+                        o.aux_losses["distill"] = cfg.distill.weight * kl_loss(o.logits, target,
+                                                                              cfg.distill.temperature)
                 (o.total_loss / cfg.grad_accum).backward()
                 loss_sum += float(o.loss.detach()) / cfg.grad_accum
                 for k, v in o.aux_losses.items():
