@@ -7,6 +7,7 @@ import sys
 
 from zoo.cli import UsageError, add_recipe_args, guarded
 from zoo.recipe.recipe import load_recipe
+from zoo.train.launch import launch
 from zoo.train.loop import check_ranks, train
 
 
@@ -33,8 +34,6 @@ def run(args) -> int:
             raise UsageError(f"zoo train: --nproc-per-node under a launcher that started {os.environ['WORLD_SIZE']} "
                              "processes already (torchrun?); use one of the two")
         if n > 1:
-            from zoo.train.launch import launch
-
             check_ranks(recipe, n, args.out, args.resume)  # a mistake in the recipe costs no process start
             args.nproc_per_node = None
             return launch(n, rank_main, args)
