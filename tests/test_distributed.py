@@ -23,6 +23,7 @@ def single(tmp_path_factory) -> tuple[Path, Path]:
     return single_run(tmp_path_factory.mktemp("distributed"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(single, tmp_path, strategy):
     recipe_file, ref = single

@@ -18,6 +18,7 @@ def moe_single(tmp_path_factory) -> tuple[Path, Path]:
     return single_run(tmp_path_factory.mktemp("distributed-moe"), **MOE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("expert_parallel", [1, 2])
 def test_moe_two_ranks_match_one_process(moe_single, tmp_path, expert_parallel):
     """MoE under DDP (every rank holds all experts) and with the experts split over the 2 ranks: the same
@@ -55,6 +56,7 @@ def test_expert_parallel_errors_name_the_key(tmp_path, monkeypatch):
         assert says in str(err.value)
 
 
+@pytest.mark.slow
 def test_four_ranks_two_expert_groups(tmp_path):
     """4 ranks, experts split over groups of 2: ranks 0,2 and 1,3 hold the same experts, so their expert
     gradients are summed over those replica groups; losses, gradient norm and weights equal one process."""

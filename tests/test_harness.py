@@ -79,6 +79,7 @@ def test_generate_until_is_greedy_and_stops(lm):
     assert text == expected.split("\n")[0]
 
 
+@pytest.mark.slow
 def test_zoo_eval_tasks_on_a_run_and_zoo_compare_shows_them(tmp_path, cli):
     train(tiny_run(tmp_path, train__steps=2, train__eval_every=0, model__max_seq_len=64), tmp_path / "run",
           progress=False)

@@ -70,6 +70,7 @@ def tuned_configs() -> dict[str, set[str]]:
     return {name: {aot.config_name(c) for c in t.configs} for name, t in tuned.items()}
 
 
+@pytest.mark.slow
 @needs_tools
 def test_every_kernel_compiles_within_the_limits_of_both_cards(tmp_path):
     table = compile_table(tmp_path, *FAST)
