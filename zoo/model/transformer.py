@@ -140,18 +140,16 @@ class Transformer(nn.Module, Preparable):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, generator=None):
-        """Sample continuations with the KV cache; yields one [B, 1] tensor of ids per step."""
-        cache = self.new_cache(idx.shape[0])
-        logits = self(idx, cache=cache).logits[:, -1]
-        pos = idx.shape[1]
-        for _ in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, generator)
-            yield nxt
-            if pos >= self.config.max_seq_len:
-                return
-            logits = self(nxt, cache=cache, start=pos).logits[:, -1]
-            pos += 1
+                 top_k: int | None = None, top_p: float | None = None, generator=None, compile: bool = True):
+        """Sample continuations with the KV cache; yields one [B, 1] tensor of ids per step.
+
+        Runs on the decode engine (zoo.model.decode.Decoder): the prompt batched, each new token
+        through the compiled layer step (`compile=False`: the eager layers)."""
+        from zoo.model.decode import Decoder
+
+        max_len = min(idx.shape[1] + max_new_tokens, self.config.max_seq_len)
+        yield from Decoder(self, idx.shape[0], max_len, compile).generate(
+            idx, max_new_tokens, temperature, top_k, top_p, generator)
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -1,0 +1,107 @@
+"""The decode engine: generation whose per-token cost outside the weight reads is small.
+
+A decode step of an eager model makes several hundred small calls per token (each layer's norms,
+RoPE, cache writes, residual adds, projections), each costing microseconds of Python and dispatch
+while the GEMVs themselves read the weights in tens of microseconds. `Decoder` keeps the model's own
+blocks and their inference forms (whatever `zoo.kernels.prepare_inference` put in place) and removes
+that overhead:
+
+- one layer's step is compiled once (`torch.compile`, Inductor) and reused by every layer of the
+  model and at every position: the layers share their code, their weights are graph inputs, and
+  the position is a symbolic integer. Inductor fuses the norms, RoPE, cache writes and residual
+  adds into a few generated loops and calls the projections' kernels (zoo's compiled GEMVs are
+  registered torch ops, `zoo.kernels.cpu`) straight from the compiled code. Compiling a layer
+  rather than the whole model keeps the compile to one layer's (seconds, then cached on disk by
+  Inductor), whatever the depth;
+- the KV cache is preallocated for the prompt plus the tokens asked for, not `max_seq_len`;
+- the prompt (prefill) runs the same blocks eagerly on all its tokens at once (batched matmuls),
+  and only its last position goes through the final norm and the LM head.
+
+A block the compiler cannot capture runs eagerly inside the compiled step (torch.compile breaks the
+graph around it); if compiling fails altogether, the engine says so in one line and runs the
+layers eagerly. Either way the logits are those of the eager model, up to rounding.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from zoo.model.transformer import KVCache, Transformer, sample
+
+# one compiled layer serves every model of a kind; raise the per-function limit so that a process
+# decoding several differently shaped models (tests, benchmarks) keeps compiling instead of silently
+# running eagerly after the eighth
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+def run_layer(block: nn.Module, x: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+    return block(x, start=start, cache=cache)
+
+
+compiled_layer = torch.compile(run_layer, dynamic=True)
+
+
+class Decoder:
+    """Generation state of one model: its KV cache and the layer step (compiled, or eager).
+
+    `max_len` sizes the cache (default: the model's max_seq_len); `compile=False` runs the layers
+    eagerly (the reference the compiled step is tested against).
+    """
+
+    def __init__(self, model: Transformer, batch: int = 1, max_len: int | None = None, compile: bool = True):
+        cfg, p = model.config, model.embed.weight
+        self.model, self.batch = model, batch
+        self.max_len = cfg.max_seq_len if max_len is None else min(max_len, cfg.max_seq_len)
+        self.cache = [KVCache(batch, cfg.kv_heads, self.max_len, cfg.head_size, p.device, p.dtype)
+                      for _ in model.blocks]
+        for kv in self.cache:  # only the position is symbolic in the compiled step
+            torch._dynamo.mark_static(kv.k)
+            torch._dynamo.mark_static(kv.v)
+        self.layer = compiled_layer if compile else run_layer
+        self.pos = 0
+
+    def logits(self, ids: torch.Tensor, layer=run_layer) -> torch.Tensor:
+        """Logits [B, V] of the last of `ids` [B, T], placed at positions pos..pos+T-1 (cache written)."""
+        if self.pos + ids.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {self.pos + ids.shape[1]} tokens exceeds the cache ({self.max_len})")
+        m = self.model
+        x = m.embed(ids)
+        for block, kv in zip(m.blocks, self.cache):
+            x = layer(block, x, self.pos, kv)
+        self.pos += ids.shape[1]
+        return m.head(m.norm(x[:, -1]))
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt [B, T] from position 0, all tokens at once (eager, batched): the last logits [B, V]."""
+        self.pos = 0
+        return self.logits(ids)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token per row, ids [B, 1], at the next position: its logits [B, V]."""
+        if self.layer is compiled_layer:
+            try:
+                torch._dynamo.mark_static(ids)
+                return self.logits(ids, compiled_layer)
+            except Exception as err:  # a block the compiler cannot take: the eager layers, said once
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                print(f"zoo: decode runs eagerly (compiling the layer step failed: {reason[:200]})", file=sys.stderr)
+                self.layer = run_layer
+        return self.logits(ids, self.layer)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator=None) -> Iterator[torch.Tensor]:
+        """Sample continuations of idx [B, T]; yields one [B, 1] tensor of ids per step."""
+        logits = self.prefill(idx)
+        for _ in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            yield nxt
+            if self.pos >= self.max_len:
+                return
+            logits = self.step(nxt)
