@@ -2,12 +2,15 @@
 every weights × sparsity × FFN combination, in fp32, bf16 and fp16."""
 
 import copy
+import dataclasses
+import types
 
 import pytest
 import torch
 
 import zoo
 from tests.conftest import RECIPES, needs_cxx
+from zoo.contracts import Weights
 from zoo.kernels import prepare_inference
 from zoo.model.decode import Decoder, compiled_layer
 
@@ -107,3 +110,57 @@ SLOW = [pytest.param(n, d, marks=[] if (n, d) == ("dense", torch.float32) else p
 def test_compiled_decode_equals_eager(name, dtype):
     decoder = check(name, dtype, compiled=True)
     assert decoder.layer is compiled_layer  # it did not fall back to the eager layers
+
+
+class CountingWeights(Weights):
+    """A plugin's weights kind with no inference form, whose forward the compiler cannot capture whole:
+    it counts its calls in a Python attribute through a function torch.compile must not trace."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features) / in_features ** 0.5)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        count(self)
+        return torch.nn.functional.linear(x, self.weight)
+
+
+@torch.compiler.disable
+def count(block: CountingWeights) -> None:
+    block.calls += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingConfig:
+    """plain weights whose forward runs partly outside the compiled graph"""
+
+
+@zoo.hookimpl
+def zoo_register(registry) -> None:
+    registry.register("weights", "counting", CountingConfig, lambda cfg, ctx, i, o, b: CountingWeights(i, o, b))
+
+
+PLUGIN = types.ModuleType("counting_plugin")
+PLUGIN.zoo_register = zoo_register
+
+
+@needs_cxx
+def test_plugin_block_without_inference_form_falls_back(plugin_registry, capfd):
+    """The compiled step runs the plugin's forward (outside the graph where it must), says so once, and
+    gives the eager logits."""
+    plugin_registry(("counting", PLUGIN))
+    torch.manual_seed(0)
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + ["model.ffn.hidden=64",
+                                                                          "model.weights.kind='counting'"])).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
+    want = eager_logits(model, ids)
+    engine = prepare_inference(copy.deepcopy(model))
+    blocks = [m for m in engine.modules() if isinstance(m, CountingWeights)]
+    for m in blocks:
+        m.calls = 0
+    decoder = Decoder(engine, max_len=PROMPT + STEPS, compile=True)
+    assert capfd.readouterr().err.count("CountingWeights declare no inference form") == 1
+    assert_same(engine_logits(decoder, ids), want, torch.float32)
+    assert decoder.layer is compiled_layer
+    assert {m.calls for m in blocks} == {1 + STEPS}  # the graph break ran at the prefill and at every step

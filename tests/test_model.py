@@ -115,7 +115,7 @@ def test_greedy_generate_equals_no_cache_argmax(tiny_recipe):
     torch.manual_seed(3)
     model = zoo.build(tiny_recipe()).double().eval()
     prompt = torch.randint(0, 256, (2, 5))
-    got = torch.cat(list(model.generate(prompt, 6, temperature=0, compile=False)), 1)
+    got = torch.cat(list(model.generate(prompt, 6, temperature=0)), 1)
     seq = prompt
     for _ in range(6):
         nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
@@ -124,7 +124,7 @@ def test_greedy_generate_equals_no_cache_argmax(tiny_recipe):
 
 
 def test_generate_stops_at_max_seq_len(tiny_model):
-    out = list(tiny_model.generate(torch.zeros(1, 60, dtype=torch.long), 100, temperature=0, compile=False))
+    out = list(tiny_model.generate(torch.zeros(1, 60, dtype=torch.long), 100, temperature=0))
     assert len(out) == 5  # positions 60..63 fed back, plus the token predicted at the last one
 
 

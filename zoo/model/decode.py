@@ -17,19 +17,26 @@ that overhead:
 - the prompt (prefill) runs the same blocks eagerly on all its tokens at once (batched matmuls),
   and only its last position goes through the final norm and the LM head.
 
-A block the compiler cannot capture runs eagerly inside the compiled step (torch.compile breaks the
-graph around it); if compiling fails altogether, the engine says so in one line and runs the
-layers eagerly. Either way the logits are those of the eager model, up to rounding.
+A projection whose weights block declares no inference form (zoo/contracts.py: it keeps the default
+`inference_form`) is named in one notice and runs its own forward inside the compiled step, where
+code the compiler cannot capture runs eagerly (torch.compile breaks the graph around it); if
+compiling fails altogether, the engine says so in one line and runs the layers eagerly. Either way
+the logits are those of the eager model, up to rounding.
+
+`compile` defaults to the environment variable ZOO_COMPILE (unset: on; `0`: the eager layers).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from zoo.contracts import Weights
+from zoo.model.projection import Projection
 from zoo.model.transformer import KVCache, Transformer, sample
 
 # one compiled layer serves every model of a kind; raise the per-function limit so that a process
@@ -49,10 +56,10 @@ class Decoder:
     """Generation state of one model: its KV cache and the layer step (compiled, or eager).
 
     `max_len` sizes the cache (default: the model's max_seq_len); `compile=False` runs the layers
-    eagerly (the reference the compiled step is tested against).
+    eagerly (None: ZOO_COMPILE, default on).
     """
 
-    def __init__(self, model: Transformer, batch: int = 1, max_len: int | None = None, compile: bool = True):
+    def __init__(self, model: Transformer, batch: int = 1, max_len: int | None = None, compile: bool | None = None):
         cfg, p = model.config, model.embed.weight
         self.model, self.batch = model, batch
         self.max_len = cfg.max_seq_len if max_len is None else min(max_len, cfg.max_seq_len)
@@ -61,8 +68,16 @@ class Decoder:
         for kv in self.cache:  # only the position is symbolic in the compiled step
             torch._dynamo.mark_static(kv.k)
             torch._dynamo.mark_static(kv.v)
+        if compile is None:
+            compile = os.environ.get("ZOO_COMPILE", "1") not in ("0", "", "off", "false")
         self.layer = compiled_layer if compile else run_layer
         self.pos = 0
+        plain = sorted({type(m.linear).__name__ for m in model.modules() if isinstance(m, Projection)
+                        and type(m.linear).inference_form is Weights.inference_form})
+        if plain:
+            print(f"zoo: decode: weights {', '.join(plain)} declare no inference form; their projections run "
+                  "their own forward" + (" (compiled where torch.compile can trace it)" if compile else ""),
+                  file=sys.stderr)
 
     def logits(self, ids: torch.Tensor, layer=run_layer) -> torch.Tensor:
         """Logits [B, V] of the last of `ids` [B, T], placed at positions pos..pos+T-1 (cache written)."""

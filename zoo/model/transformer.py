@@ -140,11 +140,11 @@ class Transformer(nn.Module, Preparable):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, generator=None, compile: bool = True):
+                 top_k: int | None = None, top_p: float | None = None, generator=None, compile: bool | None = None):
         """Sample continuations with the KV cache; yields one [B, 1] tensor of ids per step.
 
         Runs on the decode engine (zoo.model.decode.Decoder): the prompt batched, each new token
-        through the compiled layer step (`compile=False`: the eager layers)."""
+        through the compiled layer step (`compile=False`: the eager layers; None: ZOO_COMPILE, default on)."""
         from zoo.model.decode import Decoder
 
         max_len = min(idx.shape[1] + max_new_tokens, self.config.max_seq_len)
