@@ -29,6 +29,7 @@ import torch
 
 import zoo
 from zoo.bench._measure import add_threads_argument, apply_threads, bandwidth_gbs, machine, report
+from zoo.errors import ZooError
 from zoo.kernels.prepare import prepare_inference
 from zoo.model.decode import Decoder
 from zoo.recipe.loader import add_set_argument, apply_overrides
@@ -122,11 +123,21 @@ def zoo_runtimes(args, recipe, state: dict | None, max_len: int) -> list[Runtime
     return out
 
 
-def transformers_runtime(hf_source: tuple[str, str | None], threads: int) -> Runtime:
-    from transformers import AutoModelForCausalLM
+def transformers_runtime(recipe, state: dict) -> Runtime:
+    """The model as transformers builds it (zoo's exporter maps the config and the weights; fp32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder, gguf = hf_source
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    from zoo.io.hf import HFConfig, default_arch, exportable, scatter, writer
+
+    exportable(recipe)
+    _, conv = writer(default_arch(recipe))
+    config = conv.config(recipe.model)
+    tensors = scatter(conv.rules(HFConfig(config, "<bench>")), state)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32).eval()
+    missing, unexpected = hf.load_state_dict(tensors, strict=False)
+    if unexpected or any("lm_head" not in name for name in missing):
+        raise RuntimeError(f"transformers model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    hf.tie_weights()
     state = {}
 
     @torch.no_grad()
@@ -184,38 +195,39 @@ def wanted(args, name: str) -> bool:
 
 
 def source_of(args, max_len: int):
-    """(recipe, state dict or None, transformers source (folder, gguf file) or None, GGUF path or None)."""
+    """(recipe, state dict or None, GGUF path or None)."""
     if args.model is None:
-        return zoo.load_recipe(args.recipe, args.overrides), None, None, None
+        return zoo.load_recipe(args.recipe, args.overrides), None, None
     path = Path(args.model)
     if path.suffix == ".gguf":
         from zoo.io.gguf import from_gguf
 
         model, recipe = from_gguf(path, max_seq_len=max_len)
-        hf, gguf = (str(path.parent), path.name), path
+        gguf = path
     else:
-        from zoo.io.checkpoint import load, read_meta
-        from zoo.io.hf import export_hf
+        from zoo.io.checkpoint import load
+        from zoo.runs import read_meta, resolve_checkpoint
 
+        path = resolve_checkpoint(path)
         model = load(path)
         recipe = model.recipe
         src = read_meta(path).get("source", {})
         gguf = Path(src["path"]) if src.get("format") == "gguf" and Path(src.get("path", "")).is_file() else None
-        folder = Path(tempfile.mkdtemp(prefix="zoo-bench-hf-")) / "hf"
-        hf = (str(export_hf(path, folder)), None)
     if args.overrides:
         recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), args.overrides), source=str(path))
-    return recipe, model.state_dict(), hf, gguf
+    return recipe, model.state_dict(), gguf
 
 
 def run(args) -> int:
     apply_threads(args)
     max_len = max(args.prefill, args.prompt + args.tokens + 2)
-    recipe, state, hf, gguf = source_of(args, max_len)
-    runtimes = zoo_runtimes(args, recipe, state, max_len)
-    if hf is not None and wanted(args, "transformers"):
-        runtimes.append(transformers_runtime(hf, torch.get_num_threads()))
-    notes = []
+    recipe, state, gguf = source_of(args, max_len)
+    runtimes, notes = zoo_runtimes(args, recipe, state, max_len), []
+    if state is not None and wanted(args, "transformers"):
+        try:
+            runtimes.append(transformers_runtime(recipe, state))
+        except ZooError as err:  # a recipe transformers has no architecture for
+            notes.append(f"no transformers row: {err}")
     if gguf is not None:
         try:
             runtimes += llama_runtimes(args, gguf, max_len)

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from zoo.contracts import Weights
+from zoo.contracts import InferenceForm, Weights
 from zoo.model.projection import Projection
 from zoo.model.transformer import KVCache, Transformer, sample
 
@@ -73,6 +73,7 @@ class Decoder:
         self.layer = compiled_layer if compile else run_layer
         self.pos = 0
         plain = sorted({type(m.linear).__name__ for m in model.modules() if isinstance(m, Projection)
+                        and not isinstance(m.linear, InferenceForm)
                         and type(m.linear).inference_form is Weights.inference_form})
         if plain:
             print(f"zoo: decode: weights {', '.join(plain)} declare no inference form; their projections run "
