@@ -126,11 +126,21 @@ def test_dense_fp32_model_gets_the_transposed_layout_and_matches():
         assert rel(a, b) < 1e-5
 
 
-def test_dense_bf16_model_is_left_alone():
-    """bf16 on CPU reads W faster through F.linear: nothing to swap."""
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+def test_dense_bf16_model_takes_wt_only_with_the_compiled_gemv(impl):
+    """bf16 on CPU: torch's ops read W faster through F.linear (nothing to swap); zoo's compiled GEMV reads
+    Wt faster still, so with it the projections take `TransposedLinear`, with the same logits."""
+    from zoo.kernels import cpu
+
     model = build([]).to(torch.bfloat16)
-    prepare_inference(model)
-    assert not any(isinstance(m, TransposedLinear) for m in model.modules())
+    torch.manual_seed(0)
+    before = logits_two_ways(model)
+    prepare_inference(model, impl=impl)
+    swapped = any(isinstance(m, TransposedLinear) for m in model.modules())
+    assert swapped is (impl == "auto" and cpu.available())
+    torch.manual_seed(0)
+    for a, b in zip(logits_two_ways(model), before):
+        assert rel(a, b) < 1e-2
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -19,6 +19,9 @@ divided by the read bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
+import os
 import statistics
 import tempfile
 import time
@@ -125,7 +128,7 @@ def zoo_runtimes(args, recipe, state: dict | None, max_len: int) -> list[Runtime
 
 def transformers_runtime(recipe, state: dict) -> Runtime:
     """The model as transformers builds it (zoo's exporter maps the config and the weights; fp32)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
     from zoo.io.hf import HFConfig, default_arch, exportable, scatter, writer
 
@@ -138,19 +141,18 @@ def transformers_runtime(recipe, state: dict) -> Runtime:
     if unexpected or any("lm_head" not in name for name in missing):
         raise RuntimeError(f"transformers model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     hf.tie_weights()
+    # the KV cache argument is `cache` in newer transformers, `past_key_values` before; filled in place
+    kwarg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     state = {}
 
     @torch.no_grad()
     def prefill(ids: list[int]) -> int:
-        out = hf(torch.tensor([ids]), use_cache=True)
-        state["past"] = out.past_key_values
-        return int(out.logits[0, -1].argmax())
+        state["cache"] = DynamicCache()
+        return int(hf(torch.tensor([ids]), use_cache=True, **{kwarg: state["cache"]}).logits[0, -1].argmax())
 
     @torch.no_grad()
     def step(tok: int) -> int:
-        out = hf(torch.tensor([[tok]]), past_key_values=state["past"], use_cache=True)
-        state["past"] = out.past_key_values
-        return int(out.logits[0, -1].argmax())
+        return int(hf(torch.tensor([[tok]]), use_cache=True, **{kwarg: state["cache"]}).logits[0, -1].argmax())
 
     nbytes = sum(p.numel() * p.element_size() for p in hf.parameters())  # a tied head is one parameter
     return Runtime("transformers", "fp32", nbytes, prefill, step)
@@ -171,7 +173,9 @@ def llama_runtimes(args, gguf: Path, max_len: int) -> list[Runtime]:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype, params.allow_requantize, params.nthread = ftype, True, threads
             tmp = path.with_suffix(".tmp")
-            if llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), params) != 0:
+            with quiet():  # llama.cpp logs every tensor it writes
+                failed = llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), params)
+            if failed:
                 raise RuntimeError(f"llama.cpp could not write {label} from {gguf}")
             tmp.rename(path)
         llm = llama_cpp.Llama(str(path), n_ctx=max_len, n_batch=max_len, n_threads=threads,
@@ -188,6 +192,22 @@ def llama_runtimes(args, gguf: Path, max_len: int) -> list[Runtime]:
 
         out.append(Runtime(f"llama.cpp {label}", label, path.stat().st_size, prefill, step))
     return out
+
+
+@contextlib.contextmanager
+def quiet():
+    """Standard output and error (the file descriptors: C code writes there too) to /dev/null inside."""
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def wanted(args, name: str) -> bool:

@@ -110,7 +110,7 @@ class Transformer(nn.Module, Preparable):
     def prepare_inference(self, dtype: torch.dtype, impl: str = "auto") -> None:
         """An untied fp32 LM head on CPU is one more dense GEMV per token: the Wt layout (see TransposedLinear)."""
         tied = self.head.weight is self.embed.weight
-        if isinstance(self.head, nn.Linear) and not tied and transposed_pays(self.head.weight):
+        if isinstance(self.head, nn.Linear) and not tied and transposed_pays(self.head.weight, impl):
             self.head = TransposedLinear(self.head.weight, self.head.bias, impl)
 
     def new_cache(self, batch: int, device=None, dtype=None) -> list[KVCache]:
