@@ -145,7 +145,11 @@ def test_dense_bf16_model_takes_wt_only_with_the_compiled_gemv(impl):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_untied_head_gets_the_transposed_layout(tmp_path, tied):
-    """An untied fp32 LM head decodes from Wt like the projections; a tied one stays the embedding's."""
+    """An untied fp32 LM head decodes from Wt like the projections; a tied one stays the embedding's (same
+    parameter, same state dict) and decodes from a transposed copy where the compiled GEMV is built."""
+    from zoo.blocks.weights import TiedTransposedHead
+    from zoo.kernels import cpu
+
     model = build([f"model.tie_embeddings={str(tied).lower()}"])
     keys = set(model.state_dict())
     torch.manual_seed(0)
@@ -153,6 +157,7 @@ def test_untied_head_gets_the_transposed_layout(tmp_path, tied):
     prepare_inference(model)
     assert isinstance(model.head, TransposedLinear) is not tied
     assert (model.head.weight is model.embed.weight) is tied
+    assert isinstance(model.head, TiedTransposedHead) is (tied and cpu.available())
     torch.manual_seed(0)
     for a, b in zip(logits_two_ways(model), before):
         assert rel(a, b) < 1e-5

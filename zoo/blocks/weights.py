@@ -133,6 +133,27 @@ class TransposedLinear(InferenceForm):
         return f"{self.in_features}->{self.out_features}, Wt layout"
 
 
+class TiedTransposedHead(nn.Module):
+    """An LM head tied to the embedding, at inference: it keeps the shared `weight` (so the tie, the state
+    dict and the checkpoint stay as they are) and a transposed copy Wt (not saved: the matrix's memory once
+    more) that one row (decode) reads through zoo's compiled GEMV; more rows take `F.linear` on `weight`."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.weight, self.bias = head.weight, head.bias
+        self.register_buffer("wt", head.weight.detach().t().contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > 1:
+            return F.linear(x, self.weight, self.bias)
+        return cpu.gather_gemv(rows, None, self.wt, self.bias).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, tied, Wt copy for decode"
+
+
 class TopKLinear(TransposedLinear):
     """y = sparsify(x)·Wᵀ (+ b) for a sparsity block keeping k inputs per row, from Wt [in, out].
 

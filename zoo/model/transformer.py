@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.blocks.weights import TransposedLinear, transposed_pays
+from zoo.blocks.weights import TiedTransposedHead, TransposedLinear, transposed_pays
 from zoo.contracts import FFN, Preparable
+from zoo.kernels import cpu
+from zoo.kernels.dispatch import choose
 from zoo.model.config import LAYER_SLOTS, ModelConfig
 from zoo.model.context import BuildContext
 from zoo.model.projection import Projection
@@ -108,10 +110,15 @@ class Transformer(nn.Module, Preparable):
 
     @torch.no_grad()
     def prepare_inference(self, dtype: torch.dtype, impl: str = "auto") -> None:
-        """An untied fp32 LM head on CPU is one more dense GEMV per token: the Wt layout (see TransposedLinear)."""
-        tied = self.head.weight is self.embed.weight
-        if isinstance(self.head, nn.Linear) and not tied and transposed_pays(self.head.weight, impl):
+        """The LM head is one more dense GEMV per token: on CPU (fp32, or bf16 with the compiled kernels) the
+        Wt layout (see TransposedLinear); a head tied to the embedding keeps the tie and decodes from a
+        transposed copy (TiedTransposedHead) where zoo's compiled GEMV is built."""
+        if not isinstance(self.head, nn.Linear) or not transposed_pays(self.head.weight, impl):
+            return
+        if self.head.weight is not self.embed.weight:
             self.head = TransposedLinear(self.head.weight, self.head.bias, impl)
+        elif choose(impl, self.head.weight.device, cpu_kernel=cpu.usable(self.head.weight)) == "cpu":
+            self.head = TiedTransposedHead(self.head)
 
     def new_cache(self, batch: int, device=None, dtype=None) -> list[KVCache]:
         c = self.config
