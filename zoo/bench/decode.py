@@ -8,7 +8,8 @@ Two modes:
   transformers (fp32, its own forward with its KV cache) and llama.cpp (llama-cpp-python, when
   importable) at F32 / F16 / Q8_0 / Q4_1, the files made by its quantize API from the GGUF (the
   checkpoint's source GGUF for a converted checkpoint) and kept beside it in --cache;
-- without `--model`: the --recipe's variants (default the paper's 300M shape), random weights.
+- without `--model`: the same variants of --recipe (default the paper's 300M shape) and its MoE twin
+  (8 experts, top-2, each half the dense hidden width: equal activated parameters), random weights.
 
 Every runtime decodes the same tokens after the same prompt, in turns (one round of every runtime,
 then the next round), so a slow stretch of a shared machine falls on all alike; ms/token is the
@@ -90,27 +91,44 @@ def zoo_runtime(name: str, model: torch.nn.Module, weights: str, max_len: int, c
 
 
 def decode_nbytes(model: torch.nn.Module) -> int:
-    """Weight bytes one decoded token reads: each inference form's `bytes_per_token`, every other
-    parameter and buffer once (the embedding table only when the LM head reads it too)."""
-    from zoo.contracts import InferenceForm
+    """Weight bytes one decoded token reads: each inference form's `bytes_per_token`, an FFN reached by a
+    share of the tokens (routed experts: `token_fraction`) that share of its tensors, every other parameter
+    and buffer once (the embedding table only when the LM head multiplies by it)."""
+    from zoo.contracts import FFN, InferenceForm
 
-    seen, total = set(), 0
+    seen, total = set(), 0.0
+
+    def count(tensors, fraction: float = 1.0) -> None:
+        nonlocal total
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size() * fraction
+
     for m in model.modules():
-        if isinstance(m, InferenceForm):
+        if isinstance(m, FFN) and m.token_fraction < 1:
+            count((*m.parameters(), *m.buffers()), m.token_fraction)
+        elif isinstance(m, InferenceForm):
             total += m.bytes_per_token()
-            seen.update(t.data_ptr() for t in (*m.parameters(), *m.buffers()))
-    head = getattr(model.head, "weight", None)
-    for t in (*model.parameters(), *model.buffers()):
-        if t.data_ptr() in seen or (t is model.embed.weight and t is not head):
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+            count((*m.parameters(), *m.buffers()), 0.0)
+    embed = model.embed.weight  # a token reads one row of it, unless the head multiplies by it
+    count(t for t in (*model.parameters(), *model.buffers()) if t is not embed)
+    if getattr(model.head, "weight", None) is embed and not any(True for _ in model.head.buffers()):
+        count([embed])  # a tied head without a copy of its own (TiedTransposedHead holds one)
+    return int(total)
+
+
+def moe_twin(recipe) -> tuple[str, dict, bool]:
+    """The variant with 8 experts, top-2, each half the dense FFN's hidden width: the dense model's activated
+    parameters (plus the router), for the MoE-vs-dense figure (without --model: random weights anyway)."""
+    ffn = recipe.to_dict()["model"]["ffn"]
+    expert = {**ffn, "hidden": ffn["hidden"] // 2}
+    return "moe 8x top-2", {"model.ffn": {"kind": "moe", "num_experts": 8, "top_k": 2, "expert": expert}}, True
 
 
 def zoo_runtimes(args, recipe, state: dict | None, max_len: int) -> list[Runtime]:
     out = []
-    for name, overrides, synthetic in VARIANTS:
+    for name, overrides, synthetic in VARIANTS + ([moe_twin(recipe)] if state is None else []):
         for label, dtype in DTYPES.items():
             full = f"zoo {name} {label}"
             if not wanted(args, full):
@@ -309,6 +327,7 @@ GOALS = [  # (figure, numerator runtime, denominator runtime): ms ratios, < 1 me
     ("zoo bitnet + qsparse 0.5 fp32 / llama.cpp Q4_1", "zoo bitnet + qsparse 0.5 fp32", "llama.cpp Q4_1"),
     ("zoo bitnet b1.58 fp32 / zoo dense fp32", "zoo bitnet b1.58 fp32", "zoo dense fp32"),
     ("zoo bitnet + qsparse 0.5 fp32 / zoo dense fp32", "zoo bitnet + qsparse 0.5 fp32", "zoo dense fp32"),
+    ("zoo moe 8x top-2 fp32 / zoo dense fp32", "zoo moe 8x top-2 fp32", "zoo dense fp32"),
 ]
 
 
