@@ -164,3 +164,26 @@ def test_plugin_block_without_inference_form_falls_back(plugin_registry, capfd):
     assert_same(engine_logits(decoder, ids), want, torch.float32)
     assert decoder.layer is compiled_layer
     assert {m.calls for m in blocks} == {1 + STEPS}  # the graph break ran at the prefill and at every step
+
+
+@pytest.mark.slow  # nine models built and timed, two 512 MB bandwidth reads
+def test_bench_decode_on_a_checkpoint(tmp_path, cli):
+    """`zoo bench decode --model CKPT`: every zoo variant in fp32 and bf16 and transformers, timed, with floors
+    and the ratio rows; the dense fp32 floor counts the model's bytes as transformers' does (a tied head once)."""
+    import json
+
+    torch.manual_seed(0)
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + ["model.ffn.hidden=64"]))
+    zoo.save(model, tmp_path / "ckpt")
+    res = cli("bench", "decode", "--model", tmp_path / "ckpt", "--only", "zoo", "transformers", "--tokens", "2",
+              "--rounds", "1", "--prompt", "4", "--prefill", "8", "--eager", "--json")
+    assert res.code == 0, res.err
+    rows = {r["runtime"]: r for r in json.loads(res.out)["results"]}
+    zoo_rows = [f"zoo {v} {d}" for v in ("dense", "qsparse 0.5", "bitnet b1.58", "bitnet + qsparse 0.5")
+                for d in ("fp32", "bf16")]
+    assert set(zoo_rows + ["transformers"]) <= set(rows)
+    for name in zoo_rows + ["transformers"]:
+        assert rows[name]["ms_per_token"] > 0 and rows[name]["prefill_tokens_per_s"] > 0
+    floors = {name: rows[name]["floor_ms"] for name in ("zoo dense fp32", "transformers")}
+    assert floors["zoo dense fp32"] == floors["transformers"] > 0, floors
+    assert rows["zoo qsparse 0.5 fp32 / zoo dense fp32"]["weights"] == "ratio"
