@@ -12,7 +12,7 @@ import zoo
 from tests.conftest import RECIPES, needs_cxx
 from zoo.contracts import Weights
 from zoo.kernels import prepare_inference
-from zoo.model.decode import Decoder, compiled_layer
+from zoo.model.decode import Decoder
 
 SHAPE = ["model.n_layers=2", "model.d_model=48", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=61",
          "model.max_seq_len=40"]
@@ -60,14 +60,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).double().norm() / b.double().norm()).item()
 
 
-def assert_same(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    if dtype == torch.float32:
-        assert rel(got, want) <= 1e-5, rel(got, want)
-    else:
-        assert torch.equal(got.argmax(-1), want.argmax(-1))
-        assert rel(got, want) <= 1e-2, rel(got, want)
-
-
 # fp16: the dense and Q-Sparse models (no zoo kernel takes fp16 weights: torch's ops, as in the eager model)
 CASES = [(n, d) for n in COMBOS for d in (torch.float32, torch.bfloat16)]
 CASES += [(n, torch.float16) for n in ("dense", "qsparse")]
@@ -77,21 +69,28 @@ IDS = [f"{n}-{str(d)[6:]}" for n, d in CASES]
 def check(name: str, dtype: torch.dtype, compiled: bool) -> Decoder:
     """Run the engine on model `name` in `dtype` and compare its logits with the eager model's.
 
-    Frozen BitNet in half precision is compared differently: the eager model rounds W̃·β and the
-    dequantized activations to bf16/fp16 before its matmul, while the inference form multiplies the
-    int8 activations by the ternary weight exactly and scales in fp32, so the two differ by more than
-    rounding, and both from the fp32 model. There the engine must be as close to the fp32 model as the
-    eager half-precision model is (within 0.02 of its relative error)."""
+    Half precision: the argmax must match the eager model's at every step and the logits be within 1e-2
+    (relative) — or, where a discrete choice flipped on a rounding difference (a top-K selection: the
+    compiled step rounds a fused norm once where the eager ops round after each), as close to the fp32
+    model's logits as the eager half-precision model is (its relative error × 1.1, + 0.01). Frozen
+    BitNet in half precision is held to the second rule only: the eager model rounds W̃·β and the
+    dequantized activations to bf16/fp16 before its matmul, while the inference form multiplies the int8
+    activations by the ternary weight exactly and scales in fp32, so the two differ by more than rounding
+    (argmax included), and both from the fp32 model."""
     model = build(name, dtype)
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
     want = eager_logits(model, ids)
     decoder = Decoder(prepare_inference(copy.deepcopy(model)), max_len=PROMPT + STEPS, compile=compiled)
     got = engine_logits(decoder, ids)
-    if dtype != torch.float32 and COMBOS[name][1]:
+    if dtype == torch.float32:
+        assert rel(got, want) <= 1e-5, rel(got, want)
+        return decoder
+    frozen = COMBOS[name][1]
+    if not frozen:
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    if frozen or rel(got, want) > 1e-2:
         exact = eager_logits(build(name, torch.float32), ids)
-        assert rel(got, exact) <= rel(want, exact) + 0.02, (rel(got, exact), rel(want, exact))
-    else:
-        assert_same(got, want, dtype)
+        assert rel(got, exact) <= 1.1 * rel(want, exact) + 0.01, (rel(got, want), rel(got, exact), rel(want, exact))
     return decoder
 
 
@@ -109,7 +108,7 @@ SLOW = [pytest.param(n, d, marks=[] if (n, d) == ("dense", torch.float32) else p
 @pytest.mark.parametrize("name,dtype", SLOW, ids=IDS)
 def test_compiled_decode_equals_eager(name, dtype):
     decoder = check(name, dtype, compiled=True)
-    assert decoder.layer is compiled_layer  # it did not fall back to the eager layers
+    assert decoder.compiled  # it did not fall back to the eager layers
 
 
 class CountingWeights(Weights):
@@ -161,8 +160,9 @@ def test_plugin_block_without_inference_form_falls_back(plugin_registry, capfd):
         m.calls = 0
     decoder = Decoder(engine, max_len=PROMPT + STEPS, compile=True)
     assert capfd.readouterr().err.count("CountingWeights declare no inference form") == 1
-    assert_same(engine_logits(decoder, ids), want, torch.float32)
-    assert decoder.layer is compiled_layer
+    got = engine_logits(decoder, ids)
+    assert rel(got, want) <= 1e-5, rel(got, want)
+    assert decoder.compiled
     assert {m.calls for m in blocks} == {1 + STEPS}  # the graph break ran at the prefill and at every step
 
 

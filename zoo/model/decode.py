@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -39,9 +40,8 @@ from zoo.contracts import InferenceForm, Weights
 from zoo.model.projection import Projection
 from zoo.model.transformer import KVCache, Transformer, sample
 
-# one compiled layer serves every model of a kind; raise the per-function limit so that a process
-# decoding several differently shaped models (tests, benchmarks) keeps compiling instead of silently
-# running eagerly after the eighth
+# a process decoding several differently shaped models (tests, benchmarks) keeps compiling instead of
+# silently running eagerly after the eighth kind
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
@@ -49,7 +49,33 @@ def run_layer(block: nn.Module, x: torch.Tensor, start: int, cache: KVCache) -> 
     return block(x, start=start, cache=cache)
 
 
-compiled_layer = torch.compile(run_layer, dynamic=True)
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def compiled_layer(block: nn.Module) -> Callable:
+    """The compiled `run_layer` for blocks built like `block` (shared by every such block of every model).
+
+    Each structure gets a copy of `run_layer` with its own code object, so its own compiled graphs:
+    torch.compile keys its cache on the code, and its guards check the tensors' shapes and dtypes but
+    not every setting held by a module (an activation's kind, a norm's eps), so two kinds of block
+    must not share one code object."""
+    key = structure(block)
+    if key not in _COMPILED:
+        code = run_layer.__code__.replace(co_name=f"run_layer_{len(_COMPILED)}")
+        _COMPILED[key] = torch.compile(types.FunctionType(code, run_layer.__globals__, code.co_name), dynamic=True)
+    return _COMPILED[key]
+
+
+def structure(block: nn.Module) -> tuple:
+    """What makes two blocks run the same code: each submodule's class, its settings (plain attributes)
+    and its tensors' shapes and dtypes."""
+    plain = (bool, int, float, str, type(None))
+    return tuple((name, type(m).__module__, type(m).__qualname__,
+                  tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, plain) and k != "training")),
+                  tuple((n, tuple(t.shape), t.dtype) for n, t in (*m.named_parameters(recurse=False),
+                                                                   *m.named_buffers(recurse=False))
+                        if t is not None))
+                 for name, m in block.named_modules())
 
 
 class Decoder:
@@ -70,7 +96,7 @@ class Decoder:
             torch._dynamo.mark_static(kv.v)
         if compile is None:
             compile = os.environ.get("ZOO_COMPILE", "1") not in ("0", "", "off", "false")
-        self.layer = compiled_layer if compile else run_layer
+        self.layers = [compiled_layer(b) if compile else run_layer for b in model.blocks]
         self.pos = 0
         plain = sorted({type(m.linear).__name__ for m in model.modules() if isinstance(m, Projection)
                         and not isinstance(m.linear, InferenceForm)
@@ -80,13 +106,18 @@ class Decoder:
                   "their own forward" + (" (compiled where torch.compile can trace it)" if compile else ""),
                   file=sys.stderr)
 
-    def logits(self, ids: torch.Tensor, layer=run_layer) -> torch.Tensor:
+    @property
+    def compiled(self) -> bool:
+        """Whether steps run the compiled layers (False after a failed compile)."""
+        return any(layer is not run_layer for layer in self.layers)
+
+    def logits(self, ids: torch.Tensor, layers: list[Callable] | None = None) -> torch.Tensor:
         """Logits [B, V] of the last of `ids` [B, T], placed at positions pos..pos+T-1 (cache written)."""
         if self.pos + ids.shape[1] > self.max_len:
             raise ValueError(f"sequence of {self.pos + ids.shape[1]} tokens exceeds the cache ({self.max_len})")
         m = self.model
         x = m.embed(ids)
-        for block, kv in zip(m.blocks, self.cache):
+        for block, layer, kv in zip(m.blocks, layers or [run_layer] * len(self.cache), self.cache):
             x = layer(block, x, self.pos, kv)
         self.pos += ids.shape[1]
         return m.head(m.norm(x[:, -1]))
@@ -100,15 +131,15 @@ class Decoder:
     @torch.no_grad()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One token per row, ids [B, 1], at the next position: its logits [B, V]."""
-        if self.layer is compiled_layer:
+        if self.compiled:
             try:
                 torch._dynamo.mark_static(ids)
-                return self.logits(ids, compiled_layer)
+                return self.logits(ids, self.layers)
             except Exception as err:  # a block the compiler cannot take: the eager layers, said once
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 print(f"zoo: decode runs eagerly (compiling the layer step failed: {reason[:200]})", file=sys.stderr)
-                self.layer = run_layer
-        return self.logits(ids, self.layer)
+                self.layers = [run_layer] * len(self.layers)
+        return self.logits(ids)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
