@@ -33,11 +33,16 @@ import torch
 
 import zoo
 from zoo.bench._measure import add_threads_argument, apply_threads, bandwidth_gbs, machine, report
+from zoo.contracts import FFN, InferenceForm
 from zoo.errors import ZooError
+from zoo.io.checkpoint import load
+from zoo.io.gguf import from_gguf
+from zoo.io.hf import HFConfig, default_arch, exportable, scatter, writer
 from zoo.kernels.prepare import prepare_inference
 from zoo.model.decode import Decoder
 from zoo.recipe.loader import add_set_argument, apply_overrides
 from zoo.recipe.recipe import recipe_from_dict
+from zoo.runs import read_meta, resolve_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "paper" / "300m.toml"
 TOPK = {"model.sparsity": {"kind": "topk", "keep": 0.5}}
@@ -94,8 +99,6 @@ def decode_nbytes(model: torch.nn.Module) -> int:
     """Weight bytes one decoded token reads: each inference form's `bytes_per_token`, an FFN reached by a
     share of the tokens (routed experts: `token_fraction`) that share of its tensors, every other parameter
     and buffer once (the embedding table only when the LM head multiplies by it)."""
-    from zoo.contracts import FFN, InferenceForm
-
     seen, total = set(), 0.0
 
     def count(tensors, fraction: float = 1.0) -> None:
@@ -148,7 +151,6 @@ def transformers_runtime(recipe, state: dict) -> Runtime:
     """The model as transformers builds it (zoo's exporter maps the config and the weights; fp32)."""
     from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-    from zoo.io.hf import HFConfig, default_arch, exportable, scatter, writer
 
     exportable(recipe)
     _, conv = writer(default_arch(recipe))
@@ -238,14 +240,9 @@ def source_of(args, max_len: int):
         return zoo.load_recipe(args.recipe, args.overrides), None, None
     path = Path(args.model)
     if path.suffix == ".gguf":
-        from zoo.io.gguf import from_gguf
-
         model, recipe = from_gguf(path, max_seq_len=max_len)
         gguf = path
     else:
-        from zoo.io.checkpoint import load
-        from zoo.runs import read_meta, resolve_checkpoint
-
         path = resolve_checkpoint(path)
         model = load(path)
         recipe = model.recipe

@@ -32,13 +32,46 @@ import os
 import sys
 import types
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from zoo.contracts import InferenceForm, Weights
 from zoo.model.projection import Projection
-from zoo.model.transformer import KVCache, Transformer, sample
+
+if TYPE_CHECKING:
+    from zoo.model.transformer import Transformer
+
+class KVCache:
+    """Preallocated keys and values of one layer: [batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator=None) -> torch.Tensor:
+    """Next ids [B, 1] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
 
 # a process decoding several differently shaped models (tests, benchmarks) keeps compiling instead of
 # silently running eagerly after the eighth kind
