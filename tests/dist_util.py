@@ -44,11 +44,20 @@ def resumed(ref: Path, tmp: Path) -> Path:
 
 
 def torchrun(recipe_file: Path, run: Path, *sets: str, ranks: int = 2) -> subprocess.CompletedProcess:
-    """`zoo train recipe_file --out run *sets` on `ranks` gloo processes (one thread each)."""
+    """`zoo train recipe_file --out run *sets` on `ranks` gloo processes started by torchrun (one thread each)."""
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone", "-m", "zoo"]
+    return _run([*launcher, "train", str(recipe_file), "--out", str(run), "--quiet", *sets])
+
+
+def nproc(recipe_file: Path, run: Path, *sets: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    """The same run started by zoo itself: `zoo train ... --nproc-per-node ranks`."""
+    return _run(["-m", "zoo", "train", str(recipe_file), "--out", str(run), "--quiet", f"--nproc-per-node={ranks}",
+                 *sets])
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone",
-            "-m", "zoo", "train", str(recipe_file), "--out", str(run), "--quiet", *sets]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=240)
 
 
 def single_run(tmp: Path, **overrides) -> tuple[Path, Path]:

@@ -153,17 +153,23 @@ def test_plugins_lists_builtins(cli):
 @pytest.mark.slow
 def test_paper_7b_builds_without_allocating():
     """`zoo build recipes/paper/7b.toml --json` in a fresh process stays far below the 28 GB of fp32 weights."""
-    code = ("import json, resource, sys; from zoo.cli import main; rc = main(sys.argv[1:]); "
-            "sys.stderr.write(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); sys.exit(rc)")
+    # the peak RSS of the new process image: /proc's VmHWM (Linux's ru_maxrss also counts the forking pytest's
+    # memory, high after a test file that loaded a real model); elsewhere ru_maxrss
+    code = ("import re, resource, sys; from pathlib import Path; from zoo.cli import main; rc = main(sys.argv[1:]); "
+            "s = Path('/proc/self/status'); m = re.search(r'VmHWM:\\s*(\\d+)', s.read_text()) if s.exists() else None; "
+            "sys.stderr.write(m.group(1) if m else str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
+            "sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, "build", str(RECIPES / "paper/7b.toml"), "--json"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     data = json.loads(p.stdout)
     assert 6.5e9 < data["total_params"] < 7e9
-    assert int(p.stderr.strip().splitlines()[-1]) < 2 * 1024 * 1024  # ru_maxrss in KiB: under 2 GiB
+    assert int(p.stderr.strip().splitlines()[-1]) < 2 * 1024 * 1024  # KiB: under 2 GiB
 
 
-@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.toml")))
+# recipes/retrofit/ extends a catalogue model (needs its plugin and weights): tests/test_smollm2.py builds those
+@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.toml")
+                                          if p.parent.name != "retrofit"))
 def test_every_shipped_recipe_builds_on_meta(cli, recipe):
     r = cli("build", RECIPES / recipe, "--json")
     assert r.code == 0, r.err

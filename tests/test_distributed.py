@@ -1,4 +1,5 @@
-"""`torchrun -m zoo train` on 2 gloo processes (DDP, FSDP2) equals the single-process run; device and backend."""
+"""`torchrun -m zoo train` on 2 gloo processes (DDP, FSDP2) equals the single-process run; `zoo train
+--nproc-per-node` equals torchrun; device and backend."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import pytest
 import torch
 
 import zoo
-from tests.dist_util import MOE, assert_same_weights, losses, resumed, single_run, torchrun
+from tests.dist_util import MOE, assert_same_weights, losses, nproc, resumed, single_run, torchrun
 from tests.tiny import tiny_run
 from zoo.errors import RecipeError
 from zoo.eval.perplexity import autocast
+from zoo.train.launch import report_failure
 from zoo.train.loop import train
 from zoo.train.parallel import resolve_backend, resolve_device, setup
 
@@ -49,8 +51,110 @@ def test_global_batch_must_divide_over_ranks(single, tmp_path):
     proc = torchrun(recipe_file, tmp_path / "run", "--set=parallel.strategy=ddp", "--set=train.batch_size=6")
     assert proc.returncode != 0
     assert "train.batch_size" in proc.stderr and "divisible" in proc.stderr
-    assert "zoo: error:" in proc.stderr  # each rank exits 2 with one line (torchrun then reports the failure)
+    # each rank exits 2, rank 0 alone prints its line; torchrun then reports the failure (quoting the line)
+    assert error_lines(proc) == [next(line for line in proc.stderr.splitlines() if "train.batch_size" in line)]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("zoo: error:")]
+
+
+@pytest.mark.slow
+def test_zoo_launcher_writes_the_torchrun_run(single, tmp_path):
+    """`zoo train --nproc-per-node 2` writes the run folder that torchrun's launch writes."""
+    recipe_file, ref = single
+    zoo_run, torch_run = tmp_path / "zoo", tmp_path / "torchrun"
+    proc = nproc(recipe_file, zoo_run, "--set=parallel.strategy=ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("val_loss") == 1 and proc.stderr == ""  # rank 0's summary line, nothing else
+    assert torchrun(recipe_file, torch_run, "--set=parallel.strategy=ddp").returncode == 0
+
+    def files(run: Path) -> list[str]:
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    assert files(zoo_run) == files(torch_run)
+    assert (zoo_run / "recipe.toml").read_text() == (torch_run / "recipe.toml").read_text()
+    assert losses(zoo_run) == losses(torch_run) == pytest.approx(losses(ref), rel=1e-5)
+    assert losses(zoo_run, "grad_norm") == losses(torch_run, "grad_norm")
+    assert_same_weights(zoo_run, torch_run)
+
+
+@pytest.mark.slow
+def test_zoo_launcher_reports_a_mistake_in_one_line(single, tmp_path):
+    recipe_file, _ = single
+    # found before any rank starts: the recipe on 2 ranks
+    proc = nproc(recipe_file, tmp_path / "run", "--set=parallel.strategy=ddp", "--set=train.batch_size=6")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == error_lines(proc) and len(error_lines(proc)) == 1
+    assert "train.batch_size" in proc.stderr and "divisible" in proc.stderr
+    # found by the ranks (the corpus is read there): every rank fails, the launcher prints one line
+    proc = nproc(recipe_file, tmp_path / "run", "--set=parallel.strategy=ddp", "--set=data.dataset.kind=files",
+                 f"--set=data.dataset.paths=['{tmp_path / 'missing.txt'}']")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == error_lines(proc) and len(error_lines(proc)) == 1
+    assert "data.dataset.paths[0]" in proc.stderr and "missing.txt" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["--set=train.batch_size=6", "--set=parallel.strategy=ddp"], "train.batch_size"),
+    ([], "parallel.strategy is 'none'"),
+    (["--set=model.n_layer=3"], "n_layer"),
+    (["--set=parallel.strategy=fsdp", "--set=parallel.expert_parallel=2"], "parallel.expert_parallel"),
+    (["--set=parallel.strategy=ddp", "--set=train.seq_len=999"], "train.seq_len"),
+    (["--set=parallel.strategy=ddp", "--nproc-per-node=0"], "--nproc-per-node 0"),
+])
+def test_zoo_launcher_checks_before_starting_ranks(single, tmp_path, cli, monkeypatch, sets, says):
+    import zoo.train.launch
+
+    recipe_file, _ = single
+    monkeypatch.setattr(zoo.train.launch, "launch", lambda *a: pytest.fail("started the ranks"))
+    res = cli("train", recipe_file, "--out", tmp_path / "run", "--nproc-per-node=2", *sets)
+    assert res.code == 2 and res.err.count("\n") == 1 and says in res.err, res.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_zoo_launcher_checks_the_run_folder_and_the_environment(single, cli, monkeypatch):
+    import zoo.train.launch
+
+    recipe_file, ref = single
+    monkeypatch.setattr(zoo.train.launch, "launch", lambda *a: pytest.fail("started the ranks"))
+    res = cli("train", recipe_file, "--out", ref, "--nproc-per-node=2", "--set=parallel.strategy=ddp")
+    assert res.code == 2 and res.err.count("\n") == 1 and "already holds a run" in res.err
+    res = cli("train", recipe_file, "--out", ref.parent / "other", "--nproc-per-node=2", "--resume",
+              "--set=parallel.strategy=ddp")
+    assert res.code == 2 and res.err.count("\n") == 1 and "has no checkpoints" in res.err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    res = cli("train", recipe_file, "--out", ref.parent / "other", "--nproc-per-node=2")
+    assert res.code == 2 and res.err.count("\n") == 1 and "torchrun?" in res.err
+
+
+def test_launcher_reports_the_root_cause(tmp_path, capsys):
+    """A user error (exit 2) is the cause, the earliest one if several; else the first failure; a rank
+    that left no record is named with its signal."""
+    import json
+    import signal
+    from types import SimpleNamespace
+
+    def record(rank: int, code: int, when: float, text: str) -> None:
+        (tmp_path / f"id/attempt_0/{rank}").mkdir(parents=True)
+        (tmp_path / f"id/attempt_0/{rank}/error.json").write_text(json.dumps(
+            {"message": {"message": text}, "zoo": {"text": text, "exitcode": code, "time": when}}))
+
+    record(0, 1, 10.0, "Traceback ...\nzoo: internal error (connection closed by peer)")
+    record(1, 2, 11.0, "zoo: error: r.toml:data.dataset.paths[0]: no such file")
+    record(2, 2, 12.0, "zoo: error: r.toml:train.device: LOCAL_RANK=2 but ...")
+    assert report_failure(tmp_path, {}) == 2
+    assert capsys.readouterr().err == "zoo: error: r.toml:data.dataset.paths[0]: no such file\n"
+    for rank in (1, 2):
+        (tmp_path / f"id/attempt_0/{rank}/error.json").unlink()
+    assert report_failure(tmp_path, {}) == 1
+    assert capsys.readouterr().err.startswith("Traceback ...\nzoo: internal error")
+    (tmp_path / "id/attempt_0/0/error.json").unlink()
+    killed = SimpleNamespace(exitcode=-signal.SIGKILL, signal_name=lambda: "SIGKILL")
+    assert report_failure(tmp_path, {1: killed}) == 128 + signal.SIGKILL
+    assert capsys.readouterr().err == "zoo: error: rank 1 was killed by SIGKILL\n"
 
 
 def test_without_torchrun_any_strategy_is_the_single_process_path(tmp_path, monkeypatch):

@@ -115,7 +115,7 @@ def doc_commands():
                 found += [(f"{name}:{line}", argv) for argv in shell_commands(text)]
         prose = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
         for span in re.findall(r"`(zoo [^`]+)`", prose):
-            if not re.search(r"\[|\.\.\.|…|\b[A-Z]{2,}\b", span) and span not in SHOWN_FAILING:  # not usage
+            if not re.search(r"\[|\.\.\.|…|\b[A-Z]{2,}\b| [A-Z]\b", span) and span not in SHOWN_FAILING:  # not usage
                 found += [(f"{name}: `{span}`", argv) for argv in shell_commands(span)]
     return found
 

@@ -159,6 +159,29 @@ def test_grouped_mm_bf16_autotuned_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tf32", [False, True])
+def test_grouped_mm_fp32_autotuned_gpu(monkeypatch, tf32):
+    """fp32 on the card: without TF32 the autotuner tries only the FMA configs (larger tiles spill), with TF32 the
+    tensor-core configs whose tiles fit shared memory (tests/test_triton_compile.py)."""
+    from zoo.kernels import triton_moe
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    _, rows, offsets = sort_by_expert(routed(1000, 8, 2), 8)
+    x = torch.randn(1000, 520, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, 392, 520, device=DEVICE, requires_grad=True)
+    g = torch.randn(rows.numel(), 392, device=DEVICE)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = grouped_mm_reference(x64, w64, offsets, rows)
+    ref.backward(g.double())
+    y = grouped_mm(x, w, offsets, rows, impl="triton")
+    y.backward(g)
+    for a, b in [(y, ref), (x.grad, x64.grad), (w.grad, w64.grad)]:
+        assert rel_err(a, b) < (5e-3 if tf32 else 1e-5)
+    for tuned in (triton_moe._mm, triton_moe._dw):
+        assert (tuned._autotuned.best_config in triton_moe._FMA) == (not tf32)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("gather", [False, True])
 def test_ternary_matmul_large_gpu(gather):
     w = TernaryWeight.from_ternary(torch.randint(-1, 2, (11008, 4096), device=DEVICE), ("packed",))

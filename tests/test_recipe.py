@@ -251,7 +251,9 @@ def test_layer_pattern_all_and_later_wins(recipe_file):
     assert m.layer(1)["ffn"].config.hidden == 32
 
 
-@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.toml")))
+# recipes/retrofit/ extends a catalogue model (needs its plugin and weights): tests/test_smollm2.py round-trips those
+@pytest.mark.parametrize("recipe", sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.toml")
+                                          if p.parent.name != "retrofit"))
 def test_shipped_recipes_round_trip(recipe, tmp_path):
     r = zoo.load_recipe(RECIPES / recipe)
     out = tmp_path / "resolved.toml"

@@ -6,6 +6,7 @@ the sweeps read, and the names and meta.json of the checkpoint folders inside it
     checkpoints/step-N/  checkpoint folders (model.safetensors, recipe.toml, meta.json: written and read by
                          zoo.io.checkpoint) plus training state (zoo.train.state)
     summary.json         written when the run finished
+    tasks.json           lm-eval scores, written by `zoo eval RUN --tasks ...` (read by `zoo compare`)
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from zoo.errors import CheckpointError, ZooError
+from zoo.errors import CheckpointError, ZooError, did_you_mean
+from zoo.recipe.loader import catalogue_checkpoint, catalogue_names
 
-METRICS, SUMMARY, CHECKPOINTS = "metrics.jsonl", "summary.json", "checkpoints"
+METRICS, SUMMARY, CHECKPOINTS, TASKS = "metrics.jsonl", "summary.json", "checkpoints", "tasks.json"
 RECIPE, WEIGHTS, META = "recipe.toml", "model.safetensors", "meta.json"  # RECIPE: in run and checkpoint folders
 FORMAT = 1  # of meta.json
 _STEP_DIR = re.compile(r"step-(\d+)$")
@@ -71,8 +73,11 @@ def step_dirs(run_dir: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint); `checkpoints/step-20` also names
-    `checkpoints/step-00000020`."""
+    """A checkpoint folder, a run folder (its newest checkpoint) or a pretrained catalogue model's name (its
+    imported checkpoint); `checkpoints/step-20` also names `checkpoints/step-00000020`."""
+    folder = catalogue_checkpoint(path)
+    if folder is not None:
+        return folder
     path = Path(path)
     step = _STEP_DIR.match(path.name)
     if step and not path.exists():
@@ -87,5 +92,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if found:
         return found[-1]
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+        hint = "" if os.sep in str(path) else did_you_mean(str(path), catalogue_names())
+        raise CheckpointError(f"{path}: no such checkpoint or run folder" +
+                              (f", nor a model in the catalogue{hint}; `zoo models` lists them" if hint else ""))
     raise CheckpointError(f"{path}: neither a zoo checkpoint (no {META}) nor a run folder with {CHECKPOINTS}/step-N")

@@ -131,6 +131,11 @@ PATH = _PathMarker()
 # value or a recipe built from a string or dict: relative to the working directory); validation makes it
 # absolute, so a recipe saved elsewhere (a run folder's recipe.toml) still names the same file.
 PathStr = Annotated[str, PATH]
+MODEL = _PathMarker()
+MODELS = "pretrained"  # the registry slot of the catalogue's model names (zoo.io.pretrained)
+# A model: a checkpoint or run folder (as PathStr), or the name of a model in the pretrained catalogue
+# (a kind of registry slot MODELS), kept as given when nothing of that name is next to the file that set it.
+ModelStr = Annotated[str, MODEL]
 
 
 def param(default: Any = dataclasses.MISSING, doc: str = "", *, ge=None, gt=None, le=None, lt=None) -> Any:
@@ -244,12 +249,14 @@ class Validator:
     def error(self, path: str, message: str) -> RecipeError:
         return RecipeError(message, file=self.file, path=path)
 
-    def absolute(self, value: str, path: str) -> str:
-        """A `PathStr` value made absolute: relative to the folder of the file that set key `path`."""
-        value = os.path.expanduser(value)
+    def absolute(self, value: str, path: str, name_ok: bool = False) -> str:
+        """A `PathStr` value made absolute: relative to the folder of the file that set key `path`.
+        `name_ok` (a `ModelStr`): a catalogue model's name naming nothing there stays as given."""
         file = origin_of(path, self.origins or {}) or self.file
         base = os.path.dirname(os.path.abspath(file)) if file and os.path.isfile(file) else os.getcwd()
-        return os.path.normpath(os.path.join(base, value))
+        found = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+        names = self.registry.kinds(MODELS) if name_ok and MODELS in self.registry.slots else ()
+        return value if value in names and not os.path.exists(found) else found
 
     # -- dataclasses -----------------------------------------------------------------------
     def dataclass(self, cls: type, data: Any, path: str, *, ignore: tuple[str, ...] = ()) -> Any:
@@ -346,13 +353,18 @@ class Validator:
         if origin is Annotated:
             inner, *marks = typing.get_args(tp)
             out = self.value(inner, v, path)
-            return self.absolute(out, path) if PATH in marks and isinstance(out, str) else out
+            if isinstance(out, str) and (PATH in marks or MODEL in marks):
+                return self.absolute(out, path, name_ok=MODEL in marks)
+            return out
         if tp is Any:
             return v
         if origin in (Union, types.UnionType):
             args = typing.get_args(tp)
             if v is None and type(None) in args:
                 return None
+            alone = [a for a in args if a is not type(None)]
+            if len(alone) == 1:  # `X | None`: X's own error, with its key path
+                return self.value(alone[0], v, path)
             errors = []
             for a in (a for a in args if a is not type(None)):
                 try:

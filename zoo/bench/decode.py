@@ -42,6 +42,7 @@ from zoo.kernels.prepare import prepare_inference
 from zoo.model.decode import Decoder
 from zoo.recipe.loader import add_set_argument, apply_overrides
 from zoo.recipe.recipe import recipe_from_dict
+from zoo.runs import RECIPE as RECIPE_FILE
 from zoo.runs import read_meta, resolve_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "paper" / "300m.toml"
@@ -55,9 +56,12 @@ LLAMA_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_1": 3}  # llama.cpp's LLAMA_FT
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="a zoo checkpoint folder or a GGUF file: its zoo variants beside transformers and llama.cpp")
-    p.add_argument("--recipe", default=str(RECIPE), help="without --model: the dense recipe (default: the 300M shape)")
+    p.add_argument("--model", default=None, metavar="PATH|NAME",
+                   help="a zoo checkpoint or run folder, a catalogue model or a GGUF file: its zoo variants beside "
+                        "transformers and llama.cpp")
+    p.add_argument("--recipe", default=str(RECIPE), metavar="RECIPE|NAME|DIR",
+                   help="without --model: the dense recipe, or the recipe of a catalogue model or checkpoint (its "
+                        "shapes; weights are random) (default: the paper's 300M shape)")
     add_set_argument(p, "a key of the model's recipe (--model) or of --recipe")
     p.add_argument("--tokens", type=int, default=16, help="decode steps timed per runtime and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all runtimes")
@@ -234,10 +238,17 @@ def wanted(args, name: str) -> bool:
     return not args.only or any(word in name for word in args.only)
 
 
+def recipe_file(value: str) -> str:
+    """A recipe file as given, else the recipe.toml of a catalogue model, run or checkpoint folder."""
+    if Path(value).is_file():
+        return value
+    return str(resolve_checkpoint(value) / RECIPE_FILE)
+
+
 def source_of(args, max_len: int):
     """(recipe, state dict or None, GGUF path or None)."""
     if args.model is None:
-        return zoo.load_recipe(args.recipe, args.overrides), None, None
+        return zoo.load_recipe(recipe_file(args.recipe), args.overrides), None, None
     path = Path(args.model)
     if path.suffix == ".gguf":
         model, recipe = from_gguf(path, max_seq_len=max_len)

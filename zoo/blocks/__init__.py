@@ -19,11 +19,13 @@ MODULES = [
     "zoo.blocks.triton_backend",
     "zoo.blocks.weights",
     "zoo.blocks.sparsity",
+    "zoo.blocks.threshold",
     "zoo.blocks.bitnet",
     "zoo.data",
     "zoo.train.optim",
     "zoo.train.schedule",
     "zoo.io.arch",
+    "zoo.io.pretrained",
 ]
 
 

@@ -14,8 +14,11 @@ import json
 import os
 import pkgutil
 import sys
+import time
 import traceback
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 from zoo._version import __version__
 from zoo.console import print_table as print_table  # the commands import it from here
@@ -46,53 +49,79 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None):
-    print(f"zoo: warning: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # launched on several processes: rank 0's warnings stand for all
+        print(f"zoo: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `zoo` command line; returns the exit code."""
     with warnings.catch_warnings():  # restores the warning printer when main returns (tests call it in-process)
-        return _main(argv)
+        return guarded(lambda: _command(argv))
 
 
-def _main(argv: list[str] | None) -> int:
+def _command(argv: list[str] | None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+def guarded(command: Callable[[], int], launched: bool = False) -> int:
+    """Run `command()` and turn what it raises into zoo's exit codes and error lines (module docstring).
+
+    `launched`: one rank of `zoo train --nproc-per-node`, which prints nothing about an error (the launcher
+    reports the failed rank's, see `report`)."""
     debug = os.environ.get("ZOO_DEBUG", "") not in ("", "0")
     if not debug:
         warnings.showwarning = _warning_line
     try:
-        parser = make_parser()
-        args = parser.parse_args(argv)
-        if not getattr(args, "_run", None):
-            parser.print_help()
-            return 2
-        return int(args._run(args) or 0)
+        return command()
     except ZooError as err:
-        if debug:
-            traceback.print_exc()
-        print(f"zoo: error: {err}", file=sys.stderr)
-        return 2
+        return report(2, f"zoo: error: {err}", debug, launched)
     except KeyboardInterrupt:
-        print("zoo: interrupted", file=sys.stderr)
-        return 130
+        return report(130, "zoo: interrupted", False, launched)
     except BrokenPipeError:  # `zoo list | head`: stop quietly, and keep Python's exit flush from complaining
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as err:  # the environment, not a bug: a path the OS rejects, a full disk, no permission
-        if debug:
-            traceback.print_exc()
         where = f": {err.filename}" if err.filename else ""
-        print(f"zoo: error: {err.strerror or err}{where}", file=sys.stderr)
-        return 2
+        return report(2, f"zoo: error: {err.strerror or err}{where}", debug, launched)
     except Exception:  # a bug in zoo or a plugin, not the user's mistake: show everything
-        traceback.print_exc()
-        print("zoo: internal error (the traceback above is a bug; please report it)", file=sys.stderr)
-        return 1
+        return report(1, "zoo: internal error (the traceback above is a bug; please report it)", True, launched)
+
+
+def report(code: int, line: str, with_traceback: bool, launched: bool) -> int:
+    """Say why the command failed (`line`, after the traceback being handled when asked); return `code`.
+
+    On a rank of a launch on several processes (torchrun, `zoo train --nproc-per-node`) the text also goes
+    into the rank's torch.distributed.elastic error file, from which the launcher reports the failed rank.
+    There rank 0 alone prints a user error (every rank usually makes the same one; torchrun's report shows
+    another rank's own), and a rank of zoo's launcher prints nothing (zoo.train.launch prints it, once)."""
+    text = (traceback.format_exc() if with_traceback else "") + line
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchelastic's format, and zoo's fields for zoo.train.launch
+        now = time.time()
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": text, "timestamp": str(int(now))}},
+                  "zoo": {"text": text, "exitcode": code, "time": now}}
+        Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps(record))
+    if not launched and (code == 1 or os.environ.get("RANK", "0") == "0"):
+        print(text, file=sys.stderr)
+    return code
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """RECIPE and repeated --set key.path=value, shared by commands that take a recipe."""
     p.add_argument("recipe", metavar="RECIPE", help="a .toml recipe file")
     add_set_argument(p)
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """NAME_OR_DIR and --set, shared by the commands that load a model (eval, generate, calibrate)."""
+    p.add_argument("run", metavar="NAME_OR_DIR",
+                   help="a catalogue model (zoo models), a run folder (its newest checkpoint) or a checkpoint folder")
+    add_set_argument(p, "a key of the model's recipe at load (the tensors must still match), e.g. a training-free "
+                        "--set 'model.sparsity={kind=\"topk\", keep=0.5}';")
 
 
 def print_json(obj: object) -> None:

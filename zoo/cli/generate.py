@@ -1,8 +1,8 @@
-"""`zoo generate DIR --prompt TEXT [--temperature T --top-k K --top-p P --max-new-tokens N]`."""
+"""`zoo generate NAME_OR_DIR [--set KEY=VALUE ...] --prompt TEXT [--temperature T --top-k K --top-p P ...]`."""
 
 from __future__ import annotations
 
-from zoo.cli import UsageError
+from zoo.cli import UsageError, add_load_args
 from zoo.data import checkpoint_tokenizer
 from zoo.io.checkpoint import load
 from zoo.kernels import prepare_inference
@@ -11,7 +11,7 @@ from zoo.runs import resolve_checkpoint
 
 def add_parser(sub):
     p = sub.add_parser("generate", help="sample a continuation of a prompt, streamed to stdout")
-    p.add_argument("run", metavar="DIR", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    add_load_args(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
                    help="tokens to sample after the prompt (default: %(default)s)")
@@ -31,7 +31,7 @@ def run(args) -> int:
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
         raise UsageError("zoo generate: need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
     ckpt = resolve_checkpoint(args.run)
-    model = prepare_inference(load(ckpt).freeze().eval())
+    model = prepare_inference(load(ckpt, overrides=args.overrides).freeze().eval())
     tok = checkpoint_tokenizer(ckpt, model.recipe)
     ids = tok.encode(args.prompt)
     if not ids:

@@ -15,7 +15,7 @@ import numpy as np
 
 from zoo.errors import ZooError
 from zoo.recipe.recipe import load_recipe
-from zoo.runs import METRICS, RECIPE, SUMMARY
+from zoo.runs import METRICS, RECIPE, SUMMARY, TASKS
 from zoo.schema import BlockSpec, flatten, inline_toml, to_plain
 
 METRIC_KEYS = ("total_params", "activated_params", "flops_per_token", "train_loss", "val_loss", "val_ppl",
@@ -35,6 +35,7 @@ class Run:
     settings: dict = field(default_factory=dict)
     label: str = ""
     layer_grads: list[tuple[int, list[float]]] = field(default_factory=list)  # (step, norm per block)
+    tasks: dict[str, float] = field(default_factory=dict)  # "task/metric" -> score, from tasks.json (zoo eval --tasks)
 
     def metrics(self) -> dict[str, float | None]:
         s, acc = self.summary, self.summary["accounting"]
@@ -81,7 +82,11 @@ def load_run(path: str | Path) -> Run:
         elif rec.get("layer_grad_norms"):
             layer_grads.append((rec["step"], rec["layer_grad_norms"]))
     recipe = load_recipe(path / RECIPE)
-    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name, layer_grads)
+    tasks = {}
+    if (path / TASKS).is_file():
+        scores = json.loads((path / TASKS).read_text(encoding="utf-8"))
+        tasks = {f"{task}/{metric}": v for task, metrics in scores.items() for metric, v in metrics.items()}
+    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name, layer_grads, tasks)
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
@@ -132,6 +137,7 @@ def compare(runs: list[Run]) -> list[dict]:
             mean, std = _mean_std([r.metrics()[m] for r in g])
             row[m] = mean
             row[m + "_std"] = std
+        row["tasks"] = {k: _mean_std([r.tasks.get(k) for r in g])[0] for k in sorted({k for r in g for k in r.tasks})}
         per_layer = [np.mean([n for _, n in r.layer_grads], axis=0) for r in g if r.layer_grads]
         if per_layer and len({len(v) for v in per_layer}) == 1:  # mean over steps, then over seeds
             row["layer_grad_norms"] = np.mean(per_layer, axis=0).round(6).tolist()
@@ -160,15 +166,17 @@ COLUMNS = [("params", "total_params", 0), ("act.params", "activated_params", 0),
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Headers and cells for printing: run, seeds, the metrics, then the settings that differ between rows
-    (as `--set` takes them)."""
-    headers = ["run", "seeds", *(h for h, _, _ in COLUMNS), "differs in"]
+    """Headers and cells for printing: run, seeds, the metrics, the lm-eval task scores, then the settings that
+    differ between rows (as `--set` takes them)."""
+    tasks = sorted({k for r in rows for k in r.get("tasks", {})})
+    headers = ["run", "seeds", *(h for h, _, _ in COLUMNS), *tasks, "differs in"]
     units = {k: _unit([r[k] for r in rows]) for _, k, _ in COLUMNS}
     cells = []
     for r in rows:
         settings = " ".join(f"{k}={inline_toml(v)}" for k, v in r["settings"].items()) or "-"
         cells.append([r["run"], ",".join(map(str, r["seeds"])),
-                      *(_fmt(r[k], r[k + "_std"], d, units[k]) for _, k, d in COLUMNS), settings])
+                      *(_fmt(r[k], r[k + "_std"], d, units[k]) for _, k, d in COLUMNS),
+                      *(_fmt(r.get("tasks", {}).get(k), None, 4) for k in tasks), settings])
     return headers, cells
 
 

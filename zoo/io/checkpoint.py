@@ -122,9 +122,12 @@ def _warn_if_recipe_changed(path: Path, meta: dict[str, Any], recipe) -> None:
                   "loading it as it is now", stacklevel=3)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", registry=None) -> nn.Module:
-    """Rebuild the model saved in folder `path` (or the newest checkpoint of run folder `path`); any mismatch
-    of the weights raises CheckpointError, a recipe.toml edited since saving is loaded with a warning."""
+def load(path: str | Path, device: str | torch.device = "cpu", registry=None,
+         overrides: list[str] | dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild the model saved in folder `path` (the newest checkpoint of run folder `path`, or catalogue model
+    `path`); any mismatch of the weights raises CheckpointError, a recipe.toml edited since saving is loaded
+    with a warning. `overrides` (`a.b=value`, as `--set`) change its recipe first, e.g. a training-free
+    sparsity; the tensors must still match."""
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     digest = sha256(path / WEIGHTS)
@@ -132,7 +135,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", registry=None) ->
         raise CheckpointError(f"{path / WEIGHTS}: sha256 {digest[:12]}… does not match meta.json "
                               f"({meta['sha256'][:12]}…): the file is corrupt or was changed")
     try:
-        recipe = load_recipe(path / RECIPE)
+        recipe = load_recipe(path / RECIPE, overrides)
         _check_size(path, build(recipe, device="meta", registry=registry))
         model = build(recipe, device=device, registry=registry)
     except CheckpointError:

@@ -218,6 +218,10 @@ def gguf_tokenizer(g: GGUFFile):
             tok.pre_tokenizer = pre_tokenizers.Sequence([
                 pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        elif pre == "smollm":  # every digit on its own, then GPT-2's split (llama.cpp's and transformers' SmolLM)
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False)])
         else:
             if pre not in ("default", "gpt2", "gpt-2"):
                 warnings.warn(f"{g.path}: tokenizer.ggml.pre {pre!r} is approximated by GPT-2's pre-tokenizer",

@@ -14,6 +14,10 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -44,10 +48,11 @@ def interpreting() -> bool:
 
 
 def triton_module(name: str, device: torch.device) -> ModuleType:
-    """Import zoo.kernels.<name> (the module that imports triton), checking it can run on `device`."""
+    """Import zoo.kernels.<name> (the module that imports triton), checking it can run on `device` (any device
+    inside `recording`, where nothing runs)."""
     if not triton_available():
         raise KernelUnavailable("the triton package is not installed (it is a Linux-only dependency)")
-    if device.type != "cuda" and not interpreting():
+    if device.type != "cuda" and not interpreting() and _RECORDING.get() is None:
         raise KernelUnavailable(f"Triton kernels need CUDA tensors (got {device}) or TRITON_INTERPRET=1")
     return importlib.import_module(f"zoo.kernels.{name}")
 
@@ -64,29 +69,82 @@ def choose(impl: str, device: torch.device, cpu_kernel: bool = False) -> str:
     return "cpu" if device.type == "cpu" and cpu_kernel else "torch"
 
 
-def autotune_or_fixed(kernel, configs: list, key: list[str], fixed: dict):
-    """On CUDA `triton.autotune(configs, key)(kernel)`; in the interpreter the kernel with `fixed` meta-parameters.
+@dataclass(frozen=True)
+class Launch:
+    """A Triton launch recorded inside `recording` (nothing ran): what the dispatcher chose for these operands."""
 
-    Both are launched as `launcher[grid](*args)` with `grid` a function of the meta-parameters.
-    """
-    import triton
+    tuned: Tuned
+    grid: Callable[[dict], tuple[int, ...]]  # of the meta-parameters, as triton calls it
+    args: tuple
+    constexprs: dict
 
-    if interpreting():
-        return _FixedMeta(kernel, fixed)
-    return triton.autotune(configs=configs, key=key)(kernel)
+    def named_args(self) -> dict:
+        return dict(zip(self.tuned.kernel.arg_names, self.args))
+
+    def configs(self) -> list:
+        """The autotune configs the autotuner would try for this launch."""
+        return self.tuned.configs_for(self.named_args(), self.constexprs)
 
 
-class _FixedMeta:
-    """`launcher[grid](*args)` with fixed meta-parameters: the call syntax of an autotuned kernel."""
+class _Recording:
+    def __init__(self, multiprocessors: int):
+        self.multiprocessors, self.launches = multiprocessors, []
 
-    def __init__(self, kernel, meta: dict):
-        self.kernel, self.meta = kernel, meta
+
+_RECORDING: ContextVar[_Recording | None] = ContextVar("zoo_triton_recording", default=None)
+
+
+@contextmanager
+def recording(multiprocessors: int) -> Iterator[list[Launch]]:
+    """Inside, Triton launches are recorded into the yielded list instead of run, as on a GPU with
+    `multiprocessors` SMs: call the Triton implementations on meta tensors to see what they would launch
+    (zoo/kernels/aot.py compiles it ahead of time)."""
+    rec = _Recording(multiprocessors)
+    token = _RECORDING.set(rec)
+    try:
+        yield rec.launches
+    finally:
+        _RECORDING.reset(token)
+
+
+class Tuned:
+    """`launcher[grid](*args, **constexprs)` of a Triton kernel. On CUDA `triton.autotune` over the `configs`
+    that `fits(config, named_args, constexprs)` keeps for the operands (keyed on `key` and the operands'
+    dtypes); in the interpreter the kernel at the `fixed` meta-parameters; inside `recording()` the launch
+    is recorded, not run. `configs_for` is the one choice of configs: the autotuner prunes with it and
+    the ahead-of-time compile (zoo/kernels/aot.py) compiles what it returns."""
+
+    def __init__(self, kernel, configs: list, key: list[str], fixed: dict,
+                 fits: Callable[..., bool] | None = None):
+        self.kernel, self.configs, self.fixed, self.fits = kernel, configs, fixed, fits
+        self._autotuned = None
+        if not interpreting():
+            import triton
+
+            prune = {"early_config_prune": lambda _, named_args, **constexprs: self.configs_for(named_args, constexprs)}
+            self._autotuned = triton.autotune(configs=configs, key=key, prune_configs_by=prune)(kernel)
+
+    def configs_for(self, named_args: dict, constexprs: dict) -> list:
+        """The configs that can launch on these operands (all of them when `fits` is None)."""
+        return [c for c in self.configs if self.fits is None or self.fits(c, named_args, constexprs)]
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.kernel[grid(self.meta)](*args, **kwargs, **self.meta)
+        rec = _RECORDING.get()
+        if rec is not None:
+            return lambda *args, **constexprs: rec.launches.append(Launch(self, grid, args, constexprs))
+        if self._autotuned is None:
+            return lambda *args, **kwargs: self.kernel[grid(self.fixed)](*args, **kwargs, **self.fixed)
+        return self._autotuned[grid]
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device; inside `recording`, of the card recorded for; else 2 (the interpreter's small grid)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    rec = _RECORDING.get()
+    return rec.multiprocessors if rec is not None else 2
 
 
 def split_k(device: torch.device, programs: int, k: int) -> int:
     """Split K so that there are ~4 programs per multiprocessor (decode has few rows × column blocks)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(-(-4 * sms // max(programs, 1)), -(-k // 64)))
+    return max(1, min(-(-4 * multiprocessors(device) // max(programs, 1)), -(-k // 64)))

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.dispatch import autotune_or_fixed, interpreting
+from zoo.kernels.dispatch import Tuned, interpreting
 
 
 @triton.jit
@@ -70,13 +70,44 @@ def _configs(sizes: list[tuple[int, int, int, int]]) -> list:
 
 # BLOCK_M is fixed (not tuned): the per-block expert table is built for it.
 BLOCK_M = 16 if interpreting() else 64
+SHARED_BUDGET = 163 * 1024  # bytes of shared memory per block on an A100: the smallest card (zoo/kernels/aot.py)
+# fp32 without TF32 multiplies on the FMA units with both tiles in registers: larger tiles spill (kilobytes on sm_80),
+# so it has its own small configs (PRECISION is in the autotune key: a TF32 choice is not reused for ieee). Every
+# config is compiled for sm_80 and sm_90 by tests/test_triton_compile.py.
+_FMA = _configs([(64, 32, 8, 3), (32, 32, 4, 3), (64, 16, 4, 3)])
 _FIXED = {"BLOCK_N": 32, "BLOCK_K": 16}
-_mm = autotune_or_fixed(_grouped_mm_kernel, _configs([(128, 64, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3),
-                                                      (128, 32, 4, 4), (128, 128, 8, 3)]),
-                        key=["N_IN", "N_OUT"], fixed=_FIXED)
-_dw = autotune_or_fixed(_grouped_dw_kernel, _configs([(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4),
-                                                      (64, 128, 4, 3)]),
-                        key=["N_IN", "N_OUT"], fixed=_FIXED)
+
+
+def _fits(tile_elements):
+    """`Tuned.fits` of a grouped kernel: ieee fp32 takes the `_FMA` configs; tensor-core dtypes (bf16, fp16, TF32) the
+    others whose `num_stages` pipelined tiles (`tile_elements(config)` elements per stage; Triton allocates that many
+    on sm_90, one stage less on sm_80) fit `SHARED_BUDGET`."""
+
+    def fits(config, args: dict, constexprs: dict) -> bool:
+        x = args["x_ptr"]
+        if x.dtype == torch.float32 and constexprs["PRECISION"] == "ieee":
+            return config in _FMA
+        return config not in _FMA and config.num_stages * tile_elements(config) * x.element_size() <= SHARED_BUDGET
+
+    return fits
+
+
+def _mm_tiles(config) -> int:
+    """x [BLOCK_M, BLOCK_K] and w [BLOCK_K, BLOCK_N]."""
+    return BLOCK_M * config.kwargs["BLOCK_K"] + config.kwargs["BLOCK_K"] * config.kwargs["BLOCK_N"]
+
+
+def _dw_tiles(config) -> int:
+    """xᵀ [BLOCK_K, BLOCK_M] and g [BLOCK_M, BLOCK_N]."""
+    return BLOCK_M * (config.kwargs["BLOCK_K"] + config.kwargs["BLOCK_N"])
+
+
+_mm = Tuned(_grouped_mm_kernel, [*_configs([(128, 64, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 4),
+                                            (128, 128, 8, 3)]), *_FMA],
+            key=["N_IN", "N_OUT", "PRECISION"], fixed=_FIXED, fits=_fits(_mm_tiles))
+_dw = Tuned(_grouped_dw_kernel, [*_configs([(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3)]),
+                                 *_FMA],
+            key=["N_IN", "N_OUT", "PRECISION"], fixed=_FIXED, fits=_fits(_dw_tiles))
 
 
 def _precision(dtype: torch.dtype) -> str:

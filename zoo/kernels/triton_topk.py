@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.dispatch import autotune_or_fixed, split_k
+from zoo.kernels.dispatch import Tuned, split_k
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def _topk_matmul_kernel(v_ptr, i_ptr, w_ptr, part_ptr, K, OUT, K_PER_SPLIT,
 
 _CONFIGS = [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w)
             for bk, bn, w in [(16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 8), (16, 512, 8), (8, 1024, 8)]]
-_launch = autotune_or_fixed(_topk_matmul_kernel, _CONFIGS, key=["K", "OUT"], fixed={"BLOCK_K": 16, "BLOCK_N": 32})
+_launch = Tuned(_topk_matmul_kernel, _CONFIGS, key=["K", "OUT"], fixed={"BLOCK_K": 16, "BLOCK_N": 32})
 
 
 def topk_matmul(values: torch.Tensor, indices: torch.Tensor, wt: torch.Tensor,

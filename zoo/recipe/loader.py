@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from zoo.errors import RecipeError
-from zoo.schema import deep_merge, join_key
+from zoo.registry import get_registry
+from zoo.schema import MODELS, deep_merge, join_key
 
 OVERRIDES = "<overrides>"
 
@@ -99,12 +101,36 @@ def read_with_extends(path: str | Path, _stack: tuple[Path, ...] = (), *,
     if not isinstance(parent, str):
         raise RecipeError("expected a path string (relative to this file)", file=str(path), path="extends")
     target = path.parent / parent
+    if not is_file(target) and (folder := catalogue_checkpoint(parent)) is not None:
+        target = folder / "recipe.toml"
     if not is_file(target):
         raise RecipeError(f"extends {parent!r}, which does not exist ({target})", file=str(path), path="extends")
     base = read_with_extends(target, (*_stack, real), origins=origins)
     if origins is not None:
         _mark(data, "", str(path), origins)
     return deep_merge(base, data)
+
+
+def catalogue_names() -> list[str]:
+    registry = get_registry()
+    return registry.kinds(MODELS) if MODELS in registry.slots else []
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, but a name the OS rejects (too long, NUL byte) simply does not exist."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def catalogue_checkpoint(value: str | os.PathLike) -> Path | None:
+    """The checkpoint folder of catalogue model `value` (imported on first use by its entry), or None when
+    `value` is no model's name or is a path that exists (a path wins)."""
+    text = os.fspath(value)
+    if text not in catalogue_names() or _exists(Path(text)):
+        return None
+    return get_registry().get(MODELS, text).factory().checkpoint(text)
 
 
 def add_set_argument(parser, what: str = "a recipe key") -> None:

@@ -33,7 +33,7 @@ class Recipe:
     train: TrainConfig = param(None, "the training run")
     optim: BlockSpec = slot_field("optimizer", {"kind": "adamw"}, "the optimizer and its settings")
     data: DataConfig = param(None, "training and validation data")
-    parallel: ParallelConfig = param(None, "data parallelism when launched with torchrun")
+    parallel: ParallelConfig = param(None, "data parallelism when launched on several processes")
     source: str = dataclasses.field(default="", compare=False, metadata={"internal": True})
     origins: dict = dataclasses.field(default_factory=dict, compare=False, repr=False, metadata={"internal": True})
 

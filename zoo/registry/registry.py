@@ -15,7 +15,7 @@ from typing import Any
 
 from zoo.contracts import check
 from zoo.errors import PluginCollisionError, PluginError, RecipeError, UnknownNameError, ZooError, did_you_mean, one_of
-from zoo.schema import PATH, BlockSpec, Invalid, Validator, unsupported_field
+from zoo.schema import MODEL, PATH, BlockSpec, Invalid, Validator, unsupported_field
 
 # The slots every zoo knows; plugins may add more with `registry.add_slot`.
 CORE_SLOTS = {
@@ -105,7 +105,7 @@ def _type_name(tp: Any) -> str:
         return tp
     origin, args = typing.get_origin(tp), [a for a in typing.get_args(tp) if a is not Ellipsis]
     if origin is typing.Annotated:
-        return "path" if PATH in args[1:] else _type_name(args[0])
+        return "path" if PATH in args[1:] else "path | model name" if MODEL in args[1:] else _type_name(args[0])
     if origin is typing.Literal:
         return " | ".join(json.dumps(a) if isinstance(a, str) else repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):

@@ -30,7 +30,8 @@ from zoo.recipe.recipe import Recipe, load_recipe
 from zoo.registry import get_registry
 from zoo.runs import METRICS, RECIPE, SUMMARY, prepare_out, resolve_checkpoint, step_dirs
 from zoo.schema import errors_located, flatten, recipe_changes
-from zoo.train.parallel import setup
+from zoo.train.distill import kl_loss, load_teacher
+from zoo.train.parallel import check_launch, setup
 from zoo.train.state import TrainState, load_train_state, save_checkpoint
 
 
@@ -121,10 +122,7 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
           progress: bool = True) -> dict:
     """Train `recipe` into run folder `out`; return the summary (or the state when stopped at `stop_at`)."""
     with errors_located(recipe.source, recipe.origins):
-        cfg = recipe.train
-        if cfg.seq_len > recipe.model.max_seq_len:
-            raise RecipeError(f"{cfg.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}",
-                              file=recipe.source or None, path="train.seq_len")
+        check_seq_len(recipe)
         par = setup(recipe)
         try:  # refused before the run folder is touched when the estimate exceeds the free memory
             check_training_fits(build(recipe, device="meta"), recipe, par.device, par.world, par.strategy)
@@ -138,27 +136,50 @@ def train(recipe: Recipe, out: str | Path, *, resume: bool = False, stop_at: int
             par.close()
 
 
+def check_seq_len(recipe: Recipe) -> None:
+    if recipe.train.seq_len > recipe.model.max_seq_len:
+        raise RecipeError(f"{recipe.train.seq_len} exceeds model.max_seq_len = {recipe.model.max_seq_len}",
+                          file=recipe.source or None, path="train.seq_len")
+
+
+def check_ranks(recipe: Recipe, ranks: int, out: str | Path, resume: bool) -> None:
+    """What train() on each of `ranks` processes would refuse before opening the run folder `out`, checked
+    in one process (`zoo train --nproc-per-node` asks before it starts the ranks)."""
+    with errors_located(recipe.source, recipe.origins):
+        check_seq_len(recipe)
+        device, _ = check_launch(recipe, ranks, ranks - 1)  # the last rank: the one a GPU count refuses
+        check_training_fits(build(recipe, device="meta"), recipe, device, ranks, recipe.parallel.strategy)
+    resume_point(recipe, Path(out), resume)
+
+
+def resume_point(recipe: Recipe, out: Path, resume: bool) -> Path | None:
+    """The checkpoint in run folder `out` that training continues from (None: step 0); an error when `out`
+    holds a run and not `resume`, or `resume` and nothing to resume or another recipe."""
+    if not resume:
+        if step_dirs(out) or (out / METRICS).exists():
+            raise ZooError(f"--out {out} already holds a run: pass --resume to continue it, or choose another "
+                           "folder")
+        return None
+    found = step_dirs(out)
+    if not found and not (out / RECIPE).is_file():
+        raise CheckpointError(f"--resume: {out} has no checkpoints/step-N to resume from")
+    change = recipe_changes(load_recipe(out / RECIPE).to_dict(), recipe.to_dict(), may_change_on_resume)
+    if change:
+        raise ZooError(f"--resume: the recipe differs from the one {out} was trained with ({change[0]}); "
+                       "only train.steps and [parallel] may change")
+    return found[-1] if found else None
+
+
 def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | None, progress: bool) -> dict:
     cfg = recipe.train
     out = Path(out)
-    state, ckpt, restart = TrainState(), None, False
+    state, restart = TrainState(), False
     # Everything that can fail at start-up is checked before the run folder is written to, so that a
     # failed start leaves nothing that a retry would have to --resume or delete.
-    if resume:
-        found = step_dirs(out)
-        if not found and not (out / RECIPE).is_file():
-            raise CheckpointError(f"--resume: {out} has no checkpoints/step-N to resume from")
-        change = recipe_changes(load_recipe(out / RECIPE).to_dict(), recipe.to_dict(), may_change_on_resume)
-        if change:
-            raise ZooError(f"--resume: the recipe differs from the one {out} was trained with ({change[0]}); "
-                           "only train.steps and [parallel] may change")
-        if found:
-            ckpt = found[-1]
-        else:  # stopped before its first checkpoint was complete: start over, in the same folder
-            warnings.warn(f"--resume: {out} has no complete checkpoint yet; training from step 0", stacklevel=2)
-            resume, restart = False, True
-    elif step_dirs(out) or (out / METRICS).exists():
-        raise ZooError(f"--out {out} already holds a run: pass --resume to continue it, or choose another folder")
+    ckpt = resume_point(recipe, out, resume)
+    if resume and ckpt is None:  # stopped before its first checkpoint was complete: start over, in the same folder
+        warnings.warn(f"--resume: {out} has no complete checkpoint yet; training from step 0", stacklevel=2)
+        resume, restart = False, True
     if cfg.tensorboard:
         summary_writer()
 
@@ -171,6 +192,7 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
         copy_weights(model, ckpt, "--resume")
     val = list(val_batches(data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches))
     first_forward(model.to(par.device), val[0][0][:1], cfg.precision, par.device)  # on this rank, before wrap
+    teacher = load_teacher(cfg.distill, model, par.device) if cfg.distill else None
     fwd = par.wrap(model)
     registry = get_registry()
     opt = registry.build(recipe.optim, model.parameters(), file=recipe.source or None)
@@ -210,6 +232,11 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
                 state.samples += micro
                 with autocast(cfg.precision, par.device):
                     o = fwd(x, y)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            target = teacher(x).logits
+                        o.aux_losses["distill"] = cfg.distill.weight * kl_loss(o.logits, target,
+                                                                              cfg.distill.temperature)
                 (o.total_loss / cfg.grad_accum).backward()
                 loss_sum += float(o.loss.detach()) / cfg.grad_accum
                 for k, v in o.aux_losses.items():

@@ -231,17 +231,16 @@ def resolve_backend(setting: str, device: torch.device, source: str | None = Non
     return setting
 
 
-def setup(recipe) -> Parallel:
-    """Join the torchrun process group the environment describes; a plain process is rank 0 of 1.
-
-    Either way, resolve train.device (before anything is written)."""
+def check_launch(recipe, world: int, local_rank: int = 0) -> tuple[torch.device, str]:
+    """Refuse a recipe that cannot train on `world` ranks (a RecipeError naming the key); return local rank
+    `local_rank`'s device and the backend. Every rank checks at setup, `zoo train --nproc-per-node` before
+    it starts one."""
     cfg, src = recipe.parallel, recipe.source or None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(recipe.train.device, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0, src)
+    device = resolve_device(recipe.train.device, local_rank, src)
     if world == 1:
-        return Parallel(device=device)
+        return device, ""
     if cfg.strategy == "none":
-        raise RecipeError(f"launched on {world} processes (WORLD_SIZE={world}) but parallel.strategy is 'none'; "
+        raise RecipeError(f"launched on {world} processes but parallel.strategy is 'none'; "
                           "set it to 'ddp' or 'fsdp'", file=src, path="parallel.strategy")
     per_step = recipe.train.grad_accum * world
     if recipe.train.batch_size % per_step:
@@ -255,7 +254,20 @@ def setup(recipe) -> Parallel:
     if world % n:
         raise RecipeError(f"expert_parallel = {n} must divide the world size {world}", file=src,
                           path="parallel.expert_parallel")
-    backend = resolve_backend(cfg.backend, device, src)
+    return device, resolve_backend(cfg.backend, device, src)
+
+
+def setup(recipe) -> Parallel:
+    """Join the process group the environment describes (torchrun, `zoo train --nproc-per-node`); a plain
+    process is rank 0 of 1.
+
+    Either way, resolve train.device (before anything is written)."""
+    cfg, src = recipe.parallel, recipe.source or None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device, backend = check_launch(recipe, world, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0)
+    if world == 1:
+        return Parallel(device=device)
+    n = cfg.expert_parallel
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -93,6 +93,8 @@ class Converter:
     # Recipe keys away from their defaults that `config` writes itself (e.g. "model.attention.qk_norm",
     # "model.layers"); `zoo export` refuses any other non-default block option, weights or pattern.
     exports: ClassVar[frozenset[str]] = frozenset()
+    # bumped when the mapping changes, so that catalogue imports made by an older one are redone
+    version: ClassVar[int] = 1
 
     def recipe(self, cfg: HFConfig) -> dict[str, Any]:
         """config.json -> the zoo `[model]` table of a model computing the same function."""
