@@ -312,7 +312,7 @@ def run(args) -> int:
     for r in runtimes:
         floor = r.nbytes / gbs / 1e6
         rows.append({"runtime": r.name, "weights": r.weights, "ms_per_token": round(ms[r.name], 2),
-                     "tokens_per_s": round(1e3 / ms[r.name], 1), "floor_ms": round(floor, 2),
+                     "tokens_per_s": round(1e3 / ms[r.name], 1), "floor_ms": float(f"{floor:.3g}"),
                      "of_floor": round(floor / ms[r.name], 2),
                      "prefill_tokens_per_s": round(args.prefill / statistics.median(fills[r.name]), 1)
                      if args.prefill else "", "warmup_s": round(r.compile_s, 1)})

@@ -18,10 +18,10 @@ that overhead:
   and only its last position goes through the final norm and the LM head.
 
 A projection whose weights block declares no inference form (zoo/contracts.py: it keeps the default
-`inference_form`) is named in one notice and runs its own forward inside the compiled step, where
-code the compiler cannot capture runs eagerly (torch.compile breaks the graph around it); if
-compiling fails altogether, the engine says so in one line and runs the layers eagerly. Either way
-the logits are those of the eager model, up to rounding.
+`inference_form`) is named in one notice and runs its own forward inside the compiled step. A layer
+the compiler cannot capture as one graph (the MoE dispatch, with its data-dependent shapes; a
+plugin's untraceable code) runs eagerly, said in one line for its kind (see `CompiledLayer`). Either
+way the logits are those of the eager model, up to rounding.
 
 `compile` defaults to the environment variable ZOO_COMPILE (unset: on; `0`: the eager layers).
 """
@@ -82,33 +82,74 @@ def run_layer(block: nn.Module, x: torch.Tensor, start: int, cache: KVCache) -> 
     return block(x, start=start, cache=cache)
 
 
-_COMPILED: dict[tuple, Callable] = {}
+class CompiledLayer:
+    """`run_layer` compiled for blocks built like one block (shared by every such block of every model).
+
+    The whole layer must be one graph (`fullgraph=True`). A block the compiler cannot capture whole
+    (a graph break: the MoE dispatch, a plugin's untraceable code) runs eagerly, said in one line
+    for its kind: the continuation frames torch.compile would compile around a graph break belong to
+    the blocks' own functions, shared by every kind of block, and its guards check tensors' shapes and
+    dtypes but not every setting a module holds (an activation's kind, a norm's eps), so a
+    continuation compiled for one kind could run for another. For the same reason each kind gets a
+    copy of `run_layer` with its own code object, so its own compiled graphs."""
+
+    def __init__(self, index: int, kind: str):
+        code = run_layer.__code__.replace(co_name=f"run_layer_{index}")
+        self.fn = torch.compile(types.FunctionType(code, run_layer.__globals__, code.co_name), dynamic=True,
+                                fullgraph=True)
+        self.kind, self.eager = kind, False
+
+    def __call__(self, block: nn.Module, x: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        if not self.eager:
+            try:
+                return self.fn(block, x, start, cache)
+            except Exception as err:  # raised while tracing, before anything ran
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                print(f"zoo: decode: {self.kind} layers run eagerly (not compilable as one graph: {reason[:160]})",
+                      file=sys.stderr)
+                self.eager = True
+        return run_layer(block, x, start, cache)
 
 
-def compiled_layer(block: nn.Module) -> Callable:
-    """The compiled `run_layer` for blocks built like `block` (shared by every such block of every model).
-
-    Each structure gets a copy of `run_layer` with its own code object, so its own compiled graphs:
-    torch.compile keys its cache on the code, and its guards check the tensors' shapes and dtypes but
-    not every setting held by a module (an activation's kind, a norm's eps), so two kinds of block
-    must not share one code object."""
-    key = structure(block)
-    if key not in _COMPILED:
-        code = run_layer.__code__.replace(co_name=f"run_layer_{len(_COMPILED)}")
-        _COMPILED[key] = torch.compile(types.FunctionType(code, run_layer.__globals__, code.co_name), dynamic=True)
-    return _COMPILED[key]
+_COMPILED: dict[tuple, CompiledLayer] = {}
 
 
-def structure(block: nn.Module) -> tuple:
-    """What makes two blocks run the same code: each submodule's class, its settings (plain attributes)
-    and its tensors' shapes and dtypes."""
+def compiled_layers(blocks: list[nn.Module]) -> list[CompiledLayer]:
+    """The compiled layer step of each block (see CompiledLayer): blocks of one kind share one, in every model.
+
+    A kind is the blocks' structure (`structure`) less the settings that differ between blocks built
+    alike within the model (a layer index: metadata, the same code runs)."""
+    shapes = [structure(b) for b in blocks]
+    varying = set()
+    for s in shapes:
+        first = next(t for t in shapes if same_build(t, s))
+        for (*_, attrs, _), (*_, other, _) in zip(s, first):
+            varying.update(k for k in attrs if attrs[k] != other[k])
+    out = []
+    for block, s in zip(blocks, shapes):
+        key = tuple((path, cls, tuple(sorted((k, v) for k, v in attrs.items() if k not in varying)), tensors)
+                    for path, cls, attrs, tensors in s)
+        if key not in _COMPILED:
+            _COMPILED[key] = CompiledLayer(len(_COMPILED), f"{type(block.attn).__name__} + {type(block.ffn).__name__}")
+        out.append(_COMPILED[key])
+    return out
+
+
+def structure(block: nn.Module) -> list[tuple]:
+    """What makes two blocks run the same code: for each submodule its path, class, settings (plain
+    attributes) and its tensors' shapes and dtypes."""
     plain = (bool, int, float, str, type(None))
-    return tuple((name, type(m).__module__, type(m).__qualname__,
-                  tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, plain) and k != "training")),
-                  tuple((n, tuple(t.shape), t.dtype) for n, t in (*m.named_parameters(recurse=False),
-                                                                   *m.named_buffers(recurse=False))
-                        if t is not None))
-                 for name, m in block.named_modules())
+    return [(path, f"{type(m).__module__}.{type(m).__qualname__}",
+             {k: v for k, v in vars(m).items() if isinstance(v, plain) and k != "training"},
+             tuple((n, tuple(t.shape), t.dtype) for n, t in (*m.named_parameters(recurse=False),
+                                                             *m.named_buffers(recurse=False)) if t is not None))
+            for path, m in block.named_modules()]
+
+
+def same_build(a: list[tuple], b: list[tuple]) -> bool:
+    """Whether two structures have the same submodules, classes, setting names and tensors."""
+    return len(a) == len(b) and all(x[:2] == y[:2] and x[2].keys() == y[2].keys() and x[3] == y[3]
+                                    for x, y in zip(a, b))
 
 
 class Decoder:
@@ -129,7 +170,7 @@ class Decoder:
             torch._dynamo.mark_static(kv.v)
         if compile is None:
             compile = os.environ.get("ZOO_COMPILE", "1") not in ("0", "", "off", "false")
-        self.layers = [compiled_layer(b) if compile else run_layer for b in model.blocks]
+        self.layers = compiled_layers(list(model.blocks)) if compile else [run_layer] * len(model.blocks)
         self.pos = 0
         plain = sorted({type(m.linear).__name__ for m in model.modules() if isinstance(m, Projection)
                         and not isinstance(m.linear, InferenceForm)
@@ -141,8 +182,8 @@ class Decoder:
 
     @property
     def compiled(self) -> bool:
-        """Whether steps run the compiled layers (False after a failed compile)."""
-        return any(layer is not run_layer for layer in self.layers)
+        """Whether steps run compiled layers (False when none compiled: every layer eager)."""
+        return any(isinstance(layer, CompiledLayer) and not layer.eager for layer in self.layers)
 
     def logits(self, ids: torch.Tensor, layers: list[Callable] | None = None) -> torch.Tensor:
         """Logits [B, V] of the last of `ids` [B, T], placed at positions pos..pos+T-1 (cache written)."""
@@ -165,13 +206,8 @@ class Decoder:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One token per row, ids [B, 1], at the next position: its logits [B, V]."""
         if self.compiled:
-            try:
-                torch._dynamo.mark_static(ids)
-                return self.logits(ids, self.layers)
-            except Exception as err:  # a block the compiler cannot take: the eager layers, said once
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                print(f"zoo: decode runs eagerly (compiling the layer step failed: {reason[:200]})", file=sys.stderr)
-                self.layers = [run_layer] * len(self.layers)
+            torch._dynamo.mark_static(ids)
+            return self.logits(ids, self.layers)
         return self.logits(ids)
 
     @torch.no_grad()
