@@ -26,6 +26,10 @@ RECIPES = ROOT / "recipes"
 HAS_CXX = any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
 needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler on this machine")
 
+# The suite decodes with the eager layers (ZOO_COMPILE=0): compiling a layer step costs seconds per model
+# kind; tests/test_decode.py checks the compiled step, passing compile=True.
+os.environ["ZOO_COMPILE"] = "0"
+
 # Tests use tiny tensors: intra-op threads only spin against each other (and against the
 # xdist workers) on a shared 2-core machine — one thread per test process is ~10x faster here.
 torch.set_num_threads(1)

@@ -126,16 +126,30 @@ def test_dense_fp32_model_gets_the_transposed_layout_and_matches():
         assert rel(a, b) < 1e-5
 
 
-def test_dense_bf16_model_is_left_alone():
-    """bf16 on CPU reads W faster through F.linear: nothing to swap."""
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+def test_dense_bf16_model_takes_wt_only_with_the_compiled_gemv(impl):
+    """bf16 on CPU: torch's ops read W faster through F.linear (nothing to swap); zoo's compiled GEMV reads
+    Wt faster still, so with it the projections take `TransposedLinear`, with the same logits."""
+    from zoo.kernels import cpu
+
     model = build([]).to(torch.bfloat16)
-    prepare_inference(model)
-    assert not any(isinstance(m, TransposedLinear) for m in model.modules())
+    torch.manual_seed(0)
+    before = logits_two_ways(model)
+    prepare_inference(model, impl=impl)
+    swapped = any(isinstance(m, TransposedLinear) for m in model.modules())
+    assert swapped is (impl == "auto" and cpu.available())
+    torch.manual_seed(0)
+    for a, b in zip(logits_two_ways(model), before):
+        assert rel(a, b) < 1e-2
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_untied_head_gets_the_transposed_layout(tmp_path, tied):
-    """An untied fp32 LM head decodes from Wt like the projections; a tied one stays the embedding's."""
+    """An untied fp32 LM head decodes from Wt like the projections; a tied one stays the embedding's (same
+    parameter, same state dict) and decodes from a transposed copy where the compiled GEMV is built."""
+    from zoo.blocks.weights import TiedTransposedHead
+    from zoo.kernels import cpu
+
     model = build([f"model.tie_embeddings={str(tied).lower()}"])
     keys = set(model.state_dict())
     torch.manual_seed(0)
@@ -143,6 +157,7 @@ def test_untied_head_gets_the_transposed_layout(tmp_path, tied):
     prepare_inference(model)
     assert isinstance(model.head, TransposedLinear) is not tied
     assert (model.head.weight is model.embed.weight) is tied
+    assert isinstance(model.head, TiedTransposedHead) is (tied and cpu.available())
     torch.manual_seed(0)
     for a, b in zip(logits_two_ways(model), before):
         assert rel(a, b) < 1e-5

@@ -55,7 +55,7 @@ class Linear(nn.Linear, Weights):
         k = sparsify.kept_count(self.in_features)
         if k is not None:
             return TopKLinear(self.weight, self.bias, k, impl)
-        return TransposedLinear(self.weight, self.bias, impl) if transposed_pays(self.weight) else self
+        return TransposedLinear(self.weight, self.bias, impl) if transposed_pays(self.weight, impl) else self
 
 
 class PinnedDtypeLinear(Linear):
@@ -75,10 +75,13 @@ def build_linear(cfg: FullPrecisionConfig, ctx, in_features: int, out_features: 
     return PinnedDtypeLinear(in_features, out_features, bias=bias, dtype=getattr(torch, cfg.dtype))
 
 
-def transposed_pays(weight: torch.Tensor) -> bool:
-    """Whether a dense projection decodes faster from Wt: fp32 on CPU (`x @ Wt` vs `F.linear`, measured;
-    bf16 is the other way round there, and CUDA's GEMV reads either layout at full speed)."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32
+def transposed_pays(weight: torch.Tensor, impl: str = "auto") -> bool:
+    """Whether a dense projection decodes faster from Wt: fp32 on CPU (`x @ Wt` vs `F.linear`, measured),
+    and bf16 on CPU through zoo's compiled GEMV (it reads bf16 Wt ~1.5× faster than `F.linear` reads W,
+    1 thread; without it bf16 is the other way round). CUDA's GEMV reads either layout at full speed."""
+    if weight.device.type != "cpu":
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and impl != "torch" and cpu.usable(weight))
 
 
 class TransposedLinear(InferenceForm):
@@ -128,6 +131,27 @@ class TransposedLinear(InferenceForm):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}->{self.out_features}, Wt layout"
+
+
+class TiedTransposedHead(nn.Module):
+    """An LM head tied to the embedding, at inference: it keeps the shared `weight` (so the tie, the state
+    dict and the checkpoint stay as they are) and a transposed copy Wt (not saved: the matrix's memory once
+    more) that one row (decode) reads through zoo's compiled GEMV; more rows take `F.linear` on `weight`."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.weight, self.bias = head.weight, head.bias
+        self.register_buffer("wt", head.weight.detach().t().contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > 1:
+            return F.linear(x, self.weight, self.bias)
+        return cpu.gather_gemv(rows, None, self.wt, self.bias).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, tied, Wt copy for decode"
 
 
 class TopKLinear(TransposedLinear):

@@ -41,13 +41,14 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int = 32) -> float:
-    """Tokens per second when sampling `new_tokens` after `prompt` [1, T] with the KV cache (greedy)."""
+    """Tokens per second when sampling `new_tokens` after `prompt` [1, T] with the KV cache (greedy), on the
+    decode engine with its layers eager: a few dozen tokens would not pay back compiling the layer step."""
     was_training = model.training
     model.eval()
     n = min(new_tokens, model.config.max_seq_len - prompt.shape[1])
     try:
         start = time.perf_counter()
-        done = sum(1 for _ in model.generate(prompt.to(model.embed.weight.device), n, temperature=0))
+        done = sum(1 for _ in model.generate(prompt.to(model.embed.weight.device), n, temperature=0, compile=False))
         return done / max(time.perf_counter() - start, 1e-9)
     finally:
         model.train(was_training)

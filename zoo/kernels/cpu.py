@@ -70,6 +70,7 @@ def _load() -> str | None:
             print(f"zoo: compiling the CPU kernels once, into {root} (a few seconds)", file=sys.stderr)
         cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            is_python_module=False, verbose=False)
+        _register_fakes()
     except Exception as err:  # no compiler, no ninja, a failed build: the torch paths remain
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         return f"{type(err).__name__}: {reason}"
@@ -88,6 +89,14 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
 
 
+def _register_fakes() -> None:
+    """Shape-only versions of the ops (they write into their output arguments and return nothing), so
+    that torch.compile traces a call as one op of the graph instead of breaking the graph there."""
+    for op in ("gather_gemv", "topk_gemv", "ternary_gemv"):
+        torch.library.register_fake(f"zoo_cpu::{op}")(lambda *args: None)
+
+
+@torch.compiler.assume_constant_result  # traced as its value: a compiled graph does not re-ask
 def available() -> bool:
     """True when the compiled CPU kernels are loaded (building them the first time)."""
     reason = _load()
@@ -110,8 +119,13 @@ def _launch(rows: int, work_per_row: int, out: int) -> tuple[int, torch.Tensor]:
     """(threads, y): the checks every op shares, the thread count for its work, its fp32 output [rows, out]."""
     if not available():
         raise CpuKernelsUnavailable(f"zoo's CPU kernels are not available: {_load()}")
-    threads = torch.get_num_threads() if rows * work_per_row * out >= PARALLEL_MIN_WORK else 1
+    threads = _threads() if rows * work_per_row * out >= PARALLEL_MIN_WORK else 1
     return threads, torch.empty(rows, out, dtype=torch.float32)
+
+
+@torch.compiler.assume_constant_result  # a compiled graph keeps the thread count it was traced with
+def _threads() -> int:
+    return torch.get_num_threads()
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.blocks.weights import TransposedLinear, transposed_pays
+from zoo.blocks.weights import TiedTransposedHead, TransposedLinear, transposed_pays
 from zoo.contracts import FFN, Preparable
+from zoo.kernels import cpu
+from zoo.kernels.dispatch import choose
 from zoo.model.config import LAYER_SLOTS, ModelConfig
 from zoo.model.context import BuildContext
+from zoo.model.decode import Decoder, KVCache, sample
 from zoo.model.projection import Projection
 
 
@@ -29,19 +32,6 @@ class ModelOutput:
         """Cross-entropy plus every auxiliary loss: what a training step minimises."""
         assert self.loss is not None, "total_loss needs targets"
         return self.loss + sum(self.aux_losses.values(), torch.zeros((), device=self.loss.device))
-
-
-class KVCache:
-    """Preallocated keys and values of one layer: [batch, kv_heads, max_len, head_dim]."""
-
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
-        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Block(nn.Module):
@@ -108,10 +98,15 @@ class Transformer(nn.Module, Preparable):
 
     @torch.no_grad()
     def prepare_inference(self, dtype: torch.dtype, impl: str = "auto") -> None:
-        """An untied fp32 LM head on CPU is one more dense GEMV per token: the Wt layout (see TransposedLinear)."""
-        tied = self.head.weight is self.embed.weight
-        if isinstance(self.head, nn.Linear) and not tied and transposed_pays(self.head.weight):
+        """The LM head is one more dense GEMV per token: on CPU (fp32, or bf16 with the compiled kernels) the
+        Wt layout (see TransposedLinear); a head tied to the embedding keeps the tie and decodes from a
+        transposed copy (TiedTransposedHead) where zoo's compiled GEMV is built."""
+        if not isinstance(self.head, nn.Linear) or not transposed_pays(self.head.weight, impl):
+            return
+        if self.head.weight is not self.embed.weight:
             self.head = TransposedLinear(self.head.weight, self.head.bias, impl)
+        elif choose(impl, self.head.weight.device, cpu_kernel=cpu.usable(self.head.weight)) == "cpu":
+            self.head = TiedTransposedHead(self.head)
 
     def new_cache(self, batch: int, device=None, dtype=None) -> list[KVCache]:
         c = self.config
@@ -140,35 +135,14 @@ class Transformer(nn.Module, Preparable):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, generator=None):
-        """Sample continuations with the KV cache; yields one [B, 1] tensor of ids per step."""
-        cache = self.new_cache(idx.shape[0])
-        logits = self(idx, cache=cache).logits[:, -1]
-        pos = idx.shape[1]
-        for _ in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, generator)
-            yield nxt
-            if pos >= self.config.max_seq_len:
-                return
-            logits = self(nxt, cache=cache, start=pos).logits[:, -1]
-            pos += 1
+                 top_k: int | None = None, top_p: float | None = None, generator=None, compile: bool | None = None):
+        """Sample continuations with the KV cache; yields one [B, 1] tensor of ids per step.
 
-
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, generator=None) -> torch.Tensor:
-    """Next ids [B, 1] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        Runs on the decode engine (zoo.model.decode.Decoder): the prompt batched, each new token
+        through the compiled layer step (`compile=False`: the eager layers; None: ZOO_COMPILE, default on)."""
+        max_len = min(idx.shape[1] + max_new_tokens, self.config.max_seq_len)
+        yield from Decoder(self, idx.shape[0], max_len, compile).generate(
+            idx, max_new_tokens, temperature, top_k, top_p, generator)
 
 
 __all__ = ["LAYER_SLOTS", "Block", "KVCache", "ModelOutput", "Transformer", "sample"]

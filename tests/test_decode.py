@@ -1,0 +1,195 @@
+"""The decode engine (zoo.model.decode): its logits over 20 decode steps are the eager model's, for
+every weights × sparsity × FFN combination, in fp32, bf16 and fp16."""
+
+import copy
+import dataclasses
+import types
+
+import pytest
+import torch
+
+import zoo
+from tests.conftest import RECIPES, needs_cxx
+from zoo.contracts import Weights
+from zoo.kernels import prepare_inference
+from zoo.model.decode import Decoder
+
+SHAPE = ["model.n_layers=2", "model.d_model=48", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=61",
+         "model.max_seq_len=40"]
+TOPK = ["model.sparsity.kind='topk'", "model.sparsity.keep=0.5"]
+BITNET = ["model.weights.kind='bitnet158'"]
+MOE = ["model.ffn={kind='moe'}", "model.ffn.num_experts=4", "model.ffn.top_k=2",
+       "model.ffn.expert={kind='glu', hidden=32, activation='relu2'}"]
+COMBOS = {  # name: (overrides, freeze)
+    "dense": ([], False),
+    "qsparse": (TOPK, False),
+    "block-qsparse": (["model.sparsity.kind='block_topk'", "model.sparsity.n=2", "model.sparsity.m=8"], False),
+    "relu2": (["model.ffn.activation='relu2'"], False),
+    "bitnet": (BITNET, True),
+    "bitnet-qsparse": (BITNET + TOPK, True),
+    "moe": (MOE, False),
+    "moe-bitnet-qsparse": (MOE + BITNET + TOPK, True),
+}
+PROMPT, STEPS = 7, 20
+
+
+def build(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    overrides, freeze = COMBOS[name]
+    torch.manual_seed(0)
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + ["model.ffn.hidden=64"] * (name[:3] != "moe")
+                                      + overrides)).to(dtype).eval()
+    return model.freeze() if freeze else model
+
+
+def eager_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[STEPS + 1, V]: the eager model's logits after the prompt, then after each fed token."""
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        out = [model(ids[:, :PROMPT], cache=cache).logits[:, -1]]
+        out += [model(ids[:, t:t + 1], cache=cache, start=t).logits[:, -1] for t in range(PROMPT, PROMPT + STEPS)]
+    return torch.cat(out).float()
+
+
+def engine_logits(decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
+    out = [decoder.prefill(ids[:, :PROMPT])]
+    out += [decoder.step(ids[:, t:t + 1]) for t in range(PROMPT, PROMPT + STEPS)]
+    return torch.cat(out).float()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).double().norm() / b.double().norm()).item()
+
+
+# fp16: the dense and Q-Sparse models (no zoo kernel takes fp16 weights: torch's ops, as in the eager model)
+CASES = [(n, d) for n in COMBOS for d in (torch.float32, torch.bfloat16)]
+CASES += [(n, torch.float16) for n in ("dense", "qsparse")]
+IDS = [f"{n}-{str(d)[6:]}" for n, d in CASES]
+
+
+def check(name: str, dtype: torch.dtype, compiled: bool) -> Decoder:
+    """Run the engine on model `name` in `dtype` and compare its logits with the eager model's.
+
+    Half precision: the argmax must match the eager model's at every step and the logits be within 1e-2
+    (relative) — or, where a discrete choice flipped on a rounding difference (a top-K selection: the
+    compiled step rounds a fused norm once where the eager ops round after each), as close to the fp32
+    model's logits as the eager half-precision model is (its relative error × 1.1, + 0.01). Frozen
+    BitNet in half precision is held to the second rule only: the eager model rounds W̃·β and the
+    dequantized activations to bf16/fp16 before its matmul, while the inference form multiplies the int8
+    activations by the ternary weight exactly and scales in fp32, so the two differ by more than rounding
+    (argmax included), and both from the fp32 model."""
+    model = build(name, dtype)
+    ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
+    want = eager_logits(model, ids)
+    decoder = Decoder(prepare_inference(copy.deepcopy(model)), max_len=PROMPT + STEPS, compile=compiled)
+    got = engine_logits(decoder, ids)
+    if dtype == torch.float32:
+        assert rel(got, want) <= 1e-5, rel(got, want)
+        return decoder
+    frozen = COMBOS[name][1]
+    if not frozen:
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    if frozen or rel(got, want) > 1e-2:
+        exact = eager_logits(build(name, torch.float32), ids)
+        assert rel(got, exact) <= 1.1 * rel(want, exact) + 0.01, (rel(got, want), rel(got, exact), rel(want, exact))
+    return decoder
+
+
+@pytest.mark.parametrize("name,dtype", CASES, ids=IDS)
+def test_engine_decode_equals_eager(name, dtype):
+    """The engine's own parts (inference forms, static cache, batched prefill, last-position head), eager layers."""
+    check(name, dtype, compiled=False)
+
+
+EAGER = {("qsparse", torch.float16), ("bitnet-qsparse", torch.bfloat16)}
+# compiling costs seconds per model kind: the dense fp32 model here, every combination under `slow`
+SLOW = [pytest.param(n, d, marks=[] if (n, d) == ("dense", torch.float32) else pytest.mark.slow) for n, d in CASES]
+
+
+@needs_cxx
+@pytest.mark.parametrize("name,dtype", SLOW, ids=IDS)
+def test_compiled_decode_equals_eager(name, dtype, capfd):
+    """Every combination gives the eager logits; those whose layer is not one graph today run it eagerly,
+    with one notice: the MoE dispatch, and a top-K selection through `Sparsity.entries` (data-dependent
+    `nonzero`) — Block Q-Sparse, and top-K where no fused kernel selects (fp16, BitNet in bf16)."""
+    decoder = check(name, dtype, compiled=True)
+    eager = name.startswith(("moe", "block")) or (name, dtype) in EAGER
+    assert decoder.compiled is not eager
+    assert capfd.readouterr().err.count("layers run eagerly") == eager
+
+
+class CountingWeights(Weights):
+    """A plugin's weights kind with no inference form, whose forward the compiler cannot capture whole:
+    it counts its calls in a Python attribute through a function torch.compile must not trace."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features) / in_features ** 0.5)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        count(self)
+        return torch.nn.functional.linear(x, self.weight)
+
+
+@torch.compiler.disable
+def count(block: CountingWeights) -> None:
+    block.calls += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingConfig:
+    """plain weights whose forward runs partly outside the compiled graph"""
+
+
+@zoo.hookimpl
+def zoo_register(registry) -> None:
+    registry.register("weights", "counting", CountingConfig, lambda cfg, ctx, i, o, b: CountingWeights(i, o, b))
+
+
+PLUGIN = types.ModuleType("counting_plugin")
+PLUGIN.zoo_register = zoo_register
+
+
+@needs_cxx
+def test_plugin_block_without_inference_form_falls_back(plugin_registry, capfd):
+    """A plugin weights kind with no inference form and code the compiler cannot capture: one notice for the
+    missing form, one for its layers falling back to eager, and the eager logits."""
+    plugin_registry(("counting", PLUGIN))
+    torch.manual_seed(0)
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + ["model.ffn.hidden=64",
+                                                                          "model.weights.kind='counting'"])).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
+    want = eager_logits(model, ids)
+    engine = prepare_inference(copy.deepcopy(model))
+    blocks = [m for m in engine.modules() if isinstance(m, CountingWeights)]
+    for m in blocks:
+        m.calls = 0
+    decoder = Decoder(engine, max_len=PROMPT + STEPS, compile=True)
+    assert capfd.readouterr().err.count("CountingWeights declare no inference form") == 1
+    got = engine_logits(decoder, ids)
+    assert rel(got, want) <= 1e-5, rel(got, want)
+    assert capfd.readouterr().err.count("layers run eagerly") == 1 and not decoder.compiled
+    assert {m.calls for m in blocks} == {1 + STEPS}  # its forward ran at the prefill and at every step
+
+
+@pytest.mark.slow  # nine models built and timed, two 512 MB bandwidth reads
+def test_bench_decode_on_a_checkpoint(tmp_path, cli):
+    """`zoo bench decode --model CKPT`: every zoo variant in fp32 and bf16 and transformers, timed, with floors
+    and the ratio rows; the dense fp32 floor counts the model's bytes as transformers' does (a tied head once)."""
+    import json
+
+    torch.manual_seed(0)
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + ["model.ffn.hidden=64"]))
+    zoo.save(model, tmp_path / "ckpt")
+    res = cli("bench", "decode", "--model", tmp_path / "ckpt", "--only", "zoo", "transformers", "--tokens", "2",
+              "--rounds", "1", "--prompt", "4", "--prefill", "8", "--eager", "--json")
+    assert res.code == 0, res.err
+    rows = {r["runtime"]: r for r in json.loads(res.out)["results"]}
+    zoo_rows = [f"zoo {v} {d}" for v in ("dense", "qsparse 0.5", "bitnet b1.58", "bitnet + qsparse 0.5")
+                for d in ("fp32", "bf16")]
+    assert set(zoo_rows + ["transformers"]) <= set(rows)
+    for name in zoo_rows + ["transformers"]:
+        assert rows[name]["ms_per_token"] > 0 and rows[name]["prefill_tokens_per_s"] > 0
+    floors = {name: rows[name]["floor_ms"] for name in ("zoo dense fp32", "transformers")}
+    assert floors["zoo dense fp32"] == floors["transformers"] > 0, floors
+    assert rows["zoo qsparse 0.5 fp32 / zoo dense fp32"]["weights"] == "ratio"

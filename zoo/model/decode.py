@@ -1,0 +1,223 @@
+"""The decode engine: generation whose per-token cost outside the weight reads is small.
+
+A decode step of an eager model makes several hundred small calls per token (each layer's norms,
+RoPE, cache writes, residual adds, projections), each costing microseconds of Python and dispatch
+while the GEMVs themselves read the weights in tens of microseconds. `Decoder` keeps the model's own
+blocks and their inference forms (whatever `zoo.kernels.prepare_inference` put in place) and removes
+that overhead:
+
+- one layer's step is compiled once (`torch.compile`, Inductor) and reused by every layer of the
+  model and at every position: the layers share their code, their weights are graph inputs, and
+  the position is a symbolic integer. Inductor fuses the norms, RoPE, cache writes and residual
+  adds into a few generated loops and calls the projections' kernels (zoo's compiled GEMVs are
+  registered torch ops, `zoo.kernels.cpu`) straight from the compiled code. Compiling a layer
+  rather than the whole model keeps the compile to one layer's (seconds, then cached on disk by
+  Inductor), whatever the depth;
+- the KV cache is preallocated for the prompt plus the tokens asked for, not `max_seq_len`;
+- the prompt (prefill) runs the same blocks eagerly on all its tokens at once (batched matmuls),
+  and only its last position goes through the final norm and the LM head.
+
+A projection whose weights block declares no inference form (zoo/contracts.py: it keeps the default
+`inference_form`) is named in one notice and runs its own forward inside the compiled step. A layer
+the compiler cannot capture as one graph (the MoE dispatch, with its data-dependent shapes; a
+plugin's untraceable code) runs eagerly, said in one line for its kind (see `CompiledLayer`). Either
+way the logits are those of the eager model, up to rounding.
+
+`compile` defaults to the environment variable ZOO_COMPILE (unset: on; `0`: the eager layers).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from zoo.contracts import InferenceForm, Weights
+from zoo.model.projection import Projection
+
+if TYPE_CHECKING:
+    from zoo.model.transformer import Transformer
+
+class KVCache:
+    """Preallocated keys and values of one layer: [batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator=None) -> torch.Tensor:
+    """Next ids [B, 1] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+# a process decoding several differently shaped models (tests, benchmarks) keeps compiling instead of
+# silently running eagerly after the eighth kind
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+def run_layer(block: nn.Module, x: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+    return block(x, start=start, cache=cache)
+
+
+class CompiledLayer:
+    """`run_layer` compiled for blocks built like one block (shared by every such block of every model).
+
+    The whole layer must be one graph (`fullgraph=True`). A block the compiler cannot capture whole
+    (a graph break: the MoE dispatch, a plugin's untraceable code) runs eagerly, said in one line
+    for its kind: the continuation frames torch.compile would compile around a graph break belong to
+    the blocks' own functions, shared by every kind of block, and its guards check tensors' shapes and
+    dtypes but not every setting a module holds (an activation's kind, a norm's eps), so a
+    continuation compiled for one kind could run for another. For the same reason each kind gets a
+    copy of `run_layer` with its own code object, so its own compiled graphs."""
+
+    def __init__(self, index: int, kind: str):
+        code = run_layer.__code__.replace(co_name=f"run_layer_{index}")
+        self.fn = torch.compile(types.FunctionType(code, run_layer.__globals__, code.co_name), dynamic=True,
+                                fullgraph=True)
+        self.kind, self.eager = kind, False
+
+    def __call__(self, block: nn.Module, x: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        if not self.eager:
+            try:
+                return self.fn(block, x, start, cache)
+            except Exception as err:  # raised while tracing, before anything ran
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                print(f"zoo: decode: {self.kind} layers run eagerly (not compilable as one graph: {reason[:160]})",
+                      file=sys.stderr)
+                self.eager = True
+        return run_layer(block, x, start, cache)
+
+
+_COMPILED: dict[tuple, CompiledLayer] = {}
+
+
+def compiled_layers(blocks: list[nn.Module]) -> list[CompiledLayer]:
+    """The compiled layer step of each block (see CompiledLayer): blocks of one kind share one, in every model.
+
+    A kind is the blocks' structure (`structure`) less the settings that differ between blocks built
+    alike within the model (a layer index: metadata, the same code runs)."""
+    shapes = [structure(b) for b in blocks]
+    varying = set()
+    for s in shapes:
+        first = next(t for t in shapes if same_build(t, s))
+        for (*_, attrs, _), (*_, other, _) in zip(s, first):
+            varying.update(k for k in attrs if attrs[k] != other[k])
+    out = []
+    for block, s in zip(blocks, shapes):
+        key = tuple((path, cls, tuple(sorted((k, v) for k, v in attrs.items() if k not in varying)), tensors)
+                    for path, cls, attrs, tensors in s)
+        if key not in _COMPILED:
+            _COMPILED[key] = CompiledLayer(len(_COMPILED), f"{type(block.attn).__name__} + {type(block.ffn).__name__}")
+        out.append(_COMPILED[key])
+    return out
+
+
+def structure(block: nn.Module) -> list[tuple]:
+    """What makes two blocks run the same code: for each submodule its path, class, settings (plain
+    attributes) and its tensors' shapes and dtypes."""
+    plain = (bool, int, float, str, type(None))
+    return [(path, f"{type(m).__module__}.{type(m).__qualname__}",
+             {k: v for k, v in vars(m).items() if isinstance(v, plain) and k != "training"},
+             tuple((n, tuple(t.shape), t.dtype) for n, t in (*m.named_parameters(recurse=False),
+                                                             *m.named_buffers(recurse=False)) if t is not None))
+            for path, m in block.named_modules()]
+
+
+def same_build(a: list[tuple], b: list[tuple]) -> bool:
+    """Whether two structures have the same submodules, classes, setting names and tensors."""
+    return len(a) == len(b) and all(x[:2] == y[:2] and x[2].keys() == y[2].keys() and x[3] == y[3]
+                                    for x, y in zip(a, b))
+
+
+class Decoder:
+    """Generation state of one model: its KV cache and the layer step (compiled, or eager).
+
+    `max_len` sizes the cache (default: the model's max_seq_len); `compile=False` runs the layers
+    eagerly (None: ZOO_COMPILE, default on).
+    """
+
+    def __init__(self, model: Transformer, batch: int = 1, max_len: int | None = None, compile: bool | None = None):
+        cfg, p = model.config, model.embed.weight
+        self.model, self.batch = model, batch
+        self.max_len = cfg.max_seq_len if max_len is None else min(max_len, cfg.max_seq_len)
+        self.cache = [KVCache(batch, cfg.kv_heads, self.max_len, cfg.head_size, p.device, p.dtype)
+                      for _ in model.blocks]
+        for kv in self.cache:  # only the position is symbolic in the compiled step
+            torch._dynamo.mark_static(kv.k)
+            torch._dynamo.mark_static(kv.v)
+        if compile is None:
+            compile = os.environ.get("ZOO_COMPILE", "1") not in ("0", "", "off", "false")
+        self.layers = compiled_layers(list(model.blocks)) if compile else [run_layer] * len(model.blocks)
+        self.pos = 0
+        plain = sorted({type(m.linear).__name__ for m in model.modules() if isinstance(m, Projection)
+                        and not isinstance(m.linear, InferenceForm)
+                        and type(m.linear).inference_form is Weights.inference_form})
+        if plain:
+            print(f"zoo: decode: weights {', '.join(plain)} declare no inference form; their projections run "
+                  "their own forward" + (" (compiled where torch.compile can trace it)" if compile else ""),
+                  file=sys.stderr)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether steps run compiled layers (False when none compiled: every layer eager)."""
+        return any(isinstance(layer, CompiledLayer) and not layer.eager for layer in self.layers)
+
+    def logits(self, ids: torch.Tensor, layers: list[Callable] | None = None) -> torch.Tensor:
+        """Logits [B, V] of the last of `ids` [B, T], placed at positions pos..pos+T-1 (cache written)."""
+        if self.pos + ids.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {self.pos + ids.shape[1]} tokens exceeds the cache ({self.max_len})")
+        m = self.model
+        x = m.embed(ids)
+        for block, layer, kv in zip(m.blocks, layers or [run_layer] * len(self.cache), self.cache):
+            x = layer(block, x, self.pos, kv)
+        self.pos += ids.shape[1]
+        return m.head(m.norm(x[:, -1]))
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt [B, T] from position 0, all tokens at once (eager, batched): the last logits [B, V]."""
+        self.pos = 0
+        return self.logits(ids)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token per row, ids [B, 1], at the next position: its logits [B, V]."""
+        if self.compiled:
+            torch._dynamo.mark_static(ids)
+            return self.logits(ids, self.layers)
+        return self.logits(ids)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator=None) -> Iterator[torch.Tensor]:
+        """Sample continuations of idx [B, T]; yields one [B, 1] tensor of ids per step."""
+        logits = self.prefill(idx)
+        for _ in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            yield nxt
+            if self.pos >= self.max_len:
+                return
+            logits = self.step(nxt)
