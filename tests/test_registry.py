@@ -157,7 +157,7 @@ def test_collision_with_a_builtin(entry_points):
 
 def test_builtins_are_not_loaded_twice(entry_points):
     ours = FakeEntryPoint("builtins", "qsparse-zoo")  # our own entry point, as an install declares it
-    ours.value = "zoo.blocks"
+    ours.value = "zoo.builtins"
     entry_points(ours)
     assert list(load_registry().plugins) == ["builtins"]
 

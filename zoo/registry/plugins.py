@@ -22,7 +22,7 @@ from zoo.registry.registry import PluginInfo, Registry
 
 # zoo's own blocks: a plugin like any other (pyproject declares it as the `zoo` entry point `builtins`),
 # loaded first and always, from this module.
-CORE, CORE_MODULE = PluginInfo("builtins", "qsparse-zoo", __version__, core=True), "zoo.blocks"
+CORE, CORE_MODULE = PluginInfo("builtins", "qsparse-zoo", __version__, core=True), "zoo.builtins"
 
 
 class PluginWarning(UserWarning):
