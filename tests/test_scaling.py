@@ -86,3 +86,10 @@ def test_a_fit_on_its_bounds_is_reported():
     f = fit(N, S, flat)
     assert "alpha" in f.at_bounds and f.alpha == pytest.approx(0, abs=1e-3)
     assert any("alpha = " in w and "degenerate" in w for w in fit_warnings(f, []))
+
+
+def test_plot_groups_runs_by_nominal_sparsity_across_widths():
+    from zoo.cli.scaling import sparsity_groups
+
+    # one keep fraction gives 0.17 at one width and 0.19 at another: one group; gaps > 0.04 split
+    assert sparsity_groups([0.17, 0.0, 0.19, 0.36, 0.38, 0.0, 0.55, 0.61]) == [1, 0, 1, 2, 2, 0, 3, 4]

@@ -28,20 +28,20 @@ def run(args) -> int:
     if args.bootstrap < 0:
         raise UsageError(f"zoo scaling fit: --bootstrap {args.bootstrap}: expected 0 or more resamples")
     runs = find_runs(args.runs)
-    N, S, L, level = [], [], [], []
+    N, S, L, nominal = [], [], [], []
     for r in runs:
         acc = r.summary["accounting"]
         measured = (r.summary.get("sparsity") or {}).get("overall")
         N.append(acc["non_embedding_params"])
         S.append(measured if measured is not None else acc["sparsity"])
         L.append(r.summary["val_loss"])
-        level.append(round(acc["sparsity"], 2))
+        nominal.append(acc["sparsity"])
     result = fit(N, S, L, bootstrap=args.bootstrap)
     held = hold_out(N, S, L)
     for line in fit_warnings(result, held):
         warnings.warn(line, stacklevel=1)
     if args.plot:
-        plot_fit(N, S, L, level, result, args.plot)
+        plot_fit(N, S, L, nominal, result, args.plot)
     if args.json:
         print_json({**result.to_dict(), "held_out": held, "warnings": fit_warnings(result, held),
                     "data": [{"run": str(r.path), "N": n, "S": s, "loss": loss}
@@ -65,9 +65,21 @@ def run(args) -> int:
     return 0
 
 
-def plot_fit(N, S, L, level, result, path) -> None:
-    """Left: loss vs N; right: loss vs activated parameters N·(1−S). One colour per nominal sparsity,
-    the fitted curve drawn at the group's mean measured S."""
+def sparsity_groups(nominal, gap: float = 0.04) -> list[int]:
+    """A group index per run: nominal sparsities sorted, a new group wherever two neighbours differ by
+    more than `gap` (one keep fraction gives slightly different K/width at different widths)."""
+    order = sorted(range(len(nominal)), key=lambda i: nominal[i])
+    group, out = 0, [0] * len(nominal)
+    for prev, i in zip([None, *order], order):
+        if prev is not None and nominal[i] - nominal[prev] > gap:
+            group += 1
+        out[i] = group
+    return out
+
+
+def plot_fit(N, S, L, nominal, result, path) -> None:
+    """Left: loss vs N; right: loss vs activated parameters N·(1−S). One colour per group of nominal
+    sparsity, the fitted curve drawn at the group's mean measured S."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +88,8 @@ def plot_fit(N, S, L, level, result, path) -> None:
 
     from zoo.eval.scaling import law
 
-    N, S, L, level = map(np.asarray, (N, S, L, level))
+    level = np.asarray(sparsity_groups(nominal))
+    N, S, L = map(np.asarray, (N, S, L))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     grid = np.geomspace(N.min() / 1.5, N.max() * 1.5, 100)
     for lv in sorted(set(level.tolist())):
