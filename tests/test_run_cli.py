@@ -48,7 +48,7 @@ def fake_run(folder, n, s, loss):
 
 
 def test_scaling_fit_cli(tmp_path, cli):
-    consts = {"E": 1.2, "B": 0.02, "C": 3.0, "alpha": 0.3, "beta": 0.1}
+    consts = {"E": 1.2, "B": 0.2, "C": 3.0, "alpha": 0.3, "beta": 0.1}
     for n in (1e5, 1e6, 1e7):
         for s in (0.0, 0.4, 0.7):
             fake_run(tmp_path / "runs" / f"n{n:g}-s{s}", n, s, float(law(n, s, **consts)))

@@ -39,9 +39,9 @@ def test_fit_refuses_too_few_runs_or_one_sparsity():
         fit(N[:5], S[:5], L[:5])
 
 
-# constants whose S* is inside (0, 1): 66.8 %
-INNER = {"E": 1.2, "B": 0.02, "C": 3.0, "alpha": 0.3, "beta": 0.1}
-S_STAR = optimal_sparsity(0.02, 3.0, 0.3, 0.1)
+# constants whose S* is inside (0, 1): 68.2 %
+INNER = {"E": 1.2, "B": 0.2, "C": 3.0, "alpha": 0.3, "beta": 0.1}
+S_STAR = optimal_sparsity(0.2, 3.0, 0.3, 0.1)
 
 
 def grid(consts, noise=0.0, seed=0):
@@ -86,6 +86,12 @@ def test_a_fit_on_its_bounds_is_reported():
     f = fit(N, S, flat)
     assert "alpha" in f.at_bounds and f.alpha == pytest.approx(0, abs=1e-3)
     assert any("alpha = " in w and "degenerate" in w for w in fit_warnings(f, []))
+    # a law without its B term (B at ~0) is named, but it is not degenerate: S* = 1 - beta/alpha
+    no_b = {**INNER, "B": 0.0}
+    g = fit(*grid(no_b))
+    assert g.at_bounds == ["B"] and g.optimal_sparsity == pytest.approx(1 - 0.1 / 0.3, abs=1e-3)
+    (line,) = fit_warnings(g, [])
+    assert "(B = " in line and "no such term" in line and "degenerate" not in line
 
 
 def test_plot_groups_runs_by_nominal_sparsity_across_widths():

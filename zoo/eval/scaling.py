@@ -19,7 +19,7 @@ from zoo.errors import ZooError
 NAMES = ("E", "B", "C", "alpha", "beta")
 # search box of the fitted vector (log E, log B, log C, alpha, beta)
 BOUNDS = ((-10.0, 5.0), (-15.0, 10.0), (-15.0, 10.0), (0.0, 2.0), (-5.0, 5.0))
-AT_BOUND = 1e-3      # a fitted coordinate within this fraction of its range from a bound sits on it
+AT_BOUND = 1e-3  # within this fraction of its range from an edge, or a term below this share of the loss
 HELD_OUT_WARN = 0.01  # a held-out size predicted worse than this (max relative error) is reported
 
 
@@ -54,7 +54,7 @@ class ScalingFit:
     rmse_log: float
     max_rel_error: float
     runs: int
-    at_bounds: list[str] = field(default_factory=list)  # constants that ended on the search box's edge
+    at_bounds: list[str] = field(default_factory=list)  # constants on the search box's edge or ~0
     # 95 % bootstrap percentile interval of each constant and of optimal_sparsity (when asked for)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     bootstrap: int = 0  # resamples that gave a fit
@@ -116,8 +116,16 @@ def _grid_starts(L) -> list[list[float]]:
     return [[e0, b, c, a, 0.1] for b, c, a in itertools.product((-2.0, 1.0), (-2.0, 2.0), (0.1, 0.4))]
 
 
-def _at_bounds(x) -> list[str]:
-    return [name for name, v, (lo, hi) in zip(NAMES, x, BOUNDS) if min(v - lo, hi - v) <= AT_BOUND * (hi - lo)]
+def _at_bounds(x, N, S) -> list[str]:
+    """Constants on an edge of the search box, or whose term of the law (E, B·N^−α or C·e^(β/(1−S))·N^−α)
+    is below AT_BOUND of the predicted loss at every run: log-parametrised, such a constant drifts
+    towards its lower edge on a flat objective and stops anywhere on the way."""
+    E, B, C, alpha, beta = _unpack(x)
+    na = N ** -alpha
+    pred = law(N, S, E, B, C, alpha, beta)
+    share = {"E": E / pred, "B": B * na / pred, "C": C * np.exp(beta / (1 - S)) * na / pred}
+    return [name for name, v, (lo, hi) in zip(NAMES, x, BOUNDS)
+            if min(v - lo, hi - v) <= AT_BOUND * (hi - lo) or np.max(share.get(name, 1.0)) < AT_BOUND]
 
 
 def fit(N, S, L, delta: float = 1e-3, bootstrap: int = 0, seed: int = 0) -> ScalingFit:
@@ -134,7 +142,7 @@ def fit(N, S, L, delta: float = 1e-3, bootstrap: int = 0, seed: int = 0) -> Scal
     pred = law(N, S, *consts)
     result = ScalingFit(E, B, C, alpha, beta, optimal_sparsity(B, C, alpha, beta),
                         rmse_log=float(np.sqrt(np.mean((np.log(pred) - np.log(L)) ** 2))),
-                        max_rel_error=float(np.max(np.abs(pred / L - 1))), runs=len(L), at_bounds=_at_bounds(x))
+                        max_rel_error=float(np.max(np.abs(pred / L - 1))), runs=len(L), at_bounds=_at_bounds(x, N, S))
     if bootstrap:
         rng = np.random.default_rng(seed)
         draws = []
@@ -175,8 +183,12 @@ def fit_warnings(result: ScalingFit, held: list[dict]) -> list[str]:
     out = []
     if result.at_bounds:
         where = ", ".join(f"{k} = {getattr(result, k):.3g}" for k in result.at_bounds)
-        out.append(f"the fit ended on the edge of its search box ({where}): the law is degenerate on these "
-                   "runs (the data do not determine it) and its S* is not a measurement")
+        # E or B at ~0 is a law without that term (S* stays defined); alpha or beta on an edge is not
+        shape = {"alpha", "beta"} & set(result.at_bounds)
+        out.append(f"the fit ended on the edge of its search box ({where}): the runs do not determine "
+                   + ("the law, which is degenerate here: its S* is not a measurement" if shape else
+                      f"{'that constant' if len(result.at_bounds) == 1 else 'those constants'} (the law "
+                      "fitted has no such term)"))
     for row in held:
         if row["max_abs_rel_error"] > HELD_OUT_WARN:
             out.append(f"fitted without the runs at N = {row['N']:,}, the law misses them by up to "
