@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.eval.scaling import fit, fit_warnings, hold_out, law, optimal_sparsity
+from zoo.eval.scaling import fit, fit_warnings, hold_out, law, objective, optimal_sparsity
 
 TRUE = {"E": 1.6, "B": 0.8, "C": 6.0, "alpha": 0.25, "beta": 0.3}
 
@@ -99,3 +99,14 @@ def test_plot_groups_runs_by_nominal_sparsity_across_widths():
 
     # one keep fraction gives 0.17 at one width and 0.19 at another: one group; gaps > 0.04 split
     assert sparsity_groups([0.17, 0.0, 0.19, 0.36, 0.38, 0.0, 0.55, 0.61]) == [1, 0, 1, 2, 2, 0, 3, 4]
+
+
+def test_objective_gradient_matches_central_differences():
+    N, S, L = grid(INNER, noise=0.01)
+    args = (np.log(N), S, np.log(L), 1e-2)  # delta wide enough that both Huber branches occur
+    for p in ([0.1, -1.0, 1.2, 0.25, 0.15], [-0.5, 0.3, -2.0, 0.6, 0.9]):
+        p = np.array(p)
+        _, grad = objective(p, *args)
+        h = 1e-6
+        numeric = [(objective(p + h * e, *args)[0] - objective(p - h * e, *args)[0]) / (2 * h) for e in np.eye(5)]
+        assert grad == pytest.approx(numeric, rel=1e-4, abs=1e-9)

@@ -57,7 +57,7 @@ class ScalingFit:
     at_bounds: list[str] = field(default_factory=list)  # constants on the search box's edge or ~0
     # 95 % bootstrap percentile interval of each constant and of optimal_sparsity (when asked for)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
-    bootstrap: int = 0  # resamples that gave a fit
+    bootstrap: int = 0  # resamples refitted for the intervals
 
     @property
     def constants(self) -> dict[str, float]:
@@ -83,29 +83,28 @@ def _check(N, S, L) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return N, S, L
 
 
+def objective(p, logN, S, logL, delta: float) -> tuple[float, np.ndarray]:
+    """The Huber loss of the log-loss residuals and its gradient in p = (log E, log B, log C, alpha, beta)."""
+    E, B, C, alpha, beta = _unpack(p)
+    z = beta / (1 - S)
+    ce = C * np.exp(np.clip(z, -50, 50))
+    na = np.exp(-alpha * logN)
+    pred = E + (B + ce) * na
+    r = np.log(pred) - logL
+    w = np.clip(r, -delta, delta) / pred  # d huber / d pred
+    ce_z = np.where(np.abs(z) < 50, ce, 0.0)
+    grad = [E, B * na, ce * na, -(B + ce) * na * logN, ce_z * na / (1 - S)]
+    return float(np.sum(huber(r, delta))), np.array([float(np.sum(w * g)) for g in grad])
+
+
 def _minimise(N, S, L, delta: float, starts) -> np.ndarray:
     """The best L-BFGS-B optimum of the Huber loss over the given starting vectors."""
     from scipy.optimize import minimize
 
-    logL, logN = np.log(L), np.log(N)
-
-    def objective(p):
-        """The Huber loss and its gradient in (log E, log B, log C, alpha, beta)."""
-        E, B, C, alpha, beta = _unpack(p)
-        z = beta / (1 - S)
-        ce = C * np.exp(np.clip(z, -50, 50))
-        na = np.exp(-alpha * logN)
-        pred = E + (B + ce) * na
-        r = np.log(pred) - logL
-        w = np.clip(r, -delta, delta) / pred  # d huber / d pred
-        ce_z = np.where(np.abs(z) < 50, ce, 0.0)
-        grad = [E, B * na, ce * na, -(B + ce) * na * logN, ce_z * na / (1 - S)]
-        return float(np.sum(huber(r, delta))), np.array([float(np.sum(w * g)) for g in grad])
-
     best = None
     for x0 in starts:
-        res = minimize(objective, x0, jac=True, method="L-BFGS-B", bounds=BOUNDS,
-                       options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-12})
+        res = minimize(objective, x0, args=(np.log(N), S, np.log(L), delta), jac=True, method="L-BFGS-B",
+                       bounds=BOUNDS, options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-12})
         if best is None or res.fun < best.fun:
             best = res
     return best.x
@@ -123,7 +122,7 @@ def _at_bounds(x, N, S) -> list[str]:
     E, B, C, alpha, beta = _unpack(x)
     na = N ** -alpha
     pred = law(N, S, E, B, C, alpha, beta)
-    share = {"E": E / pred, "B": B * na / pred, "C": C * np.exp(beta / (1 - S)) * na / pred}
+    share = {"E": E / pred, "B": B * na / pred, "C": C * np.exp(np.clip(beta / (1 - S), -50, 50)) * na / pred}
     return [name for name, v, (lo, hi) in zip(NAMES, x, BOUNDS)
             if min(v - lo, hi - v) <= AT_BOUND * (hi - lo) or np.max(share.get(name, 1.0)) < AT_BOUND]
 
