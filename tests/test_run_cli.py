@@ -48,17 +48,32 @@ def fake_run(folder, n, s, loss):
 
 
 def test_scaling_fit_cli(tmp_path, cli):
-    consts = {"E": 1.6, "B": 0.8, "C": 6.0, "alpha": 0.25, "beta": 0.3}
+    consts = {"E": 1.2, "B": 0.2, "C": 3.0, "alpha": 0.3, "beta": 0.1}
     for n in (1e5, 1e6, 1e7):
         for s in (0.0, 0.4, 0.7):
             fake_run(tmp_path / "runs" / f"n{n:g}-s{s}", n, s, float(law(n, s, **consts)))
-    res = cli("scaling", "fit", tmp_path / "runs", "--json", "--plot", tmp_path / "fit.png")
+    res = cli("scaling", "fit", tmp_path / "runs", "--json", "--bootstrap", "4", "--plot", tmp_path / "fit.png")
     assert res.code == 0, res.err
     out = json.loads(res.out)
-    assert out["alpha"] == pytest.approx(0.25, rel=0.05) and out["runs"] == 9 and len(out["data"]) == 9
+    assert out["alpha"] == pytest.approx(0.3, rel=0.05) and out["runs"] == 9 and len(out["data"]) == 9
+    lo, hi = out["intervals"]["optimal_sparsity"]
+    assert out["bootstrap"] == 4 and lo - 1e-6 <= out["optimal_sparsity"] <= hi + 1e-6
+    assert [h["N"] for h in out["held_out"]] == [100_000, 1_000_000, 10_000_000]
+    assert max(h["max_abs_rel_error"] for h in out["held_out"]) < 1e-3
+    assert out["warnings"] == [] and "warning" not in res.err
     assert (tmp_path / "fit.png").stat().st_size > 10_000
-    text = cli("scaling", "fit", tmp_path / "runs")
-    assert "optimal sparsity S*" in text.out
+    text = cli("scaling", "fit", tmp_path / "runs", "--bootstrap", "4")
+    assert "optimal sparsity S*" in text.out and "4 bootstrap resamples" in text.out
+    assert "held-out N" in text.out and "10,000,000" in text.out
+    # losses that do not fall with N: alpha ends on its bound 0, the largest size is missed
+    for n in (1e5, 1e6, 1e7):
+        for s in (0.0, 0.4, 0.7):
+            fake_run(tmp_path / "flat" / f"n{n:g}-s{s}", n, s, 2.0 + 0.3 * s + (0.1 if n == 1e7 else 0))
+    flat = cli("scaling", "fit", tmp_path / "flat", "--bootstrap", "0")
+    assert flat.code == 0 and "zoo: warning: the fit ended on the edge of its search box (" in flat.err
+    assert "alpha = 0" in flat.err and "degenerate" in flat.err
+    assert "fitted without the runs at N = 10,000,000" in flat.err
+    assert cli("scaling", "fit", tmp_path / "runs", "--bootstrap", "-1").code == 2
     few = cli("scaling", "fit", *sorted((tmp_path / "runs").iterdir())[:3])
     assert few.code == 2 and "needs at least 5 runs, got 3" in few.err
 
