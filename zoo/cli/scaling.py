@@ -6,7 +6,7 @@ import warnings
 
 from zoo.cli import UsageError, print_json, print_table
 from zoo.eval.compare import find_runs
-from zoo.eval.scaling import NAMES, fit, fit_warnings, hold_out
+from zoo.eval.scaling import NAMES, fit, fit_warnings, hold_out, law
 
 
 def add_parser(sub):
@@ -85,8 +85,6 @@ def plot_fit(N, S, L, nominal, result, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from zoo.eval.scaling import law
 
     level = np.asarray(sparsity_groups(nominal))
     N, S, L = map(np.asarray, (N, S, L))
