@@ -238,6 +238,20 @@ def wanted(args, name: str) -> bool:
     return not args.only or any(word in name for word in args.only)
 
 
+def runtime_names() -> list[str]:
+    """Every runtime `zoo bench decode` can time (the MoE twin without --model, llama.cpp with a GGUF)."""
+    zoo_names = [f"zoo {name} {label}" for name, _, _ in [*VARIANTS, ("moe 8x top-2", None, True)] for label in DTYPES]
+    return [*zoo_names, "transformers", *(f"llama.cpp {label}" for label in LLAMA_TYPES)]
+
+
+def check_only(args) -> None:
+    """Each --only word must name part of some runtime: a typo would otherwise time nothing."""
+    names = runtime_names()
+    for word in args.only or ():
+        if not any(word in name for name in names):
+            raise ZooError(f"zoo bench decode: --only {word!r} is in no runtime's name; runtimes: {', '.join(names)}")
+
+
 def recipe_file(value: str) -> str:
     """A recipe file as given, else the recipe.toml of a catalogue model, run or checkpoint folder."""
     if Path(value).is_file():
@@ -265,6 +279,7 @@ def source_of(args, max_len: int):
 
 
 def run(args) -> int:
+    check_only(args)
     apply_threads(args)
     max_len = max(args.prefill, args.prompt + args.tokens + 2)
     recipe, state, gguf = source_of(args, max_len)
