@@ -70,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="runtimes whose name contains one of these words (e.g. zoo llama.cpp)")
     p.add_argument("--eager", action="store_true", help="zoo: the eager layers, not the compiled step")
-    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "zoo-bench-decode"),
-                   help="folder for the llama.cpp files made from the GGUF")
+    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "zoo-bench-decode"), metavar="OUT",
+                   help="folder the llama.cpp files made from the GGUF are written to (made if missing)")
     add_threads_argument(p)
 
 
