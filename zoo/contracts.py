@@ -358,3 +358,17 @@ def check(entry: Any, block: Any, path: str) -> None:
     if why is not None:
         raise PluginError(f"plugin {entry.plugin.name!r} ({entry.plugin.dist}): {entry.slot}.{entry.kind} at "
                           f"{path or '?'} breaks the {entry.slot} contract (zoo/contracts.py): {why}")
+
+
+class BuildContext(Protocol):
+    """What a block's factory may use of `ctx` (zoo.model.context.BuildContext implements it): the model's
+    config and layer, this layer's block of a slot, building nested blocks, and the projection factory."""
+
+    model: Any
+    layer: int | None
+
+    def block(self, slot: str) -> Any: ...
+    def build(self, spec: Any, *args: Any) -> Any: ...
+    def build_optional(self, spec: Any, *args: Any) -> Any: ...
+    def projection(self, role: str, in_features: int, out_features: int, bias: bool) -> Any: ...
+    def error(self, spec: Any, msg: str, key: str | None = None) -> Exception: ...

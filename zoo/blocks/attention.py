@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo import contracts
 from zoo.schema import BlockSpec, param, slot_field
-
-if TYPE_CHECKING:
-    from zoo.model.context import BuildContext
 
 
 @dataclass(frozen=True)
@@ -26,7 +23,7 @@ class AttentionConfig:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: AttentionConfig, ctx: BuildContext):
+    def __init__(self, cfg: AttentionConfig, ctx: contracts.BuildContext):
         super().__init__()
         m = ctx.model
         self.n_heads, self.n_kv, self.hd = m.n_heads, m.kv_heads, m.head_size

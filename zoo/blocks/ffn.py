@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from zoo import contracts
 from zoo.contracts import FFN
 from zoo.schema import BlockSpec, param, slot_field
-
-if TYPE_CHECKING:
-    from zoo.model.context import BuildContext
 
 
 def default_hidden(d_model: int, multiple_of: int = 64) -> int:
@@ -33,7 +30,7 @@ class GLUConfig:
 
 
 class GLU(FFN):
-    def __init__(self, cfg: GLUConfig, ctx: BuildContext, d_model: int):
+    def __init__(self, cfg: GLUConfig, ctx: contracts.BuildContext, d_model: int):
         super().__init__()
         self.hidden = cfg.hidden or default_hidden(d_model)
         self.up_gate = ctx.projection("up_gate", d_model, 2 * self.hidden, cfg.bias)
@@ -60,7 +57,7 @@ class MLPConfig:
 
 
 class MLP(FFN):
-    def __init__(self, cfg: MLPConfig, ctx: BuildContext, d_model: int):
+    def __init__(self, cfg: MLPConfig, ctx: contracts.BuildContext, d_model: int):
         super().__init__()
         self.hidden = cfg.hidden or 4 * d_model
         self.up = ctx.projection("up_gate", d_model, self.hidden, cfg.bias)

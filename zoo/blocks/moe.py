@@ -14,19 +14,17 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from zoo import contracts
 from zoo.blocks.router import Routing
 from zoo.contracts import FFN, KernelBackend
 from zoo.kernels.moe_permute import GatheredRows, RowLayout, combine, sort_tokens
 from zoo.schema import BlockSpec, Invalid, param, slot_field
-
-if TYPE_CHECKING:
-    from zoo.model.context import BuildContext
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ class ExpertGroups:
             self.offsets = self.row_expert = None
 
 
-def with_hidden(ctx: BuildContext, spec: BlockSpec, hidden: int) -> BlockSpec:
+def with_hidden(ctx: contracts.BuildContext, spec: BlockSpec, hidden: int) -> BlockSpec:
     """`spec` (an FFN) with its `hidden` width replaced; a recipe error if that kind has none."""
     if not any(f.name == "hidden" for f in dataclasses.fields(spec.config)):
         raise ctx.error(spec, f"ffn kind {spec.kind!r} has no `hidden` width, so it cannot size shared experts")
@@ -89,7 +87,7 @@ def with_hidden(ctx: BuildContext, spec: BlockSpec, hidden: int) -> BlockSpec:
 class MoE(FFN):
     """y = Σ_{e in top_k(x)} gate_e(x) · expert_e(x)  [+ shared(x) · sigmoid(x·w_s)]."""
 
-    def __init__(self, cfg: MoEConfig, ctx: BuildContext, d_model: int):
+    def __init__(self, cfg: MoEConfig, ctx: contracts.BuildContext, d_model: int):
         super().__init__()
         self.num_experts, self.top_k, self.capacity_factor = cfg.num_experts, cfg.top_k, cfg.capacity_factor
         self.aux_coef, self.z_coef = cfg.aux_loss, cfg.z_loss

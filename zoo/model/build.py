@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from zoo.model.config import DTYPES
@@ -12,12 +10,9 @@ from zoo.model.transformer import Transformer
 from zoo.registry import get_registry
 from zoo.schema import errors_located
 
-if TYPE_CHECKING:  # the recipe root composes the model's config: it sits above the model
-    from zoo.recipe.recipe import Recipe
 
-
-def build(recipe: Recipe, device: str | torch.device | None = None, registry=None) -> Transformer:
-    """Build the model of `recipe`. `device="meta"` allocates nothing (for accounting of big shapes).
+def build(recipe, device: str | torch.device | None = None, registry=None) -> Transformer:
+    """Build the model of `recipe` (a `zoo.Recipe`). `device="meta"` allocates nothing (for accounting of big shapes).
 
     Elsewhere the weights are first sized on the meta device: a model that cannot fit is refused
     (`OutOfMemory`, one line) before anything is allocated, and so is a failure of the allocator."""
@@ -34,7 +29,7 @@ def build(recipe: Recipe, device: str | torch.device | None = None, registry=Non
         raise oom from None
 
 
-def _assemble(recipe: Recipe, device: str | torch.device, registry) -> Transformer:
+def _assemble(recipe, device: str | torch.device, registry) -> Transformer:
     with torch.device(device), errors_located(recipe.source, recipe.origins):
         model = Transformer(recipe.model, registry, source=recipe.source)
     model.recipe = recipe
