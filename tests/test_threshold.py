@@ -147,3 +147,22 @@ def test_threshold_decode_bytes_are_the_declared_keep_like_topk(weights):
     if weights == "fp" and cpu.available():
         lin = forms["threshold"][0]
         assert lin.bytes_per_token() == lin.in_features // 2 * lin.out_features * 4
+
+
+@needs_cxx
+def test_bench_kernels_prints_a_threshold_row_beside_topk():
+    """`zoo bench kernels --only topk` times the threshold-sparse row through the zero-skipping GEMV: its bytes
+    are the nonzero entries' weight rows (above the keep quantile of |x|: keep · in of them, as top-K's)."""
+    import argparse
+
+    from zoo.bench import kernels
+
+    p = argparse.ArgumentParser()
+    kernels.add_arguments(p)
+    args = p.parse_args(["--only", "topk", "--shapes", "tiny-down", "--dtype", "float32", "--keep", "0.5",
+                         "--repeats", "1", "--device", "cpu"])
+    rows = {r["kernel"]: r for r in kernels.measure(args)[1]}
+    thr = rows["threshold"]
+    assert thr["shape"] == "tiny-down 512->192 float32 b1 keep0.5" and thr["baseline"] == rows["topk"]["baseline"]
+    assert thr["floor_ms"] == rows["topk"]["floor_ms"] and thr["speedup_vs_zoo_dense"] > 0
+    assert int((kernels.thresholded(torch.randn(1, 512), 0.5) != 0).sum()) == 256
