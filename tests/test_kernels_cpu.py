@@ -251,3 +251,19 @@ def test_gather_gemv_rejects_an_index_out_of_range():
     for bad in (10, -1):
         with pytest.raises(RuntimeError, match="out of range"):
             cpu.gather_gemv(torch.randn(1, 2), torch.tensor([[0, bad]]), wt)
+
+
+@needs_build
+def test_transposed_linear_with_sparse_inputs_takes_the_skipping_gemv_while_it_pays(monkeypatch):
+    """A `zeros_inputs` keep (threshold) sends rows · keep < 1 rows through the compiled GEMV (which skips the
+    zeros), more rows through `x @ Wt`; both give the float64 product, and `bytes_per_token` counts keep · in rows."""
+    weight, bias = torch.randn(53, 37), torch.randn(53)
+    lin, calls = TransposedLinear(weight, bias, keep=0.3), []
+    real = cpu.gather_gemv
+    monkeypatch.setattr(cpu, "gather_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for n in (1, 3, 4):
+        x = sparse_rows(n + 1, 37, 0.3, 4)[1:]  # no all-zero row
+        ref = x.double() @ weight.double().t() + bias.double()
+        assert rel_err(lin(x), ref) < TOL[torch.float32]
+    assert calls == [1, 3]  # 4 rows · 0.3 >= 1: the dense matmul
+    assert lin.bytes_per_token() == round(0.3 * 37) * 53 * 4 + 53 * 4
