@@ -11,12 +11,14 @@ import torch
 import zoo
 from tests.conftest import RECIPES, needs_cxx
 from zoo.contracts import Weights
+from zoo.eval.calibrate import calibrate
 from zoo.kernels import prepare_inference
 from zoo.model.decode import Decoder
 
 SHAPE = ["model.n_layers=2", "model.d_model=48", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=61",
          "model.max_seq_len=40"]
 TOPK = ["model.sparsity.kind='topk'", "model.sparsity.keep=0.5"]
+THRESHOLD = ["model.sparsity.kind='threshold'", "model.sparsity.keep=0.5"]  # calibrated by `build`
 BITNET = ["model.weights.kind='bitnet158'"]
 MOE = ["model.ffn={kind='moe'}", "model.ffn.num_experts=4", "model.ffn.top_k=2",
        "model.ffn.expert={kind='glu', hidden=32, activation='relu2'}"]
@@ -27,6 +29,8 @@ COMBOS = {  # name: (overrides, freeze)
     "relu2": (["model.ffn.activation='relu2'"], False),
     "bitnet": (BITNET, True),
     "bitnet-qsparse": (BITNET + TOPK, True),
+    "threshold": (THRESHOLD, False),
+    "bitnet-threshold": (BITNET + THRESHOLD, True),
     "moe": (MOE, False),
     "moe-bitnet-qsparse": (MOE + BITNET + TOPK, True),
 }
@@ -38,6 +42,9 @@ def build(name: str, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + ["model.ffn.hidden=64"] * (name[:3] != "moe")
                                       + overrides)).to(dtype).eval()
+    if THRESHOLD[0] in overrides:  # thresholds that zero about half of each projection's input
+        ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+        calibrate(model, [(ids, ids)])
     return model.freeze() if freeze else model
 
 
@@ -101,8 +108,9 @@ def test_engine_decode_equals_eager(name, dtype):
 
 
 EAGER = {("qsparse", torch.float16), ("bitnet-qsparse", torch.bfloat16)}
-# compiling costs seconds per model kind: the dense fp32 model here, every combination under `slow`
-SLOW = [pytest.param(n, d, marks=[] if (n, d) == ("dense", torch.float32) else pytest.mark.slow) for n, d in CASES]
+# compiling costs seconds per model kind: the dense and BitNet-threshold fp32 models here, the rest under `slow`
+FAST = {("dense", torch.float32), ("bitnet-threshold", torch.float32)}  # the latter: the fused zero-skipping path
+SLOW = [pytest.param(n, d, marks=[] if (n, d) in FAST else pytest.mark.slow) for n, d in CASES]
 
 
 @needs_cxx

@@ -64,6 +64,45 @@ def test_dense_gemv_matches_float64(poison, threads, dtype, width, out):
     assert rel_err(cpu.gather_gemv(x, None, wt, bias), ref) < TOL[torch.float32]
 
 
+def sparse_rows(n: int, width: int, keep: float, band: int) -> torch.Tensor:
+    """Rows about `keep` nonzero: the first all zero, the last with no zero outside the first `band`
+    entries, which are zero in every row."""
+    g = torch.Generator().manual_seed(n * width)
+    x = torch.randn(n, width, generator=g) * (torch.rand(n, width, generator=g) < keep)
+    x[-1] = torch.randn(width, generator=g)
+    x[0], x[:, :band] = 0.0, 0.0
+    return x
+
+
+@needs_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,width,out", [(1, 37, 53), (4, 37, 53), (3, 1501, 4801), (3, 2731, 1025)])
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
+def test_dense_gemv_reads_only_the_rows_of_nonzero_inputs(poison, threads, dtype, n, width, out, keep):
+    """Without indices, y = Σ_{i: x_i≠0} x_i · wt[i] (+ bias) for rows of any sparsity (all zero: the bias;
+    no zero), in one call with rows of both kinds. The weight rows of zero inputs are never read: filled
+    with NaN and inf they leave y finite (a kernel multiplying by them would give 0 · NaN = NaN)."""
+    band = width // 5
+    x, bias = sparse_rows(n, width, keep, band), torch.randn(out)
+    wt = torch.randn(width, out).to(dtype)
+    ref = x.double() @ wt.double() + bias.double()
+    wt[:band] = float("nan")
+    wt[band // 2:band, ::3] = float("inf")
+    y = cpu.gather_gemv(x, None, wt, bias)
+    assert y.isfinite().all()
+    assert rel_err(y, ref) < TOL[torch.float32]  # fp32 accumulation of exactly-widened bf16 weights
+    assert torch.equal(y[0], bias)
+
+
+@needs_build
+@pytest.mark.parametrize("n,width,out", [(1, 37, 53), (3, 2731, 1025)])
+def test_int8_dense_gemv_skips_zero_inputs_exactly(poison, threads, n, width, out):
+    """Ternary weights times integer activations holding zeros (quantized threshold-sparse rows): exact."""
+    w = torch.randint(-1, 2, (width, out), dtype=torch.int8)
+    x = (sparse_rows(n, width, 0.5, 3) * 40).round().clamp(-128, 127)
+    assert torch.equal(cpu.gather_gemv(x, None, w).double(), x.double() @ w.double())
+
+
 def tied_rows(n: int, width: int) -> torch.Tensor:
     """Rows full of ties at every magnitude (small integers, both signs), one all zero, one with NaN."""
     x = torch.randint(-3, 4, (n, width)).float()
@@ -212,3 +251,19 @@ def test_gather_gemv_rejects_an_index_out_of_range():
     for bad in (10, -1):
         with pytest.raises(RuntimeError, match="out of range"):
             cpu.gather_gemv(torch.randn(1, 2), torch.tensor([[0, bad]]), wt)
+
+
+@needs_build
+def test_transposed_linear_with_sparse_inputs_takes_the_skipping_gemv_while_it_pays(monkeypatch):
+    """A `zeros_inputs` keep (threshold) sends rows · keep < 1 rows through the compiled GEMV (which skips the
+    zeros), more rows through `x @ Wt`; both give the float64 product, and `bytes_per_token` counts keep · in rows."""
+    weight, bias = torch.randn(53, 37), torch.randn(53)
+    lin, calls = TransposedLinear(weight, bias, keep=0.3), []
+    real = cpu.gather_gemv
+    monkeypatch.setattr(cpu, "gather_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for n in (1, 3, 4):
+        x = sparse_rows(n + 1, 37, 0.3, 4)[1:]  # no all-zero row
+        ref = x.double() @ weight.double().t() + bias.double()
+        assert rel_err(lin(x), ref) < TOL[torch.float32]
+    assert calls == [1, 3]  # 4 rows · 0.3 >= 1: the dense matmul
+    assert lin.bytes_per_token() == round(0.3 * 37) * 53 * 4 + 53 * 4

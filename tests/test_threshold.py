@@ -3,17 +3,21 @@ stored with the checkpoint, and the measured sparsity where the calibration says
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
 import zoo
-from tests.conftest import tiny
+from tests.conftest import needs_cxx, tiny
+from zoo.bench.decode import decode_nbytes
 from zoo.blocks.sparsity import kernel_selects
 from zoo.blocks.threshold import Threshold
 from zoo.contracts import Sparsity
 from zoo.eval.calibrate import calibrate
+from zoo.kernels import cpu, prepare_inference
+from zoo.model.projection import Projection
 
 
 def test_threshold_keeps_entries_above_t_with_straight_through_gradient():
@@ -86,3 +90,79 @@ def test_zoo_calibrate_writes_a_checkpoint_with_its_thresholds(tmp_path, cli):
     assert 0.45 < report["sparsity"]["overall"] < 0.75
     r = cli("calibrate", tmp_path / "base", "--sparsity", "1.5", "--out", tmp_path / "x")
     assert r.code == 2 and "--sparsity" in r.err and not (tmp_path / "x").exists()
+
+
+def calibrated(weights: str = "fp", sparsity: str = "threshold") -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny model with `sparsity` (keep 0.5) on every projection, thresholds calibrated on random tokens
+    (frozen, for BitNet), and those tokens."""
+    torch.manual_seed(0)
+    model = zoo.build(tiny(f"model.sparsity={{kind='{sparsity}', keep=0.5}}",
+                           f"model.weights.kind='{weights}'")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    if sparsity == "threshold":
+        calibrate(model, [(ids, ids)])
+    else:  # the same forward as calibration's (it fills the position caches)
+        with torch.no_grad():
+            model(ids)
+    return model.freeze() if weights == "bitnet158" else model, ids
+
+
+@needs_cxx
+@pytest.mark.parametrize("weights,kernel", [("fp", "gather_gemv"), ("bitnet158", "ternary_gemv")])
+def test_prepared_threshold_projections_run_the_zero_skipping_kernel(monkeypatch, weights, kernel):
+    """After `prepare_inference` every threshold projection of a decoded token is one call of the compiled
+    kernel on its threshold-sparse row (the kernel that reads only the nonzero entries' weight rows:
+    tests/test_kernels_cpu.py), and the logits are the eager model's."""
+    model, ids = calibrated(weights)
+    prepared = prepare_inference(copy.deepcopy(model))
+    zeros, real = [], getattr(cpu, kernel)
+
+    def counted(x, *args):
+        zeros.append(float((x == 0).float().mean()))
+        return real(x, *args)
+
+    monkeypatch.setattr(cpu, kernel, counted)
+    with torch.no_grad():
+        want, got = model(ids[:1, :1]).logits, prepared(ids[:1, :1]).logits
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    sparse = [z for z in zeros if z > 0]  # the untied head's dense row (fp) is the other call
+    projections = [m for m in prepared.modules() if isinstance(m, Projection)]
+    assert len(sparse) == len(projections) == 4 * model.config.n_layers
+    assert 0.3 < sum(sparse) / len(sparse) < 0.7  # calibrated to keep 0.5 on these tokens
+
+
+@pytest.mark.parametrize("weights", ["fp", "bitnet158"])
+def test_threshold_decode_bytes_are_the_declared_keep_like_topk(weights):
+    """`bytes_per_token` counts the declared keep share of the weight rows, as for top-K at the same keep
+    (equal widths: K = keep · width exactly); the model's decode bytes differ by the thresholds alone."""
+    forms = {}
+    for sparsity in ("threshold", "topk"):
+        model = prepare_inference(calibrated(weights, sparsity)[0])
+        forms[sparsity] = [m.linear for m in model.modules() if isinstance(m, Projection)]
+        forms[sparsity + " model"] = decode_nbytes(model)
+    for thr, top in zip(forms["threshold"], forms["topk"]):
+        assert thr.bytes_per_token() == top.bytes_per_token() < thr.inference_nbytes()
+    n_thresholds = len(forms["threshold"])
+    assert forms["threshold model"] == forms["topk model"] + 4 * n_thresholds
+    if weights == "fp" and cpu.available():
+        lin = forms["threshold"][0]
+        assert lin.bytes_per_token() == lin.in_features // 2 * lin.out_features * 4
+
+
+@needs_cxx
+def test_bench_kernels_prints_a_threshold_row_beside_topk():
+    """`zoo bench kernels --only topk` times the threshold-sparse row through the zero-skipping GEMV: its bytes
+    are the nonzero entries' weight rows (above the keep quantile of |x|: keep · in of them, as top-K's)."""
+    import argparse
+
+    from zoo.bench import kernels
+
+    p = argparse.ArgumentParser()
+    kernels.add_arguments(p)
+    args = p.parse_args(["--only", "topk", "--shapes", "tiny-down", "--dtype", "float32", "--keep", "0.5",
+                         "--repeats", "1", "--device", "cpu"])
+    rows = {r["kernel"]: r for r in kernels.measure(args)[1]}
+    thr = rows["threshold"]
+    assert thr["shape"] == "tiny-down 512->192 float32 b1 keep0.5" and thr["baseline"] == rows["topk"]["baseline"]
+    assert thr["floor_ms"] == rows["topk"]["floor_ms"] and thr["speedup_vs_zoo_dense"] > 0
+    assert int((kernels.thresholded(torch.randn(1, 512), 0.5) != 0).sum()) == 256

@@ -139,11 +139,16 @@ class Sparsity(nn.Module):
       `forward` keeps; only asked when `kept_count` is not None (default: from `forward`);
     - `magnitude_topk = True` when the kept entries are exactly the K largest |x| of the row
       (ties to the lower index) and unscaled (K = `kept_count`, or the whole row when None): a
-      kernel may then select them itself from the raw row (fusing the sparsity).
+      kernel may then select them itself from the raw row (fusing the sparsity);
+    - `zeros_inputs = True` when `forward`'s output has exact zeros that a kernel may skip, with no
+      fixed K (`kept_count` None), about `keep_fraction` of each row nonzero: inference forms then
+      multiply with a kernel that reads only the weight rows of the nonzero entries (decode), and
+      count `keep_fraction` of those rows as read per token (`bytes_per_token`).
     """
 
     keep_fraction: float = 1.0
     magnitude_topk: bool = False
+    zeros_inputs: bool = False
 
     def kept_count(self, width: int) -> int | None:
         return None

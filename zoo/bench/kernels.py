@@ -21,15 +21,17 @@ from zoo.bench._measure import (
     time_ms,
 )
 from zoo.blocks.sparsity import TopK
+from zoo.blocks.threshold import Threshold
 from zoo.kernels import cpu
 from zoo.kernels.grouped import grouped_mm, sort_by_expert
 from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul
 from zoo.kernels.topk_matmul import topk_matmul
 from zoo.registry import get_registry
 
-# (name, in, out): LLaMA-7B-like FFN, a 2B-class FFN, and the tiny recipes' FFN (d_model 192, hidden 512)
+# (name, in, out): LLaMA-7B-like FFN, a 2B-class FFN, SmolLM2-135M's FFN and the tiny recipes' FFN (d_model
+# 192, hidden 512)
 SHAPES = [("7b-up", 4096, 11008), ("7b-down", 11008, 4096), ("2b-up", 2048, 5460), ("2b-down", 5460, 2048),
-          ("tiny-up", 192, 1024), ("tiny-down", 512, 192)]
+          ("smollm2-up", 576, 1536), ("smollm2-down", 1536, 576), ("tiny-up", 192, 1024), ("tiny-down", 512, 192)]
 # (name, d_model, expert hidden, experts, top_k): OLMoE-like and the tiny MoE recipe
 MOE_SHAPES = [("olmoe-up", 2048, 1024, 64, 8), ("tiny-moe-up", 192, 256, 8, 2)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,7 +66,9 @@ def bench_topk(args, device, gbs) -> list[dict]:
     (W [out, in], nn.Linear's), `x @ Wt` (Wt [in, out], the kernel's layout) and, for one row,
     `F.linear` on the row repeated twice (on CPU bf16 two rows take a faster GEMM path than one).
     Where zoo's compiled CPU kernels are built, a second ratio is printed against zoo's own dense GEMV
-    (the same kernel reading every row of Wt): the ratio of bytes read, at equal read speed.
+    (the same kernel reading every row of Wt): the ratio of bytes read, at equal read speed, and a
+    `threshold` row per keep: TEAL's threshold-sparse row (the `threshold` block at the keep quantile of
+    |x|) through that dense GEMV, which reads only the nonzero entries' rows.
     """
     rows = []
     for name, d_in, d_out in _shapes(args, SHAPES):
@@ -83,8 +87,12 @@ def bench_topk(args, device, gbs) -> list[dict]:
                 dense_ways = list(calls)
                 if compiled and n == 1:
                     calls["zoo GEMV"] = (cpu.gather_gemv, [(x.float(), None, wt) for wt in wts])
+                sparse = {}
                 for keep in args.keep:
                     values, idx = TopK(d_in, int(keep * d_in)).entries(x)  # the model's selection: ascending
+                    if compiled and n == 1:
+                        sparse[keep] = thresholded(x, keep)
+                        calls[f"threshold {keep}"] = (cpu.gather_gemv, [(sparse[keep], None, wt) for wt in wts])
                     calls[f"topk {keep}"] = (topk_matmul, [(values, idx, wt) for wt in wts])
                     if compiled:  # the pure-torch path (F.embedding_bag) beside it
                         calls[f"bag {keep}"] = (functools.partial(topk_matmul, impl="torch"),
@@ -103,7 +111,19 @@ def bench_topk(args, device, gbs) -> list[dict]:
                         extra["embedding_bag ms"] = round(t[f"bag {keep}"].best, 4)
                     rows.append(row("topk", f"{name} {d_in}->{d_out} {dtype_name} b{n} keep{keep}", ms, t[way],
                                     read, gbs, GBs=round(read / ms.best / 1e6, 1), **extra, **baseline))
+                    if keep in sparse:
+                        ms, read = t[f"threshold {keep}"], int((sparse[keep] != 0).sum()) * d_out * dtype.itemsize
+                        rows.append(row("threshold", f"{name} {d_in}->{d_out} {dtype_name} b{n} keep{keep}", ms,
+                                        t[way], read, gbs, GBs=round(read / ms.best / 1e6, 1), impl="zoo cpu",
+                                        speedup_vs_zoo_dense=round(t["zoo GEMV"].best / ms.best, 3), **baseline))
     return rows
+
+
+def thresholded(x: torch.Tensor, keep: float) -> torch.Tensor:
+    """x [1, in] through a `threshold` block set at the (1 - keep) quantile of |x|, in fp32."""
+    block = Threshold(x.shape[-1], keep)
+    block.threshold.fill_(float(x.float().abs().quantile(1 - keep)))
+    return block(x.float())
 
 
 def bench_ternary(args, device, gbs) -> list[dict]:

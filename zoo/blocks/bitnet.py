@@ -13,7 +13,8 @@ parameter is stacked along a leading expert dim (β per expert, each row normed 
 
 Inference form (`zoo.kernels.prepare_inference`, frozen weights): `TernaryLinear`, int8 activations times
 the ternary weight (CPU: unpacked once to int8 — [in, out] for zoo's compiled GEMV, which at decode reads
-only the kept inputs' rows when the input is top-K sparse, or [out, in] for `torch._int_mm` without the
+only the kept inputs' rows when the input is top-K sparse, and skips zero entries (a `zeros_inputs`
+sparsity such as `threshold`, quantized zeros) in any input, or [out, in] for `torch._int_mm` without the
 compiled kernels; CUDA: the packed Triton kernel, with the top-K gather fused in when the projection's
 input is top-K sparse). Stacked MoE experts keep running through the grouped matmul, which takes float
 weights: they keep W̃β unpacked (`keep_dequantized`, not saved) instead of unpacking every call.
@@ -168,7 +169,7 @@ class BitLinear(Weights):
     def inference_form(self, sparsify: Sparsity, device: torch.device, dtype: torch.dtype,
                        impl: str = "auto") -> Weights:
         """Frozen: `TernaryLinear`; with latent weights (not frozen) there is no faster form."""
-        return TernaryLinear(self, device, impl, sparsify.kept_count(self.in_features)) if self.frozen else self
+        return TernaryLinear(self, device, impl, sparsify) if self.frozen else self
 
     def prepare_stacked(self, dtype: torch.dtype) -> None:
         """Stacked experts run through the grouped matmul, which takes float weights: a decode step would
@@ -191,10 +192,14 @@ class TernaryLinear(InferenceForm):
     """A frozen BitNet projection: norm, optional top-K, int8 per-token activations × ternary weight · β
     (β one per matrix or one per output row)."""
 
-    def __init__(self, bitlinear: BitLinear, device: torch.device, impl: str = "auto", kept: int | None = None):
+    def __init__(self, bitlinear: BitLinear, device: torch.device, impl: str = "auto",
+                 sparsify: Sparsity | None = None):
         super().__init__()
         self.in_features, self.out_features = bitlinear.in_features, bitlinear.out_features
-        self.kept = kept  # inputs the projection's sparsity keeps per token (None: all), for `bytes_per_token`
+        # for `bytes_per_token`: the inputs the projection's sparsity keeps per token (None: no fixed K), and
+        # the expected nonzero share of a `zeros_inputs` sparsity's output (1: not declared)
+        self.kept = None if sparsify is None else sparsify.kept_count(self.in_features)
+        self.keep = float(sparsify.keep_fraction) if sparsify is not None and sparsify.zeros_inputs else 1.0
         self.norm, self.bias = bitlinear.norm, bitlinear.bias
         self.register_buffer("packed", bitlinear.packed)  # the checkpoint's storage, kept as is
         self.register_buffer("scale", bitlinear.scale)
@@ -215,9 +220,9 @@ class TernaryLinear(InferenceForm):
 
     def fused(self, x: torch.Tensor, sparsify: Sparsity | None) -> bool:
         """Whether one `cpu.ternary_gemv` call does it all: the compiled kernels, one fp32 row (decode),
-        and no sparsity or a top-K the kernel selects itself."""
+        and no sparsity, a top-K the kernel selects itself, or zeros it skips (`zeros_inputs`)."""
         return (self.layout == "rows" and x.dtype == torch.float32 and x.numel() == self.in_features
-                and kernel_selects(sparsify))
+                and (kernel_selects(sparsify) or sparsify.zeros_inputs))
 
     def fuses(self, sparsify: Sparsity | None) -> bool:
         return self.layout == "rows" and kernel_selects(sparsify)
@@ -225,6 +230,8 @@ class TernaryLinear(InferenceForm):
     def forward(self, x: torch.Tensor, sparsify: Sparsity | None = None) -> torch.Tensor:
         x = self.norm(x)
         if self.fused(x, sparsify):
+            if not kernel_selects(sparsify):  # zeros_inputs: the block zeroes, the kernel skips the zeros
+                x = sparsify(x)
             k = 0 if sparsify is None else sparsify.kept_count(self.in_features) or 0
             y = cpu.ternary_gemv(x.reshape(1, -1), k, self.kernel_weight, self.scale, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
@@ -246,12 +253,14 @@ class TernaryLinear(InferenceForm):
 
     def bytes_per_token(self) -> int:
         """The weight bytes a decoded row reads: the kernel layout (only the kept inputs' rows where the
-        kernel gathers them: Triton, or the compiled CPU kernels), β and the bias."""
+        kernel gathers them: Triton, or the compiled CPU kernels, which also skip the rows of zero
+        inputs: the declared `keep` share of them), β and the bias."""
         w = self.kernel_weight
         if self.layout == "int8":  # [out, in]: the dense int8 GEMV reads all of it
             weight = w.numel() * w.element_size()
         else:  # [in, ...]: one row per input, only the kept inputs' rows read
-            weight = (self.kept or self.in_features) * w[0].numel() * w.element_size()
+            nonzero = round(self.keep * self.in_features) if self.layout == "rows" else self.in_features
+            weight = (self.kept or nonzero) * w[0].numel() * w.element_size()
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return weight + self.scale.numel() * self.scale.element_size() + bias
 

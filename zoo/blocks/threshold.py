@@ -9,7 +9,9 @@ Contract (zoo.contracts.Sparsity): `keep_fraction` is the declared expected kept
 accounting counts, and what calibration aims at); the measured fraction varies per token (`zoo eval`
 reports it). No fixed K is kept per row (`kept_count` is None) and the kept entries are not a top-K
 (`magnitude_topk` is False), so no kernel selects them itself: inference runs the block ahead of the
-dense matmul.
+matmul. The dropped entries are exact zeros (`zeros_inputs`), so at decode that matmul is the
+sparse-input GEMV reading only the weight rows of the kept entries (zoo.kernels.cpu.gather_gemv,
+`TransposedLinear`, `TernaryLinear`), like top-K's.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class ThresholdConfig:
 
 class Threshold(Sparsity):
     """y = x ⊙ (|x| > t) with one calibrated threshold t per projection; `keep_fraction` = the declared keep
-    (`kept_count` None, `magnitude_topk` False: the contract's defaults)."""
+    (`kept_count` None, `magnitude_topk` False: the contract's defaults); its zeros may be skipped."""
+
+    zeros_inputs = True
 
     def __init__(self, width: int, keep: float, ste: bool = True):
         super().__init__()

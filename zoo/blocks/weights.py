@@ -5,8 +5,11 @@
   (decode), densely otherwise;
 - other fp32 weights on CPU (and an untied LM head): `TransposedLinear`, the same Wt layout; one
   row goes through zoo's compiled GEMV (zoo/kernels/cpu.py: both cores, ~1.5× faster than MKL's
-  one-thread GEMV), more rows, or no compiled kernels, through `x @ Wt` (which reads Wt faster
-  than `F.linear` reads W);
+  one-thread GEMV; it reads only the weight rows of the row's nonzero entries), more rows, or no
+  compiled kernels, through `x @ Wt` (which reads Wt faster than `F.linear` reads W). With a
+  sparsity block that declares skippable zeros (`zeros_inputs`, e.g. `threshold`) it counts that
+  share of Wt as read, and a few rows whose expected nonzero entries add up to under one row take
+  the compiled GEMV too;
 - anything else (bf16 or CUDA without top-K): itself.
 """
 
@@ -55,7 +58,9 @@ class Linear(nn.Linear, Weights):
         k = sparsify.kept_count(self.in_features)
         if k is not None:
             return TopKLinear(self.weight, self.bias, k, impl)
-        return TransposedLinear(self.weight, self.bias, impl) if transposed_pays(self.weight, impl) else self
+        if not transposed_pays(self.weight, impl):
+            return self
+        return TransposedLinear(self.weight, self.bias, impl, sparsify.keep_fraction if sparsify.zeros_inputs else 1.0)
 
 
 class PinnedDtypeLinear(Linear):
@@ -88,17 +93,20 @@ class TransposedLinear(InferenceForm):
     """y = sparsify(x)·Wᵀ (+ b) from the weight held transposed, Wt [in, out] row-major.
 
     On CPU one row (decode) goes through zoo's compiled GEMV when it is built (`impl` 'auto' or
-    'cpu'; both cores stream Wt), else `x @ Wt`, which reads Wt faster than `F.linear` reads W
-    [out, in] (MKL's batch-1 GEMV: 10–25 % at decode shapes, docs/benchmarks.md). Saves and loads
-    `weight` [out, in] like nn.Linear, so checkpoints do not change.
+    'cpu'; both cores stream Wt, skipping the rows of zero inputs), else `x @ Wt`, which reads Wt
+    faster than `F.linear` reads W [out, in] (MKL's batch-1 GEMV: 10–25 % at decode shapes,
+    docs/benchmarks.md). `keep` < 1: the expected nonzero share of the input, declared by a
+    `zeros_inputs` sparsity block; rows · keep < 1 rows also take the compiled GEMV, and
+    `bytes_per_token` counts that share of Wt. Saves and loads `weight` [out, in] like nn.Linear, so
+    checkpoints do not change.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, impl: str = "auto"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, impl: str = "auto", keep: float = 1.0):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("wt", weight.detach().t().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.impl = impl
+        self.impl, self.keep = impl, float(keep)
         self.compiled_gemv = choose(impl, self.wt.device, cpu_kernel=cpu.usable(self.wt)) == "cpu"
 
     @property
@@ -117,7 +125,7 @@ class TransposedLinear(InferenceForm):
 
     def dense(self, rows: torch.Tensor) -> torch.Tensor:
         """rows [N, in] in wt's dtype → rows·Wᵀ (+ b)."""
-        if self.compiled_gemv and rows.shape[0] == 1:
+        if self.compiled_gemv and (rows.shape[0] == 1 or gather_pays(rows.shape[0], self.keep)):
             return cpu.gather_gemv(rows, None, self.wt, self.bias).to(rows.dtype)
         y = rows @ self.wt
         return y if self.bias is None else y + self.bias
@@ -127,10 +135,13 @@ class TransposedLinear(InferenceForm):
         return self.dense(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def bytes_per_token(self) -> int:
-        return self.wt.numel() * self.wt.element_size() + _nbytes(self.bias)
+        """Wt (through the compiled GEMV, the expected `keep` share of its rows) and the bias."""
+        rows = round(self.keep * self.in_features) if self.compiled_gemv else self.in_features
+        return rows * self.out_features * self.wt.element_size() + _nbytes(self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}->{self.out_features}, Wt layout"
+        keep = f", nonzero inputs≈{self.keep:g}" if self.keep < 1 else ""
+        return f"{self.in_features}->{self.out_features}, Wt layout{keep}"
 
 
 class TiedTransposedHead(nn.Module):

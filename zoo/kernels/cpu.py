@@ -135,8 +135,11 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 def gather_gemv(values: torch.Tensor, indices: torch.Tensor | None, wt: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """y [N, out] fp32 = Σ_k values[:, k] · wt[indices[:, k]] (+ bias); without indices a dense GEMV
-    (values [N, in]). wt [in, out] fp32 or bf16 (accumulated in fp32), or int8 holding ternary weights
-    with integer values in [-128, 127] (accumulated exactly in integers)."""
+    (values [N, in]) that reads only the rows of wt whose entry in the row of values is nonzero (a row
+    holding zeros, e.g. threshold-sparse, is compacted to its nonzero entries first: y = Σ_{i: x_i≠0}
+    x_i · wt[i]; a zero entry's weight row never contributes, even inf or NaN). wt [in, out] fp32 or
+    bf16 (accumulated in fp32), or int8 holding ternary weights with integer values in [-128, 127]
+    (accumulated exactly in integers)."""
     threads, y = _launch(*values.shape, wt.shape[1])
     idx = None if indices is None else indices.long().contiguous()
     torch.ops.zoo_cpu.gather_gemv(_f32(values), idx, wt.contiguous(), _f32(bias), threads, y)

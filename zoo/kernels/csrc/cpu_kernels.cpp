@@ -2,7 +2,10 @@
 // and registered as torch ops: torch.ops.zoo_cpu.<name>.
 //
 // gather_gemv: y[n] = bias + Σ_k values[n, k] · wt[indices[n, k]]   (wt [in, out] row-major)
-//   the sparse-input GEMV of Q-Sparse decode. Without indices, row k of wt is row k (a dense GEMV).
+//   the sparse-input GEMV of Q-Sparse decode. Without indices, row k of wt is row k (a dense GEMV),
+//   except that a row of values holding zeros reads only the weight rows of its nonzero entries (it is
+//   compacted to them first: a threshold-sparse, ReLU or quantized input skips the rest; a weight row
+//   of a zero entry never contributes, even inf or NaN).
 //   wt float32, bfloat16 or int8 — int8 meaning BitNet's ternary weights {-1, 0, +1}, with integer
 //   activations in [-128, 127] as the values: summed exactly in integers (see gemv_columns<int8_t>).
 // topk_gemv: the same after selecting, in each row of x, the k entries of largest |x| (ties to the
@@ -152,6 +155,31 @@ void gather_gemv_typed(const at::Tensor& values, const int64_t* idx, const at::T
 }
 
 void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indices, const at::Tensor& wt,
+                 const std::optional<at::Tensor>& bias, int64_t chunks, at::Tensor& y);
+
+// A dense call whose rows hold zeros: each row goes through the indexed path with its nonzero entries
+// only, so the weight rows of its zero entries are never read (an all-zero row gives the bias).
+void gather_gemv_nonzero(const at::Tensor& values, const at::Tensor& wt, const std::optional<at::Tensor>& bias,
+                         int64_t chunks, at::Tensor& y) {
+  const int64_t N = values.size(0), width = values.size(1);
+  at::Tensor kept = at::empty({1, width}, values.options());
+  at::Tensor where = at::empty({1, width}, values.options().dtype(at::kLong));
+  for (int64_t i = 0; i < N; ++i) {
+    const float* x = values.data_ptr<float>() + i * width;
+    float* v = kept.data_ptr<float>();
+    int64_t* idx = where.data_ptr<int64_t>();
+    int64_t K = 0;
+    for (int64_t j = 0; j < width; ++j)
+      if (x[j] != 0.f) {  // NaN included: it is kept and shows in y
+        idx[K] = j;
+        v[K++] = x[j];
+      }
+    at::Tensor yi = y.narrow(0, i, 1);
+    gather_gemv(kept.narrow(1, 0, K), where.narrow(1, 0, K), wt, bias, chunks, yi);
+  }
+}
+
+void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indices, const at::Tensor& wt,
                  const std::optional<at::Tensor>& bias, int64_t chunks, at::Tensor& y) {
   TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
               "gather_gemv: values must be contiguous float32 [N, K]");
@@ -168,6 +196,9 @@ void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indi
       TORCH_CHECK(0 <= idx[i] && idx[i] < rows, "gather_gemv: index ", idx[i], " out of range [0, ", rows, ")");
   } else {
     TORCH_CHECK(values.size(1) == wt.size(0), "gather_gemv: dense rows need K == in");
+    const float* x = values.data_ptr<float>();
+    if (std::find(x, x + values.numel(), 0.f) != x + values.numel())
+      return gather_gemv_nonzero(values, wt, bias, chunks, y);
   }
   const float* b = nullptr;
   if (bias.has_value()) {
