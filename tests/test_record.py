@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import pytest
 import torch
@@ -57,6 +58,7 @@ def test_save_writes_a_record_that_compare_lists_beside_the_run(run, tmp_path, c
     assert rec["val_loss"] == printed["val_loss"] and rec["heldout"] == printed["heldout"]
     assert rec["decode"] == printed["decode"] and rec["decode"]["threads"] == torch.get_num_threads()
     assert rec["decode"]["ms_per_token"] > 0 and rec["decode"]["compiled"] is False
+    assert datetime.fromisoformat(rec["decode"]["date"]) <= datetime.fromisoformat(rec["date"])  # decode comes last
     summary = json.loads((run / "summary.json").read_text())
     assert rec["accounting"]["activated_params"] < summary["accounting"]["activated_params"]
     assert [p.name for p in tmp_path.iterdir()] == ["topk"]  # nothing else: no temporary sibling left

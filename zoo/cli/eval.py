@@ -115,10 +115,14 @@ def check_args(args) -> None:
 
 def measure_decode(model, tok) -> dict:
     """Decode ms/token of the model's inference form (frozen and prepared, as zoo generate runs it) after the
-    first tokens of the KJV held-out tail. Freezes `model` in place."""
+    first tokens of the KJV held-out tail, and when it was taken. Freezes `model` in place."""
     n = min(DECODE_PROMPT, model.config.max_seq_len // 2)
     prompt = torch.from_numpy(texts(tok)["kjv-tail"][:n])[None]
-    return decode_ms(prepare_inference(model.freeze().eval()), prompt)
+    return {**decode_ms(prepare_inference(model.freeze().eval()), prompt), "date": now()}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def store(args, ckpt: Path, overrides: list[str], is_rec: bool, recipe: dict, accounting: dict,
@@ -126,8 +130,7 @@ def store(args, ckpt: Path, overrides: list[str], is_rec: bool, recipe: dict, ac
     """--save: a new record. Else, without --set, what a run folder or a record keeps: a run folder its lm-eval
     scores (tasks.json, merged by task) and its decode time (decode.json); a record all of it (merged)."""
     if args.save:
-        when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        return save_record(args.save, new_record(args.run, ckpt, overrides, recipe, accounting, measured, when,
+        return save_record(args.save, new_record(args.run, ckpt, overrides, recipe, accounting, measured, now(),
                                                  __version__))
     if args.overrides:
         return None
@@ -171,7 +174,8 @@ def rows(report: dict) -> list[list]:
         out += [[f"{task} {metric}", f"{value:.4f}"] for metric, value in metrics.items()]
     if "decode" in report:
         d = report["decode"]
-        out.append(["decode ms/token (batch 1)", f"{d['ms_per_token']:.2f}  ({d['threads']} CPU threads, "
+        threads = f"{d['threads']} CPU thread" + ("s" if d["threads"] != 1 else "")
+        out.append(["decode ms/token (batch 1)", f"{d['ms_per_token']:.2f}  ({threads}, "
                     f"{'compiled' if d['compiled'] else 'eager'} step, median of {d['tokens']} after a "
                     f"{d['prompt']}-token prompt)"])
     return out
