@@ -97,7 +97,7 @@ def test_zoo_eval_tasks_on_a_run_and_zoo_compare_shows_them(tmp_path, cli):
     # a training-free variant of the same weights, saved as an evaluation record: one table with the run
     topk = 'model.sparsity={kind="topk", keep=0.5}'
     r = cli("eval", tmp_path / "run", "--set", topk, "--tasks", "zoo_kjv_next_verse", "--limit", "2", "--save",
-            tmp_path / "topk", "--json")
+            tmp_path / "topk", "--batch-size", "3", "--json")
     assert r.code == 0, r.err
     record = json.loads((tmp_path / "topk" / "evaluation.json").read_text())
     assert record["tasks"] == json.loads(r.out)["tasks"] and record["task_limits"] == {"zoo_kjv_next_verse": 2}

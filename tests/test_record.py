@@ -112,6 +112,7 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, cli):
         (("--save", other / "a.txt"), "is a file"),
         (("--decode", "--heldout", "--save", tmp_path / "new"), "--decode only times decoding"),
         (("--limit", "3", "--save", tmp_path / "new"), "--limit N needs --tasks"),
+        (("--batch-size", "2", "--save", tmp_path / "new"), "--batch-size need --tasks"),
         (("--set", "model.sparsity.keep=", "--save", tmp_path / "new"), "model.sparsity"),
     ]
     for args, message in cases:

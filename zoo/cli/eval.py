@@ -45,6 +45,9 @@ def add_parser(sub):
                         "folder the scores are also written to its tasks.json, which zoo compare shows")
     p.add_argument("--limit", type=int, metavar="N", help="with --tasks: at most N documents per task")
     p.add_argument("--include", metavar="DIR", help="with --tasks: a folder of lm-eval task YAML files")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="with --tasks: sequences per forward (default 8; lower it to lower the memory peak: the "
+                        "logits of N windows of max_seq_len tokens)")
     p.add_argument("--decode", action="store_true",
                    help="only time decoding: ms per token at batch 1 on the decode engine, as zoo generate runs the "
                         "model (a run folder keeps it in decode.json, a record in itself; zoo compare shows it)")
@@ -69,8 +72,8 @@ def run(args) -> int:
     if args.tasks:
         harness = importlib.import_module(HARNESS)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        measured["tasks"] = harness.run_tasks(harness.ZooLM(model, tok, harness.end_of_text(ckpt, tok)), tasks,
-                                              args.limit, args.include)
+        lm = harness.ZooLM(model, tok, harness.end_of_text(ckpt, tok), batch_size=args.batch_size)
+        measured["tasks"] = harness.run_tasks(lm, tasks, args.limit, args.include)
         measured["task_limits"] = {task: args.limit for task in measured["tasks"]}
     elif not args.decode:
         if args.data:
@@ -105,8 +108,10 @@ def check_args(args) -> None:
                          "--batches or --heldout")
     if args.limit is not None and (args.limit < 1 or not args.tasks):
         raise UsageError("zoo eval: --limit N needs --tasks and N >= 1")
-    if args.include and not args.tasks:
-        raise UsageError("zoo eval: --include needs --tasks")
+    if (args.include or args.batch_size != 8) and not args.tasks:
+        raise UsageError("zoo eval: --include and --batch-size need --tasks")
+    if args.batch_size < 1:
+        raise UsageError("zoo eval: --batch-size must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise UsageError("zoo eval: --threads must be >= 1")
     if args.save:
