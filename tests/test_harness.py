@@ -90,8 +90,30 @@ def test_zoo_eval_tasks_on_a_run_and_zoo_compare_shows_them(tmp_path, cli):
     assert json.loads((tmp_path / "run" / "tasks.json").read_text()) == scores
     r = cli("compare", tmp_path / "run")
     assert r.code == 0 and "zoo_kjv_next_verse/acc" in r.out
-    r = cli("eval", tmp_path / "run", "--tasks", "zoo_kjv_next_vers")
-    assert r.code == 2 and 'did you mean "zoo_kjv_next_verse"' in r.err
+    r = cli("eval", tmp_path / "run", "--tasks", "zoo_kjv_next_vers", "--save", tmp_path / "typo")
+    assert r.code == 2 and 'did you mean "zoo_kjv_next_verse"' in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "typo").exists()
+
+    # a training-free variant of the same weights, saved as an evaluation record: one table with the run
+    topk = 'model.sparsity={kind="topk", keep=0.5}'
+    r = cli("eval", tmp_path / "run", "--set", topk, "--tasks", "zoo_kjv_next_verse", "--limit", "2", "--save",
+            tmp_path / "topk", "--batch-size", "3", "--json")
+    assert r.code == 0, r.err
+    record = json.loads((tmp_path / "topk" / "evaluation.json").read_text())
+    assert record["tasks"] == json.loads(r.out)["tasks"] and record["task_limits"] == {"zoo_kjv_next_verse": 2}
+    assert record["overrides"] == [topk] and record["decode"]["ms_per_token"] > 0
+    assert json.loads((tmp_path / "run" / "tasks.json").read_text()) == scores  # --set: the run is not touched
+    r = cli("compare", tmp_path / "run", tmp_path / "topk", "--json")
+    rows = {row["run"]: row for row in json.loads(r.out)}
+    assert rows["topk"]["tasks"]["zoo_kjv_next_verse/acc"] == record["tasks"]["zoo_kjv_next_verse"]["acc"]
+    assert rows["run"]["tasks"]["zoo_kjv_next_verse/acc"] == scores["zoo_kjv_next_verse"]["acc"]
+    assert rows["topk"]["activated_params"] < rows["run"]["activated_params"]
+    r = cli("compare", tmp_path / "run", tmp_path / "topk")
+    header, *lines = r.out.splitlines()
+    assert "zoo_kjv_rolling/byte_perplexity" in header and "decode ms/tok" in header
+    rolling = header.index("zoo_kjv_rolling/byte_perplexity")
+    topk_line = next(ln for ln in lines if ln.startswith("topk"))
+    assert topk_line[rolling:].split()[0] == "-"  # the record ran no rolling task: a blank
 
 
 def test_a_local_task_whose_data_file_is_missing_is_one_line(tmp_path):

@@ -111,7 +111,7 @@ def test_quickstart_trains_compares_and_plots(tmp_path, cli):
     assert (tmp_path / "qs" / "compare.png").stat().st_size > 10_000
     lines = res.out.strip().splitlines()
     header = next(ln for ln in lines if ln.startswith("run"))
-    assert "act.params" in header and "decode tok/s" in header
+    assert "act.params" in header and "decode ms/tok" in header
     assert any(ln.startswith("dense ") and ln.endswith("model.sparsity.kind=\"none\"") for ln in lines)
     assert any(ln.startswith("sparse ") and ln.endswith("model.sparsity.kind=\"topk\"") for ln in lines)
 

@@ -37,9 +37,11 @@ def test_summary_times_decode_on_the_inference_form_zoo_generate_runs(tmp_path, 
     from zoo.blocks.weights import TopKLinear
 
     seen = []
-    monkeypatch.setattr(loop, "decode_tokens_per_s", lambda model, prompt: seen.append(model) or 123.0)
+    measured = {"ms_per_token": 8.0, "tokens": 32, "prompt": 8, "threads": 1, "compiled": False}
+    monkeypatch.setattr(loop, "decode_ms", lambda model, prompt, compile: seen.append(model) or measured)
     r = tiny_run(tmp_path, **{"train.steps": 2, "model.sparsity": {"kind": "topk", "keep": 0.5}})
-    assert train(r, tmp_path / "qs", progress=False)["decode_tokens_per_s"] == 123.0
+    summary = train(r, tmp_path / "qs", progress=False)
+    assert summary["decode"] == measured and summary["decode_tokens_per_s"] == 125.0
     assert any(isinstance(m, TopKLinear) for m in seen[-1].modules()) and not seen[-1].training
     r = tiny_run(tmp_path, **{"train.steps": 2, "model.weights": {"kind": "bitnet158"}})
     train(r, tmp_path / "bn", progress=False)

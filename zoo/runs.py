@@ -7,6 +7,9 @@ the sweeps read, and the names and meta.json of the checkpoint folders inside it
                          zoo.io.checkpoint) plus training state (zoo.train.state)
     summary.json         written when the run finished
     tasks.json           lm-eval scores, written by `zoo eval RUN --tasks ...` (read by `zoo compare`)
+    decode.json          decode ms/token at batch 1, written by `zoo eval RUN --decode` (read by `zoo compare`)
+
+and the evaluation record `zoo eval ... --save DIR` writes: DIR/evaluation.json (zoo.eval.record).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from zoo.errors import CheckpointError, ZooError, did_you_mean
 from zoo.recipe.loader import catalogue_checkpoint, catalogue_names
 
 METRICS, SUMMARY, CHECKPOINTS, TASKS = "metrics.jsonl", "summary.json", "checkpoints", "tasks.json"
+DECODE, EVALUATION = "decode.json", "evaluation.json"
 RECIPE, WEIGHTS, META = "recipe.toml", "model.safetensors", "meta.json"  # RECIPE: in run and checkpoint folders
 FORMAT = 1  # of meta.json
 _STEP_DIR = re.compile(r"step-(\d+)$")

@@ -1,4 +1,4 @@
-"""`zoo compare DIR ... [--json] [--plot out.png] [--grad-plot grads.png]`."""
+"""`zoo compare DIR ... [--json] [--plot out.png] [--grad-plot grads.png]`: runs and evaluation records."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from zoo.eval.compare import compare, find_runs, plot, plot_layer_grads, table
 
 
 def add_parser(sub):
-    p = sub.add_parser("compare", help="finished runs side by side (seeds aggregated as mean ± std), and a plot")
-    p.add_argument("runs", nargs="+", metavar="DIR", help="run folders, or folders of runs (a sweep, a quickstart)")
+    p = sub.add_parser("compare", help="finished runs and evaluation records side by side (seeds aggregated as "
+                                       "mean ± std), and a plot")
+    p.add_argument("runs", nargs="+", metavar="DIR",
+                   help="run folders, evaluation records (zoo eval --save), or folders of them (a sweep, a quickstart)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--plot", metavar="PNG", help="write the figure: val loss vs tokens, final loss vs activated params")
     p.add_argument("--grad-plot", metavar="PNG",
@@ -17,7 +19,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    runs = find_runs(args.runs)
+    runs = find_runs(args.runs, records=True)
     rows = compare(runs)
     if args.grad_plot:  # first: it is the one that can refuse, and then nothing is written
         plot_layer_grads(runs, rows, args.grad_plot)

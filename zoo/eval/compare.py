@@ -1,6 +1,8 @@
-"""`zoo compare`: finished runs side by side, seeds aggregated, plus the figure.
+"""`zoo compare`: finished runs and evaluation records side by side, seeds aggregated, plus the figure.
 
-A row is one run, or the mean ± std of runs whose recipes differ only in `train.seed`.
+A row is one run, or the mean ± std of runs whose recipes differ only in `train.seed`, or one evaluation
+record (`zoo eval ... --save DIR`: a model that is not a run folder, e.g. a catalogue model with a
+training-free sparsity; records never group).
 """
 
 from __future__ import annotations
@@ -14,36 +16,41 @@ from typing import Any
 import numpy as np
 
 from zoo.errors import ZooError
-from zoo.recipe.recipe import load_recipe
-from zoo.runs import METRICS, RECIPE, SUMMARY, TASKS
+from zoo.eval.record import is_record, read_record
+from zoo.recipe.recipe import load_recipe, recipe_from_dict
+from zoo.runs import DECODE, EVALUATION, METRICS, RECIPE, SUMMARY, TASKS
 from zoo.schema import BlockSpec, flatten, inline_toml, to_plain
 
 METRIC_KEYS = ("total_params", "activated_params", "flops_per_token", "train_loss", "val_loss", "val_ppl",
-               "sparsity", "train_tokens_per_s", "decode_tokens_per_s", "tokens")
+               "sparsity", "train_tokens_per_s", "decode_tokens_per_s", "decode_ms_per_token", "tokens")
 # not differences between runs: seeds group, the rest only changes what is logged
 IGNORED = ("name", "train.seed", "train.layer_grad_norms", "train.tensorboard", "train.log_every")
 
 
 @dataclass
 class Run:
-    """A finished run folder: its flattened recipe, summary.json, and validation curve."""
+    """A finished run folder (its flattened recipe, summary.json, validation curve) or an evaluation record."""
 
     path: Path
     recipe: dict
-    summary: dict
+    summary: dict  # summary.json, or a record's evaluation.json
     curve: list[tuple[int, float]] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     label: str = ""
     layer_grads: list[tuple[int, list[float]]] = field(default_factory=list)  # (step, norm per block)
     tasks: dict[str, float] = field(default_factory=dict)  # "task/metric" -> score, from tasks.json (zoo eval --tasks)
+    decode: dict | None = None  # decode.json (zoo eval --decode), else the summary's; zoo.eval.perplexity.decode_ms
+    record: bool = False  # an evaluation record, not a training run
 
     def metrics(self) -> dict[str, float | None]:
         s, acc = self.summary, self.summary["accounting"]
         measured = (s.get("sparsity") or {}).get("overall")
+        ms = self.decode["ms_per_token"] if self.decode else None
         return {"total_params": acc["total_params"], "activated_params": acc["activated_params"],
-                "flops_per_token": acc["flops_per_token"], "train_loss": s["train_loss"], "val_loss": s["val_loss"],
-                "val_ppl": s["val_ppl"], "sparsity": measured, "train_tokens_per_s": s["train_tokens_per_s"],
-                "decode_tokens_per_s": s["decode_tokens_per_s"], "tokens": s["tokens"]}
+                "flops_per_token": acc["flops_per_token"], "train_loss": s.get("train_loss"),
+                "val_loss": s.get("val_loss"), "val_ppl": s.get("val_ppl"), "sparsity": measured,
+                "train_tokens_per_s": s.get("train_tokens_per_s"), "decode_tokens_per_s": s.get("decode_tokens_per_s"),
+                "decode_ms_per_token": ms, "tokens": None if self.record else s.get("tokens")}  # training tokens
 
 
 def explicit(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -82,23 +89,51 @@ def load_run(path: str | Path) -> Run:
         elif rec.get("layer_grad_norms"):
             layer_grads.append((rec["step"], rec["layer_grad_norms"]))
     recipe = load_recipe(path / RECIPE)
-    tasks = {}
-    if (path / TASKS).is_file():
-        scores = json.loads((path / TASKS).read_text(encoding="utf-8"))
-        tasks = {f"{task}/{metric}": v for task, metrics in scores.items() for metric, v in metrics.items()}
-    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name, layer_grads, tasks)
+    scores = json.loads((path / TASKS).read_text(encoding="utf-8")) if (path / TASKS).is_file() else {}
+    decode = json.loads((path / DECODE).read_text(encoding="utf-8")) if (path / DECODE).is_file() else None
+    return Run(path, flatten(recipe.to_dict()), summary, curve, explicit(recipe), path.name, layer_grads,
+               columns(scores), decode or summary.get("decode"))
 
 
-def find_runs(paths: list[str | Path]) -> list[Run]:
-    """Run folders given directly, or found one level down (a sweep or quickstart folder)."""
+def load_record(path: str | Path) -> Run:
+    """An evaluation record as a row: its task scores and held-out perplexities are columns."""
+    path = Path(path)
+    record = read_record(path)
+    try:
+        recipe = recipe_from_dict(record["recipe"], source=str(path / EVALUATION))
+    except ZooError as err:
+        raise ZooError(f"{path / EVALUATION}: its recipe cannot be read here: {err}") from None
+    held = {f"heldout {name}": {"ppl": r["ppl"]} for name, r in record.get("heldout", {}).items()
+            if isinstance(r, dict)}
+    return Run(path, flatten(recipe.to_dict()), record, [], explicit(recipe), path.name, [],
+               columns({**record.get("tasks", {}), **held}), record.get("decode"), record=True)
+
+
+def columns(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{task: {metric: value}} -> {"task/metric": value}."""
+    return {f"{task}/{metric}": v for task, metrics in scores.items() for metric, v in metrics.items()}
+
+
+def find_runs(paths: list[str | Path], records: bool = False) -> list[Run]:
+    """Run folders given directly, or found one level down (a sweep or quickstart folder); with `records`,
+    evaluation records too (`zoo eval --save`), given or found the same way."""
+
+    def wanted(p: Path) -> bool:
+        return (p / SUMMARY).is_file() or (records and is_record(p))
+
     runs = []
     for p in map(Path, paths):
         if (p / RECIPE).is_file():
             runs.append(load_run(p))
-        elif p.is_dir() and any((c / SUMMARY).is_file() for c in p.iterdir()):
-            runs += [load_run(c) for c in sorted(p.iterdir()) if (c / SUMMARY).is_file()]
+        elif records and is_record(p):
+            runs.append(load_record(p))
+        elif p.is_dir() and any(wanted(c) for c in p.iterdir()):
+            runs += [load_record(c) if is_record(c) else load_run(c) for c in sorted(p.iterdir()) if wanted(c)]
+        elif is_record(p):
+            raise ZooError(f"{p}: an evaluation record, not a run folder")
         else:
-            raise ZooError(f"{p}: not a run folder (no {RECIPE}) nor a folder of finished runs")
+            raise ZooError(f"{p}: not a run folder (no {RECIPE}) nor a folder of finished runs"
+                           + (" nor an evaluation record" if records else ""))
     if not runs:
         raise ZooError("no runs to compare")
     names = [r.label for r in runs]
@@ -119,7 +154,8 @@ def compare(runs: list[Run]) -> list[dict]:
     """One row per group of runs that differ only by seed: differing recipe keys and metrics (mean, std)."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        key = json.dumps({k: v for k, v in r.recipe.items() if k not in IGNORED}, sort_keys=True, default=str)
+        key = str(r.path) if r.record else json.dumps(
+            {k: v for k, v in r.recipe.items() if k not in IGNORED}, sort_keys=True, default=str)
         groups.setdefault(key, []).append(r)
     reps = [g[0].recipe for g in groups.values()]
     keys = sorted({k for rec in reps for k in rec} - set(IGNORED))
@@ -130,13 +166,16 @@ def compare(runs: list[Run]) -> list[dict]:
     rows = []
     for g in groups.values():
         row = {"run": g[0].label if len(g) == 1 else f"{g[0].label} (+{len(g) - 1})",
-               "runs": [str(r.path) for r in g], "seeds": sorted(r.recipe.get("train.seed", 0) for r in g),
+               "runs": [str(r.path) for r in g], "record": g[0].record,
+               "seeds": [] if g[0].record else sorted(r.recipe.get("train.seed", 0) for r in g),
                "differences": {k: g[0].recipe.get(k) for k in differing},
                "settings": {k: g[0].recipe[k] for k in salient if k in g[0].recipe}}
         for m in METRIC_KEYS:
             mean, std = _mean_std([r.metrics()[m] for r in g])
             row[m] = mean
             row[m + "_std"] = std
+        row["decode_threads"] = sorted({r.decode["threads"] for r in g if r.decode})
+        row["decode_compiled"] = sorted({r.decode["compiled"] for r in g if r.decode})
         row["tasks"] = {k: _mean_std([r.tasks.get(k) for r in g])[0] for k in sorted({k for r in g for k in r.tasks})}
         per_layer = [np.mean([n for _, n in r.layer_grads], axis=0) for r in g if r.layer_grads]
         if per_layer and len({len(v) for v in per_layer}) == 1:  # mean over steps, then over seeds
@@ -162,7 +201,14 @@ def _fmt(v: float | None, std: float | None, digits: int, unit: tuple[str, float
 
 COLUMNS = [("params", "total_params", 0), ("act.params", "activated_params", 0), ("FLOPs/tok", "flops_per_token", 0),
            ("train", "train_loss", 3), ("val", "val_loss", 3), ("ppl", "val_ppl", 2), ("sparsity", "sparsity", 2),
-           ("train tok/s", "train_tokens_per_s", 0), ("decode tok/s", "decode_tokens_per_s", 0)]
+           ("train tok/s", "train_tokens_per_s", 0), ("decode ms/tok", "decode_ms_per_token", 2)]
+
+
+def _how(row: dict) -> str:
+    """How a row's decode time was taken: threads, and `eager` when the layer step was not compiled."""
+    threads = "/".join(map(str, row.get("decode_threads", [])))
+    eager = " eager" if False in row.get("decode_compiled", []) else ""
+    return f" ({threads}t{eager})" if threads else ""
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -174,8 +220,9 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     cells = []
     for r in rows:
         settings = " ".join(f"{k}={inline_toml(v)}" for k, v in r["settings"].items()) or "-"
-        cells.append([r["run"], ",".join(map(str, r["seeds"])),
-                      *(_fmt(r[k], r[k + "_std"], d, units[k]) for _, k, d in COLUMNS),
+        how = {"decode_ms_per_token": _how(r) if r["decode_ms_per_token"] is not None else ""}
+        cells.append([r["run"], ",".join(map(str, r["seeds"])) or "-",
+                      *(_fmt(r[k], r[k + "_std"], d, units[k]) + how.get(k, "") for _, k, d in COLUMNS),
                       *(_fmt(r.get("tasks", {}).get(k), None, 4) for k in tasks), settings])
     return headers, cells
 
@@ -200,7 +247,7 @@ def plot(runs: list[Run], rows: list[dict], path: str | Path) -> Path:
     a.set_ylabel("validation loss (nats/token)")
     a.set_title("validation loss vs tokens")
     a.legend(fontsize=7)
-    for row in rows:
+    for row in (r for r in rows if r["val_loss"] is not None):  # a record of lm-eval tasks alone has no val loss
         b.errorbar(row["activated_params"], row["val_loss"], yerr=row["val_loss_std"] or 0, fmt="o", capsize=3,
                    color=color[row["runs"][0]])
         b.annotate(row["run"], (row["activated_params"], row["val_loss"]), fontsize=7,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from collections.abc import Iterable
 
 import torch
+
+from zoo.model.decode import Decoder
 
 
 def autocast(precision: str, device: torch.device | str):
@@ -40,15 +43,27 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int = 32) -> float:
-    """Tokens per second when sampling `new_tokens` after `prompt` [1, T] with the KV cache (greedy), on the
-    decode engine with its layers eager: a few dozen tokens would not pay back compiling the layer step."""
+def decode_ms(model, prompt: torch.Tensor, tokens: int = 32, compile: bool | None = None) -> dict:
+    """Milliseconds per decoded token at batch 1: `model` (pass its inference form, frozen and prepared, as
+    `zoo generate` runs it) on the decode engine, greedy after `prompt` [1, T]. A warm-up first (the prompt
+    and 2 steps: the layer step compiles there; `compile` as the Decoder's, None: ZOO_COMPILE), then the
+    prompt again and the median of `tokens` timed steps. With the figure: the steps timed, the prompt length,
+    torch's CPU threads and whether the step was compiled."""
     was_training = model.training
     model.eval()
-    n = min(new_tokens, model.config.max_seq_len - prompt.shape[1])
+    n = max(1, min(tokens, model.config.max_seq_len - prompt.shape[1] - 1))
+    prompt = prompt.to(model.embed.weight.device)
+    dec = Decoder(model, 1, prompt.shape[1] + n + 1, compile)
     try:
-        start = time.perf_counter()
-        done = sum(1 for _ in model.generate(prompt.to(model.embed.weight.device), n, temperature=0, compile=False))
-        return done / max(time.perf_counter() - start, 1e-9)
+        nxt = dec.prefill(prompt).argmax(-1, keepdim=True)
+        for _ in range(2):
+            nxt = dec.step(nxt).argmax(-1, keepdim=True)
+        nxt, times = dec.prefill(prompt).argmax(-1, keepdim=True), []
+        for _ in range(n):
+            start = time.perf_counter()
+            nxt = dec.step(nxt).argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - start)
     finally:
         model.train(was_training)
+    return {"ms_per_token": statistics.median(times) * 1e3, "tokens": n, "prompt": prompt.shape[1],
+            "threads": torch.get_num_threads(), "compiled": dec.compiled}

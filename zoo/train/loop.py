@@ -19,7 +19,7 @@ from zoo.data import load_data, val_batches
 from zoo.data.tokens import Windows
 from zoo.errors import CheckpointError, RecipeError, ZooError
 from zoo.eval.evaluate import sparsity_summary
-from zoo.eval.perplexity import autocast, decode_tokens_per_s, eval_loss, perplexity
+from zoo.eval.perplexity import autocast, decode_ms, eval_loss, perplexity
 from zoo.files import write_atomic
 from zoo.io.checkpoint import load
 from zoo.kernels import prepare_inference
@@ -301,12 +301,14 @@ def _train(recipe: Recipe, out: str | Path, par, resume: bool, stop_at: int | No
 
 def write_summary(out: Path, recipe: Recipe, model, data, state: TrainState, val, ckpt: Path) -> dict:
     """summary.json: the final figures of a finished run, as `zoo compare` reads them. Decode speed is
-    that of the inference form `zoo generate` runs: the checkpoint frozen and prepared."""
+    that of the inference form `zoo generate` runs: the checkpoint frozen and prepared, its layers eager."""
     records = [json.loads(ln) for ln in (out / METRICS).read_text(encoding="utf-8").splitlines() if ln.strip()]
     train_rec = [r for r in records if r["split"] == "train"]
     val_rec = [r for r in records if r["split"] == "val"]
     prompt = val[0][0][:1, : max(1, recipe.train.seq_len // 2)]
     acc = account(model, seq_len=recipe.train.seq_len)
+    decode = decode_ms(prepare_inference(load(ckpt, device=next(model.parameters()).device).freeze().eval()), prompt,
+                       compile=False)  # a few dozen tokens would not pay back compiling the layer step
     summary = {
         "name": recipe.name,
         "steps": state.step,
@@ -316,8 +318,8 @@ def write_summary(out: Path, recipe: Recipe, model, data, state: TrainState, val
         "val_ppl": val_rec[-1]["val_ppl"],
         "sparsity": val_rec[-1].get("sparsity"),
         "train_tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
-        "decode_tokens_per_s": decode_tokens_per_s(
-            prepare_inference(load(ckpt, device=next(model.parameters()).device).freeze().eval()), prompt),
+        "decode_tokens_per_s": 1e3 / decode["ms_per_token"],
+        "decode": decode,
         "accounting": acc.to_dict(),
         "tokenizer": data.tokenizer.fingerprint,
     }
