@@ -387,11 +387,14 @@ def test_pair_dispatch_at_decode_equals_sorted_dispatch(weights, sparsity, bias)
     for T in (1, 3):
         x = torch.randn(1, T, D, dtype=torch.float64)
         assert not moe.routes_by_pair(x.flatten(0, 1))  # autograd on: the sorted dispatch
-        ref = moe(x)
+        ref, stats = moe(x), moe.last_stats
         with torch.no_grad():
             assert moe.routes_by_pair(x.flatten(0, 1))
             torch.testing.assert_close(moe(x), ref, rtol=1e-12, atol=1e-12)
             assert moe.aux_losses == {}
+            assert moe.last_stats is not stats and moe.last_stats.keys() == stats.keys()
+            for key, value in stats.items():
+                torch.testing.assert_close(moe.last_stats[key], value, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("scale,beta_shape", [("matrix", (8, 1)), ("row", (8, 512, 1))])

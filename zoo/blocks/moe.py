@@ -140,10 +140,15 @@ class MoE(FFN):
     def pair_dispatch(self, x: torch.Tensor, route: Routing) -> torch.Tensor:
         """Each (token, choice) pair through its own expert's weights, nothing sorted: the same sum as
         `dispatch` with static shapes (T·k rows), so a compiled decode step holds it in its graph, and
-        each row reads only its expert's weights (see ExpertProjection). No losses or statistics (inference)."""
+        each row reads only its expert's weights (see ExpertProjection). Statistics as `dispatch`; no losses
+        (no autograd)."""
         T, k = x.shape[0], self.top_k
-        with self.groups.routed_rows(route.experts.flatten()):
+        expert = route.experts.flatten()
+        with self.groups.routed_rows(expert):
             rows = self.experts(x.repeat_interleave(k, 0))  # row t·k + j: token t, choice j
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
+            0, expert, torch.ones_like(expert))  # bincount with a static shape
+        self.last_stats = self.statistics(route, counts, 0)
         return (rows.view(T, k, -1) * route.weights.unsqueeze(-1).to(rows.dtype)).sum(1)
 
     def routing_stats(self) -> Mapping[str, torch.Tensor] | None:
