@@ -254,6 +254,9 @@ def test_weights_kind_without_operands_runs_per_expert():
     fp.load_state_dict(plain.state_dict())
     x = torch.randn(15, 24, dtype=torch.float64)
     torch.testing.assert_close(plain(x), fp(x), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # two tokens, no autograd: MoE.pair_dispatch, each row with its expert's parameters
+        assert plain.routes_by_pair(x[:2])
+        torch.testing.assert_close(plain(x[:2]), fp(x)[:2], rtol=1e-12, atol=1e-12)
 
 
 def test_shared_experts_with_gate_equal_reference():
@@ -361,6 +364,37 @@ def test_experts_equal_dense_ffns_with_the_same_weights_and_sparsity(weights, sp
     ref = sum(route.weights[:, j, None].double() * torch.stack([outs[int(e)][t] for t, e in
                                                                 enumerate(route.experts[:, j])]) for j in range(k))
     torch.testing.assert_close(moe(x), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("weights, sparsity, bias", [
+    ({"kind": "fp"}, None, True),
+    ({"kind": "fp"}, {"kind": "topk", "keep": 0.5}, False),
+    ({"kind": "bitnet158"}, {"kind": "topk", "keep": 0.4}, False),  # a norm gain per expert: per-row inputs
+])
+def test_pair_dispatch_at_decode_equals_sorted_dispatch(weights, sparsity, bias):
+    """Without autograd and with T·k <= E (decode), each (token, choice) row goes through its own expert
+    (`pair_dispatch`, static shapes): the same outputs as the sorted dispatch, shared experts included."""
+    torch.manual_seed(12)
+    E, k, D, H = 6, 2, 20, 9
+    model = {"vocab_size": 16, "d_model": D, "n_layers": 1, "n_heads": 1, "max_seq_len": 8, "weights": weights,
+             "sparsity": sparsity or {"kind": "none"},
+             "ffn": {"kind": "moe", "num_experts": E, "top_k": k, "shared_experts": 1,
+                     "expert": {"kind": "glu", "hidden": H, "bias": bias}}}
+    moe = zoo.build(recipe_from_dict({"model": model})).double().blocks[0].ffn
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # experts differ in every parameter, norms and biases included
+    for T in (1, 3):
+        x = torch.randn(1, T, D, dtype=torch.float64)
+        assert not moe.routes_by_pair(x.flatten(0, 1))  # autograd on: the sorted dispatch
+        ref, stats = moe(x), moe.last_stats
+        with torch.no_grad():
+            assert moe.routes_by_pair(x.flatten(0, 1))
+            torch.testing.assert_close(moe(x), ref, rtol=1e-12, atol=1e-12)
+            assert moe.aux_losses == {}
+            assert moe.last_stats is not stats and moe.last_stats.keys() == stats.keys()
+            for key, value in stats.items():
+                torch.testing.assert_close(moe.last_stats[key], value, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("scale,beta_shape", [("matrix", (8, 1)), ("row", (8, 512, 1))])

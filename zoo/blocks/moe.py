@@ -76,6 +76,15 @@ class ExpertGroups:
         finally:
             self.offsets = self.row_expert = None
 
+    @contextmanager
+    def routed_rows(self, row_expert: torch.Tensor) -> Iterator[None]:
+        """Inside: inputs are rows in any order, row r going through expert row_expert[r] (offsets None)."""
+        self.row_expert = row_expert
+        try:
+            yield
+        finally:
+            self.row_expert = None
+
 
 def with_hidden(ctx: contracts.BuildContext, spec: BlockSpec, hidden: int) -> BlockSpec:
     """`spec` (an FFN) with its `hidden` width replaced; a recipe error if that kind has none."""
@@ -114,12 +123,33 @@ class MoE(FFN):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
         route = self.router(x)
-        y = self.dispatch(x, route)
+        by_pair = self.routes_by_pair(x)
+        y = self.pair_dispatch(x, route) if by_pair else self.dispatch(x, route)
         if self.shared is not None:
             s = self.shared(x)
             y = y + (s * torch.sigmoid(self.shared_gate(x)) if self.shared_gate is not None else s)
-        self.aux_losses = self.losses(route)
+        self.aux_losses = {} if by_pair else self.losses(route)
         return y.reshape(shape)
+
+    def routes_by_pair(self, x: torch.Tensor) -> bool:
+        """Whether `pair_dispatch` runs: without autograd (inference), at most one (token, expert) pair per
+        expert on average (decode: a few tokens), dropless, experts on this rank."""
+        return (not torch.is_grad_enabled() and x.shape[0] * self.top_k <= self.num_experts
+                and self.capacity_factor is None and self.groups.parallel is None)
+
+    def pair_dispatch(self, x: torch.Tensor, route: Routing) -> torch.Tensor:
+        """Each (token, choice) pair through its own expert's weights, nothing sorted: the same sum as
+        `dispatch` with static shapes (T·k rows), so a compiled decode step holds it in its graph, and
+        each row reads only its expert's weights (see ExpertProjection). Statistics as `dispatch`; no losses
+        (no autograd)."""
+        T, k = x.shape[0], self.top_k
+        expert = route.experts.flatten()
+        with self.groups.routed_rows(expert):
+            rows = self.experts(x.repeat_interleave(k, 0))  # row t·k + j: token t, choice j
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
+            0, expert, torch.ones_like(expert))  # bincount with a static shape
+        self.last_stats = self.statistics(route, counts, 0)
+        return (rows.view(T, k, -1) * route.weights.unsqueeze(-1).to(rows.dtype)).sum(1)
 
     def routing_stats(self) -> Mapping[str, torch.Tensor] | None:
         """The statistics of the last forward (see `statistics`)."""

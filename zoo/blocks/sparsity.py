@@ -42,7 +42,8 @@ def topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(a, dtype=torch.bool)
     kth = kth_largest(a, k)
     mask = a >= kth
-    if int(mask.sum()) == k * (a.numel() // width):  # every row holds >= k: no row holds more
+    # every row holds >= k: no row holds more (compiled: no data-dependent branch, the trim below keeps it all)
+    if not torch.compiler.is_compiling() and int(mask.sum()) == k * (a.numel() // width):
         return mask
     above = a > kth
     tied = mask & ~above
@@ -59,12 +60,22 @@ def topk_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     take the mask path, so the result is always exactly the mask's.
     """
     n, width = a.shape
-    if a.device.type == "cpu" and 0 < k < width:
+    if a.device.type == "cpu" and 0 < k < width and not torch.compiler.is_compiling():
         kth = kth_largest(a, k)
         flat = np.flatnonzero(_numpy(a) >= _numpy(kth))
         if flat.size == n * k:  # every row holds >= k at or above its threshold: no row holds more
             return torch.from_numpy(flat if n == 1 else flat % width).view(n, k)
-    return topk_mask(a, k).nonzero()[:, -1].view(n, k)
+    return mask_indices(topk_mask(a, k), k)
+
+
+def mask_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices [N, k], ascending, of a mask [N, width] that holds exactly k per row. Compiled: a sort
+    of the kept positions (static shapes, so a decode step stays one graph) instead of `nonzero`."""
+    if not torch.compiler.is_compiling():
+        return mask.nonzero()[:, -1].view(mask.shape[0], k)
+    width = mask.shape[-1]
+    pos = torch.arange(width, device=mask.device)
+    return torch.where(mask, pos, width).sort(-1).values[:, :k]
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -189,7 +200,7 @@ class BlockTopK(TopK):
         return topk_mask(blocks, self.n).flatten(-2)
 
     def kept_indices(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mask(x).nonzero()[:, -1].view(x.shape[0], self.k)  # the mask keeps exactly k per row
+        return mask_indices(self.mask(x), self.k)  # the mask keeps exactly k per row
 
     def extra_repr(self) -> str:
         return f"{self.n}:{self.m} of {self.width}, ste={self.ste}, rescale={self.rescale}"

@@ -40,7 +40,9 @@ def topk_matmul_torch(values: torch.Tensor, indices: torch.Tensor, wt: torch.Ten
     The bags of a row (see `bag_offsets`) are summed after (a small [rows, bags, out] temporary).
     """
     n, k = values.shape
-    offsets = bag_offsets(n, k, wt.shape[1], torch.get_num_threads(), values.device)
+    # compiled: the thread count traced with, and a few traced aranges in place of the Python-side cache
+    layout = bag_offsets.__wrapped__ if torch.compiler.is_compiling() else bag_offsets
+    offsets = layout(n, k, wt.shape[1], cpu._threads(), values.device)
     weights = values.reshape(-1)
     weights = weights if weights.dtype == wt.dtype else weights.to(wt.dtype)
     # the op behind F.embedding_bag (mode 0 = sum), called directly: decode makes ~100 calls per token

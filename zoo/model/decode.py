@@ -19,9 +19,10 @@ that overhead:
 
 A projection whose weights block declares no inference form (zoo/contracts.py: it keeps the default
 `inference_form`) is named in one notice and runs its own forward inside the compiled step. A layer
-the compiler cannot capture as one graph (the MoE dispatch, with its data-dependent shapes; a
-plugin's untraceable code) runs eagerly, said in one line for its kind (see `CompiledLayer`). Either
-way the logits are those of the eager model, up to rounding.
+the compiler cannot capture as one graph (a plugin's untraceable code; the built-in blocks all
+compile, a MoE layer through its static-shape decode dispatch, `MoE.pair_dispatch`) runs eagerly,
+said in one line for its kind (see `CompiledLayer`). Either way the logits are those of the eager
+model, up to rounding.
 
 `compile` defaults to the environment variable ZOO_COMPILE (unset: on; `0`: the eager layers).
 """
@@ -86,7 +87,7 @@ class CompiledLayer:
     """`run_layer` compiled for blocks built like one block (shared by every such block of every model).
 
     The whole layer must be one graph (`fullgraph=True`). A block the compiler cannot capture whole
-    (a graph break: the MoE dispatch, a plugin's untraceable code) runs eagerly, said in one line
+    (a graph break: a plugin's untraceable code) runs eagerly, said in one line
     for its kind: the continuation frames torch.compile would compile around a graph break belong to
     the blocks' own functions, shared by every kind of block, and its guards check tensors' shapes and
     dtypes but not every setting a module holds (an activation's kind, a norm's eps), so a

@@ -147,10 +147,12 @@ class ExpertProjection(Projection):
         tensors (`grouped_mm_split`: on CPU a GLU's gate and up are then neither strided nor concatenated in
         backward), the experts' matmuls still one grouped call per part."""
         g = self.groups
-        if g.offsets is None:
-            raise RuntimeError(f"expert projection {self.role} called outside ExpertGroups.sorted_rows")
+        if g.row_expert is None:
+            raise RuntimeError(f"expert projection {self.role} called outside ExpertGroups.sorted_rows / routed_rows")
         inside = self.linear.sparsify_inside  # e.g. BitNet: mask after its own input norm
         operands = self.linear.operands
+        if g.offsets is None:  # routed rows (MoE.pair_dispatch): each row times its own expert's weights
+            return routed_mm(self, x, g.row_expert).split(sizes, -1)
         if operands is None or not self.grouped:
             x = materialize(x)
             y = self._per_expert(x, self.sparsify) if inside else self._per_expert(self.sparsify(x))
@@ -217,6 +219,31 @@ class ExpertProjection(Projection):
 
     def extra_repr(self) -> str:
         return f"role={self.role}, {self.num_experts} × {self.in_features}->{self.out_features}"
+
+
+def routed_mm(proj: ExpertProjection, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """y[r] = proj's expert expert[r] applied to row x[r], reading only those experts' weights.
+
+    Through `operands` (x', W [E, out, in], b): compiled, y[r] = Σ_i x'[r, i] · W[expert[r], :, i] is one
+    generated reduction that indexes W in place (static shapes: the decode step's graph holds it);
+    eagerly, one `F.linear` per row on its expert's slice. A weights block without `operands` runs with
+    each row's expert's parameters (`torch.func.functional_call`, eager only)."""
+    linear, inside = proj.linear, proj.linear.sparsify_inside
+    if linear.operands is None:
+        buffers = dict(linear.named_buffers())
+        params = {**dict(linear.named_parameters()), **{n: buffers[n] for n in proj.stacked_buffers}}
+        return torch.cat([functional_call(linear, {n: p[e] for n, p in params.items()},
+                                          (x[r:r + 1], proj.sparsify) if inside else (proj.sparsify(x[r:r + 1]),))
+                          for r, e in enumerate(expert.tolist())])
+    xq, w, b = linear.operands(x, proj.sparsify, expert=expert) if inside else linear.operands(proj.sparsify(x),
+                                                                                                expert=expert)
+    if torch.compiler.is_compiling():
+        y = (xq.unsqueeze(1).to(w.dtype) * w[expert]).sum(-1)
+    else:
+        y = torch.cat([F.linear(xq[r:r + 1], w[e]) for r, e in enumerate(expert.tolist())])
+    if b is not None:
+        y = y + b.index_select(0, expert)
+    return y.to(x.dtype)
 
 
 def _set(module: nn.Module, name: str, value: nn.Parameter) -> None:
