@@ -53,12 +53,14 @@ def run(args) -> int:
     seq_len = min(cfg.seq_len, recipe.model.max_seq_len)
     batches = list(val_batches(tokens, seq_len, cfg.batch_size, args.batches))
     thresholds = calibrate(model, batches, cfg.precision)
+    tolerance = max(tol for _, tol in thresholds.values())
     files = {name: (ckpt / name).read_bytes() for name in (TOKENIZER, "tokenizer_config.json")
              if (ckpt / name).is_file()}
     info = {"format": "zoo", "path": str(ckpt), "calibration": {
         "method": "threshold", "sparsity": args.sparsity, "sites": sorted(sites), "batches": len(batches),
-        "tokens": sum(x.numel() for x, _ in batches), "data": args.data or "the recipe's training split"}}
+        "tokens": sum(x.numel() for x, _ in batches), "data": args.data or "the recipe's training split",
+        "tolerance": tolerance}}
     out = save_converted(model, args.out, files, info)
-    print(f"calibrated {len(thresholds)} thresholds to sparsity {args.sparsity:g} on "
-          f"{info['calibration']['tokens']:,} tokens; wrote {out}")
+    print(f"calibrated {len(thresholds)} thresholds to sparsity {args.sparsity:g} (each within ±{tolerance:.2%} "
+          f"on its calibration entries) on {info['calibration']['tokens']:,} tokens; wrote {out}")
     return 0
