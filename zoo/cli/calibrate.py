@@ -44,6 +44,7 @@ def run(args) -> int:
     if unexpected or any(not name.endswith(".threshold") for name in missing):
         raise CheckpointError(f"{ckpt}: its tensors do not fit the thresholded recipe "
                               f"({(unexpected or missing)[0]!r})")
+    del base  # its weights are copied into `model`: one copy in memory while calibrating
     tok = checkpoint_tokenizer(ckpt, recipe)
     cfg = recipe.train
     if args.data:
