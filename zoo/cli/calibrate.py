@@ -44,6 +44,7 @@ def run(args) -> int:
     if unexpected or any(not name.endswith(".threshold") for name in missing):
         raise CheckpointError(f"{ckpt}: its tensors do not fit the thresholded recipe "
                               f"({(unexpected or missing)[0]!r})")
+    del base  # its weights are copied into `model`: one copy in memory while calibrating
     tok = checkpoint_tokenizer(ckpt, recipe)
     cfg = recipe.train
     if args.data:
@@ -53,12 +54,14 @@ def run(args) -> int:
     seq_len = min(cfg.seq_len, recipe.model.max_seq_len)
     batches = list(val_batches(tokens, seq_len, cfg.batch_size, args.batches))
     thresholds = calibrate(model, batches, cfg.precision)
+    tolerance = max(tol for _, tol in thresholds.values())
     files = {name: (ckpt / name).read_bytes() for name in (TOKENIZER, "tokenizer_config.json")
              if (ckpt / name).is_file()}
     info = {"format": "zoo", "path": str(ckpt), "calibration": {
         "method": "threshold", "sparsity": args.sparsity, "sites": sorted(sites), "batches": len(batches),
-        "tokens": sum(x.numel() for x, _ in batches), "data": args.data or "the recipe's training split"}}
+        "tokens": sum(x.numel() for x, _ in batches), "data": args.data or "the recipe's training split",
+        "tolerance": tolerance}}
     out = save_converted(model, args.out, files, info)
-    print(f"calibrated {len(thresholds)} thresholds to sparsity {args.sparsity:g} on "
-          f"{info['calibration']['tokens']:,} tokens; wrote {out}")
+    print(f"calibrated {len(thresholds)} thresholds to sparsity {args.sparsity:g} (each within ±{tolerance:.2%} "
+          f"on its calibration entries) on {info['calibration']['tokens']:,} tokens; wrote {out}")
     return 0
