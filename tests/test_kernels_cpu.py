@@ -35,7 +35,9 @@ def threads():
 
 
 # (rows, in, out, k): one thread; several rows; k < 16 (remainder rows only); the column split
-# over threads; the row split (narrow output); an output wider than one tile of accumulators
+# over threads; the row split (narrow output); an output wider than one tile of accumulators.
+# bf16 takes 8-row passes over 64-column segments: k 13 and 30 leave remainder rows, out 130 and
+# 255 a remainder after whole segments, out 53 no whole segment
 SHAPES = [(1, 77, 53, 30), (5, 200, 130, 91), (3, 33, 255, 13), (1, 1501, 4801, 733), (1, 2731, 1025, 1365),
           (2, 300, 9001, 150)]
 

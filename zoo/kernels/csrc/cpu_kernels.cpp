@@ -46,33 +46,60 @@ constexpr int64_t TILE = 8192;  // accumulators per pass (32 KiB of fp32: one co
 constexpr int R = 16;           // weight rows summed per pass over the accumulators
 constexpr int64_t SPLIT_K_BELOW = 2048;  // output columns per thread below which threads split the rows instead
 
+// bf16 rows are read differently (measured on cold weights, docs/kernels.md): 8 rows per pass, and
+// while a pass sums the rows of one 64-column segment it prefetches the same segment of the next
+// pass's rows, so the next rows' cache lines are in flight before the pass reaches them. fp32 rows
+// stream at the bandwidth floor with 16 rows and the hardware prefetcher alone; prefetching them too
+// only took load slots.
+template <typename T> constexpr int rows_per_pass = R;
+template <> constexpr int rows_per_pass<c10::BFloat16> = 8;
+template <typename T> constexpr bool prefetch_next = false;
+template <> constexpr bool prefetch_next<c10::BFloat16> = true;
+constexpr int64_t SEGMENT = 64;  // columns summed per prefetch step
+
 // y[c0:c1] = bias[c0:c1] + Σ_k v[k] · wt[row(k), c0:c1], row(k) = idx[k] (idx == nullptr: k)
 template <typename T>
 void gemv_columns(const float* v, const int64_t* idx, int64_t K, const T* wt, int64_t out, const float* bias,
                   float* y, int64_t c0, int64_t c1) {
+  constexpr int P = rows_per_pass<T>;
   alignas(64) float acc[TILE];
   for (int64_t t0 = c0; t0 < c1; t0 += TILE) {
     const int64_t n = std::min(TILE, c1 - t0);
     for (int64_t j = 0; j < n; ++j) acc[j] = bias ? bias[t0 + j] : 0.f;
     int64_t k = 0;
-    for (; k + R <= K; k += R) {
-      const T* r[R];
-      float a[R];
-      for (int p = 0; p < R; ++p) {
+    for (; k + P <= K; k += P) {
+      const T* r[P];
+      const T* next[P];  // the next pass's rows (the last row again past the end): prefetched
+      float a[P];
+      for (int p = 0; p < P; ++p) {
         r[p] = wt + (idx ? idx[k + p] : k + p) * out + t0;
         a[p] = v[k + p];
+        const int64_t q = std::min(K - 1, k + P + p);
+        next[p] = wt + (idx ? idx[q] : q) * out + t0;
       }
+      const auto sum_rows = [&](int64_t j0, int64_t j1) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-        for (int p = 0; p < R; p += 4) {
-          s0 += a[p] * widen(r[p][j]);
-          s1 += a[p + 1] * widen(r[p + 1][j]);
-          s2 += a[p + 2] * widen(r[p + 2][j]);
-          s3 += a[p + 3] * widen(r[p + 3][j]);
+        for (int64_t j = j0; j < j1; ++j) {
+          float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+          for (int p = 0; p < P; p += 4) {
+            s0 += a[p] * widen(r[p][j]);
+            s1 += a[p + 1] * widen(r[p + 1][j]);
+            s2 += a[p + 2] * widen(r[p + 2][j]);
+            s3 += a[p + 3] * widen(r[p + 3][j]);
+          }
+          acc[j] += (s0 + s1) + (s2 + s3);
         }
-        acc[j] += (s0 + s1) + (s2 + s3);
+      };
+      int64_t j0 = 0;
+      if constexpr (prefetch_next<T>) {
+        for (; j0 + SEGMENT <= n; j0 += SEGMENT) {
+          for (int p = 0; p < P; ++p)
+            for (int64_t b = 0; b < SEGMENT * int64_t(sizeof(T)); b += 64)
+              __builtin_prefetch(reinterpret_cast<const char*>(next[p] + j0) + b);
+          sum_rows(j0, j0 + SEGMENT);
+        }
       }
+      sum_rows(j0, n);
     }
     for (; k < K; ++k) {
       const T* row = wt + (idx ? idx[k] : k) * out + t0;
@@ -126,10 +153,11 @@ void gather_gemv_typed(const at::Tensor& values, const int64_t* idx, const at::T
   const float* v = values.data_ptr<float>();
   const T* w = wt.data_ptr<T>();
   float* yp = y.data_ptr<float>();
-  if (chunks > 1 && out < SPLIT_K_BELOW * chunks && K >= 2 * R * chunks) {
+  constexpr int P = rows_per_pass<T>;
+  if (chunks > 1 && out < SPLIT_K_BELOW * chunks && K >= 2 * P * chunks) {
     // a narrow output: each thread takes a share of the rows over all columns (longer contiguous
     // reads than a share of the columns), and the partial sums are added at the end
-    const int64_t share = ((K + chunks - 1) / chunks + R - 1) / R * R;
+    const int64_t share = ((K + chunks - 1) / chunks + P - 1) / P * P;
     std::vector<float> partial((chunks - 1) * N * out);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
