@@ -143,18 +143,23 @@ def test_topk_matmul_bf16_autotuned_gpu(n):
     assert rel_err(topk_matmul(vals, idx, wt, impl="triton"), ref) < TOL[torch.bfloat16]
 
 
+def triton_and_float64(x, w, g, offsets, rows):
+    """(Triton, float64 reference) pairs of grouped_mm's output and its x and w gradients for upstream g."""
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = grouped_mm_reference(x64, w64, offsets, rows)
+    ref.backward(g.double())
+    y = grouped_mm(x, w, offsets, rows, impl="triton")
+    y.backward(g)
+    return [(y, ref), (x.grad, x64.grad), (w.grad, w64.grad)]
+
+
 @pytest.mark.gpu
 def test_grouped_mm_bf16_autotuned_gpu():
     _, rows, offsets = sort_by_expert(routed(2048, 16, 2), 16)
     x = torch.randn(2048, 1024, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(16, 768, 1024, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(rows.numel(), 768, device=DEVICE, dtype=torch.bfloat16)
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = grouped_mm_reference(x64, w64, offsets, rows)
-    ref.backward(g.double())
-    y = grouped_mm(x, w, offsets, rows, impl="triton")
-    y.backward(g)
-    for a, b in [(y, ref), (x.grad, x64.grad), (w.grad, w64.grad)]:
+    for a, b in triton_and_float64(x, w, g, offsets, rows):
         assert rel_err(a, b) < TOL[torch.bfloat16]
 
 
@@ -170,12 +175,7 @@ def test_grouped_mm_fp32_autotuned_gpu(monkeypatch, tf32):
     x = torch.randn(1000, 520, device=DEVICE, requires_grad=True)
     w = torch.randn(8, 392, 520, device=DEVICE, requires_grad=True)
     g = torch.randn(rows.numel(), 392, device=DEVICE)
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = grouped_mm_reference(x64, w64, offsets, rows)
-    ref.backward(g.double())
-    y = grouped_mm(x, w, offsets, rows, impl="triton")
-    y.backward(g)
-    for a, b in [(y, ref), (x.grad, x64.grad), (w.grad, w64.grad)]:
+    for a, b in triton_and_float64(x, w, g, offsets, rows):
         assert rel_err(a, b) < (5e-3 if tf32 else 1e-5)
     for tuned in (triton_moe._mm, triton_moe._dw):
         assert (tuned._autotuned.best_config in triton_moe._FMA) == (not tf32)
