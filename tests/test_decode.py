@@ -13,7 +13,7 @@ from tests.conftest import RECIPES, needs_cxx
 from zoo.contracts import Weights
 from zoo.eval.calibrate import calibrate
 from zoo.kernels import prepare_inference
-from zoo.model.decode import Decoder
+from zoo.model.decode import Decoder, run_lengths
 
 SHAPE = ["model.n_layers=2", "model.d_model=48", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=61",
          "model.max_seq_len=40"]
@@ -121,6 +121,32 @@ def test_compiled_decode_equals_eager(name, dtype, capfd):
     decoder = check(name, dtype, compiled=True)
     assert decoder.compiled
     assert "layers run eagerly" not in capfd.readouterr().err
+
+
+def test_run_lengths():
+    """Consecutive layers of one kind go into as few compiled calls as `most` allows, with few distinct lengths."""
+    assert run_lengths(2, 10) == [2]
+    assert run_lengths(30, 10) == [10, 10, 10]
+    assert run_lengths(30, 8) == [6] * 5
+    assert run_lengths(24, 10) == [8, 8, 8]
+    assert run_lengths(13, 10) == [10, 3]
+    assert run_lengths(7, 3) == [3, 3, 1]
+    assert sum(run_lengths(97, 10)) == 97
+
+
+@needs_cxx
+def test_compiled_runs_of_layers_equal_eager():
+    """A model whose layers are of two kinds (layer 0 a plain MLP) runs as one call for layer 0 and calls of
+    two layers for the rest (`layers_per_call=2`); the logits are the eager model's."""
+    torch.manual_seed(0)
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + [
+        "model.n_layers=5", "model.ffn.hidden=64", "model.layers=[{range='0', ffn={kind='mlp', hidden=40}}]"])).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
+    decoder = Decoder(prepare_inference(copy.deepcopy(model)), max_len=PROMPT + STEPS, compile=True, layers_per_call=2)
+    assert [len(blocks) for blocks, _, _ in decoder.calls] == [1, 2, 2]
+    assert decoder.calls[1][2] is decoder.calls[2][2] and decoder.calls[0][2] is not decoder.calls[1][2]
+    assert rel(engine_logits(decoder, ids), eager_logits(model, ids)) <= 1e-5
+    assert decoder.compiled
 
 
 class CountingWeights(Weights):
