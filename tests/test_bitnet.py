@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 import zoo
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, needs_cxx
 from zoo.blocks.bitnet import BitLinear
 from zoo.blocks.sparsity import TopK
 from zoo.kernels.ternary import pack_ternary, unpack_ternary
@@ -172,3 +172,27 @@ def test_accounted_inference_bytes_are_what_freeze_holds(name):
     model = zoo.build(zoo.load_recipe(RECIPES / f"tiny/{name}.toml", ["model.n_layers=1"]))
     predicted = zoo.account(model).projection_bytes_inference
     assert zoo.account(model.freeze()).projection_bytes == predicted
+
+
+@needs_cxx
+@pytest.mark.parametrize("sparsity", [[], ["model.sparsity.kind='topk'", "model.sparsity.keep=0.5"]])
+def test_cpu_decode_reads_the_packed_two_bits(sparsity):
+    """On CPU a frozen BitNet projection decodes one row from the checkpoint's packed bytes (2 bits a weight:
+    at most 1/14 of fp32's bytes per token, β aside), with the output of the batched int8 path row by row."""
+    from zoo.blocks.bitnet import TernaryLinear
+    from zoo.kernels import prepare_inference
+
+    torch.manual_seed(0)
+    model = prepare_inference(zoo.build(tiny("bitnet", *sparsity)).freeze())
+    forms = [m.linear for m in model.modules() if isinstance(m, Projection)]
+    assert forms and all(isinstance(f, TernaryLinear) and f.layout == "rows" for f in forms)
+    for f in forms:
+        kept = f.kept or f.in_features
+        assert f.bytes_per_token() == kept * f.packed.shape[1] + f.scale.numel() * 4
+        assert f.bytes_per_token() - f.scale.numel() * 4 <= kept * f.out_features * 4 / 14 + kept  # + padding
+        x = torch.randn(3, f.in_features)
+        sparsify = next(p.sparsify for p in model.modules() if isinstance(p, Projection) and p.linear is f)
+        batched = f(x, sparsify)
+        rows = torch.cat([f(x[i:i + 1], sparsify) for i in range(3)])
+        assert f.fused(x[:1], sparsify) or sparsify is not None
+        torch.testing.assert_close(rows, batched, rtol=1e-6, atol=1e-6)

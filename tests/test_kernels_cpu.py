@@ -206,12 +206,35 @@ def test_int8_gather_gemv_is_exact(poison, threads, n, width, out, k):
 
 
 @needs_build
+@pytest.mark.parametrize("n,width,out,k", [(1, 77, 53, 30), (3, 200, 130, 0), (1, 2731, 1025, 1365),
+                                          (2, 300, 9001, 150), (1, 33, 4 * 64, 0), (1, 47, 4 * 37 - 2, 0),
+                                          (2, 19, 5, 0)])
+def test_packed_ternary_gemv_is_exact(poison, threads, n, width, out, k):
+    """The 2-bit packed layout (uint8 [in, ceil(out/4)], `pack_ternary`) read as is: integer sums equal to
+    float64's exactly at the extremes of int8 — whole 32-byte blocks, a last block overlapping the one before,
+    rows shorter than a block, remainder rows, the row split, several tiles — and zero padding columns."""
+    from zoo.kernels.ternary import pack_ternary
+
+    w = torch.randint(-1, 2, (out, width), dtype=torch.int8)
+    packed = pack_ternary(w)
+    for x in (torch.randint(-128, 128, (n, width)).float(), torch.full((n, width), -128.0),
+              torch.full((n, width), 127.0)):
+        idx = torch.stack([torch.randperm(width)[:k].sort().values for _ in range(n)]) if k else None
+        vals = x if idx is None else x.gather(-1, idx)
+        ref = topk_matmul_reference(vals.double(), idx, w.t().double()) if k else x.double() @ w.t().double()
+        y = cpu.gather_gemv(vals, idx, packed)
+        assert y.shape == (n, 4 * packed.shape[1]) and not y[:, out:].any()
+        assert torch.equal(y[:, :out].double(), ref)
+
+
+@needs_build
 @pytest.mark.parametrize("k", [0, 1, 40, 101])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_ternary_gemv_is_the_bitnet_projection(poison, threads, k, per_row):
+@pytest.mark.parametrize("layout", ["rows", "packed"])
+def test_ternary_gemv_is_the_bitnet_projection(poison, threads, k, per_row, layout):
     """One call = top-K (optional) + absmax int8 quantization + exact ternary GEMV + 1/s · β + bias,
     as the torch ops compute it (rows full of ties included)."""
-    from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul_reference
+    from zoo.kernels.ternary import TernaryWeight, pack_ternary, quantize_rows, ternary_matmul_reference
 
     width, out = 101, 67
     for x in (torch.randn(2, width), tied_rows(2, width)[:, :width].nan_to_num(0.0)):
@@ -222,21 +245,25 @@ def test_ternary_gemv_is_the_bitnet_projection(poison, threads, k, per_row):
         xq, s = quantize_rows(kept)
         ref = ternary_matmul_reference(xq, TernaryWeight.from_ternary(w, ("int8",)), 1 / s).double() * beta.double()
         ref = ref + bias.double()
-        y = cpu.ternary_gemv(x, k, w.to(torch.int8).t().contiguous(), beta, bias)
+        if layout == "rows":
+            y = cpu.ternary_gemv(x, k, w.to(torch.int8).t().contiguous(), beta, bias)
+        else:
+            y = cpu.ternary_gemv(x, k, pack_ternary(w), beta, bias, out_features=out)
         assert rel_err(y, ref) < 1e-6
 
 
 
 @needs_build
 @pytest.mark.parametrize("n,k", [(1, 0), (1, 37), (3, 0), (3, 37)])
-def test_ternary_matmul_cpu_on_the_rows_layout(poison, n, k):
-    """ternary_matmul impl='cpu' (auto with the rows layout): one row through the compiled GEMV, more
-    rows through torch._int_mm on the same [in, out] layout; both exact before the scales."""
+@pytest.mark.parametrize("layouts", [("rows",), ("rows", "packed")])
+def test_ternary_matmul_cpu_on_the_rows_layout(poison, n, k, layouts):
+    """ternary_matmul impl='cpu' (auto with the rows layout): one row through the compiled GEMV (on the
+    packed bytes when held), more rows through torch._int_mm on the [in, out] rows; exact before the scales."""
     from zoo.kernels.ternary import TernaryWeight, quantize_rows, ternary_matmul, ternary_matmul_reference
 
     width, out = 90, 41
     w = torch.randint(-1, 2, (out, width))
-    tw = TernaryWeight.from_ternary(w, ("rows",))
+    tw = TernaryWeight.from_ternary(w, layouts)
     assert tw.int8 is None and tw.rows.shape == (width, out)
     xq, s = quantize_rows(torch.randn(n, width))
     idx = xq.float().abs().topk(k, dim=-1).indices if k else None

@@ -181,9 +181,9 @@ def test_prepared_threshold_projections_run_the_zero_skipping_kernel(monkeypatch
     prepared = prepare_inference(copy.deepcopy(model))
     zeros, real = [], getattr(cpu, kernel)
 
-    def counted(x, *args):
+    def counted(x, *args, **kwargs):
         zeros.append(float((x == 0).float().mean()))
-        return real(x, *args)
+        return real(x, *args, **kwargs)
 
     monkeypatch.setattr(cpu, kernel, counted)
     with torch.no_grad():

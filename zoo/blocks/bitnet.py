@@ -12,12 +12,13 @@ of zoo.kernels.ternary (the one the ternary matmul kernels read), `scale` float3
 parameter is stacked along a leading expert dim (β per expert, each row normed with its expert's gain).
 
 Inference form (`zoo.kernels.prepare_inference`, frozen weights): `TernaryLinear`, int8 activations times
-the ternary weight (CPU: unpacked once to int8 — [in, out] for zoo's compiled GEMV, which at decode reads
-only the kept inputs' rows when the input is top-K sparse, and skips zero entries (a `zeros_inputs`
-sparsity such as `threshold`, quantized zeros) in any input, or [out, in] for `torch._int_mm` without the
-compiled kernels; CUDA: the packed Triton kernel, with the top-K gather fused in when the projection's
-input is top-K sparse). Stacked MoE experts keep running through the grouped matmul, which takes float
-weights: they keep W̃β unpacked (`keep_dequantized`, not saved) instead of unpacking every call.
+the ternary weight (CPU: a decoded row through zoo's compiled GEMV on the packed 2-bit bytes as stored,
+which reads only the kept inputs' rows when the input is top-K sparse and skips zero entries (a
+`zeros_inputs` sparsity such as `threshold`, quantized zeros) in any input; batches through `torch._int_mm`
+on a copy unpacked once to int8, [in, out] — or [out, in] without the compiled kernels; CUDA: the packed
+Triton kernel, with the top-K gather fused in when the projection's input is top-K sparse). Stacked MoE
+experts keep running through the grouped matmul, which takes float weights: they keep W̃β unpacked
+(`keep_dequantized`, not saved) instead of unpacking every call.
 """
 
 from __future__ import annotations
@@ -216,7 +217,10 @@ class TernaryLinear(InferenceForm):
         self.register_buffer("kernel_weight", kernel_layout, persistent=False)
 
     def ternary_weight(self) -> TernaryWeight:
-        return TernaryWeight(self.in_features, self.out_features, **{self.layout: self.kernel_weight})
+        """The kernels' layouts: on CPU `rows` for batches and the checkpoint's `packed` bytes, which a decoded
+        row reads (zoo's 2-bit GEMV: a quarter of the int8 bytes)."""
+        packed = {"packed": self.packed} if self.layout == "rows" else {}
+        return TernaryWeight(self.in_features, self.out_features, **{self.layout: self.kernel_weight}, **packed)
 
     def fused(self, x: torch.Tensor, sparsify: Sparsity | None) -> bool:
         """Whether one `cpu.ternary_gemv` call does it all: the compiled kernels, one fp32 row (decode),
@@ -233,7 +237,8 @@ class TernaryLinear(InferenceForm):
             if not kernel_selects(sparsify):  # zeros_inputs: the block zeroes, the kernel skips the zeros
                 x = sparsify(x)
             k = 0 if sparsify is None else sparsify.kept_count(self.in_features) or 0
-            y = cpu.ternary_gemv(x.reshape(1, -1), k, self.kernel_weight, self.scale, self.bias)
+            y = cpu.ternary_gemv(x.reshape(1, -1), k, self.packed, self.scale, self.bias,
+                                 out_features=self.out_features)
             return y.view(*x.shape[:-1], self.out_features)
         if sparsify is not None:
             x = sparsify(x)
@@ -253,9 +258,9 @@ class TernaryLinear(InferenceForm):
 
     def bytes_per_token(self) -> int:
         """The weight bytes a decoded row reads: the kernel layout (only the kept inputs' rows where the
-        kernel gathers them: Triton, or the compiled CPU kernels, which also skip the rows of zero
-        inputs: the declared `keep` share of them), β and the bias."""
-        w = self.kernel_weight
+        kernel gathers them: Triton, or the compiled CPU kernels, which read the packed 2-bit rows and also
+        skip the rows of zero inputs: the declared `keep` share of them), β and the bias."""
+        w = self.packed if self.layout == "rows" else self.kernel_weight
         if self.layout == "int8":  # [out, in]: the dense int8 GEMV reads all of it
             weight = w.numel() * w.element_size()
         else:  # [in, ...]: one row per input, only the kept inputs' rows read
@@ -265,7 +270,7 @@ class TernaryLinear(InferenceForm):
         return weight + self.scale.numel() * self.scale.element_size() + bias
 
     def extra_repr(self) -> str:
-        kind = {"packed": "packed 2-bit, Triton", "rows": "int8 [in, out], zoo cpu",
+        kind = {"packed": "packed 2-bit, Triton", "rows": "packed 2-bit at decode, int8 [in, out] batched, zoo cpu",
                 "int8": "int8, torch._int_mm"}[self.layout]
         return f"{self.in_features}->{self.out_features}, {kind}"
 

@@ -139,8 +139,10 @@ def gather_gemv(values: torch.Tensor, indices: torch.Tensor | None, wt: torch.Te
     holding zeros, e.g. threshold-sparse, is compacted to its nonzero entries first: y = Σ_{i: x_i≠0}
     x_i · wt[i]; a zero entry's weight row never contributes, even inf or NaN). wt [in, out] fp32 or
     bf16 (accumulated in fp32), or int8 holding ternary weights with integer values in [-128, 127]
-    (accumulated exactly in integers)."""
-    threads, y = _launch(*values.shape, wt.shape[1])
+    (accumulated exactly in integers), or uint8: ternary weights packed 4 per byte
+    (`zoo.kernels.ternary.pack_ternary`, [in, R]), read as such; y is then [N, 4R], the last 4R - out
+    columns (padding) zero."""
+    threads, y = _launch(*values.shape, wt.shape[1] * (4 if wt.dtype == torch.uint8 else 1))
     idx = None if indices is None else indices.long().contiguous()
     torch.ops.zoo_cpu.gather_gemv(_f32(values), idx, wt.contiguous(), _f32(bias), threads, y)
     return y
@@ -158,13 +160,14 @@ def topk_gemv(x: torch.Tensor, k: int, wt: torch.Tensor, bias: torch.Tensor | No
 
 
 def ternary_gemv(x: torch.Tensor, k: int, w: torch.Tensor, beta: torch.Tensor, bias: torch.Tensor | None = None,
-                 eps: float = 1e-5) -> torch.Tensor:
+                 eps: float = 1e-5, out_features: int | None = None) -> torch.Tensor:
     """A frozen BitNet b1.58 projection after its input norm, in one call: y [N, out] fp32 from x [N, in].
 
     Keeps the k largest |x| of each row (k = 0: all), quantizes the row to int8 by its absmax
     (`zoo.kernels.ternary.quantize_rows`), multiplies exactly by the ternary weight w (int8 [in, out],
-    the `rows` layout) over the kept rows only, and scales by 1/s and β (one value or one per output).
+    the `rows` layout, or the 2-bit `packed` layout uint8 [in, ceil(out/4)] with `out_features` given:
+    a quarter of the bytes read) over the kept rows only, and scales by 1/s and β (one value or one per output).
     """
-    threads, y = _launch(x.shape[0], k or x.shape[1], w.shape[1])
+    threads, y = _launch(x.shape[0], k or x.shape[1], w.shape[1] if out_features is None else out_features)
     torch.ops.zoo_cpu.ternary_gemv(_f32(x), k, w, _f32(beta.reshape(-1)), _f32(bias), eps, threads, y)
     return y

@@ -11,8 +11,9 @@ Layouts (`TernaryWeight`):
   (i, j) holds the weights of outputs j, j+R, j+2R, j+3R (R = ceil(out/4)) at bits 0-1, 2-3,
   4-5, 6-7, each stored as w̃ + 1 ∈ {0, 1, 2}; padding outputs hold 1 (weight 0).
 - `int8` [out, in] int8, for the torch CPU path: unpacked once at load, multiplied with `torch._int_mm`.
-- `rows` [in, out] int8, for the compiled CPU path (zoo/kernels/cpu.py): one row (decode) is a GEMV
-  streaming the rows of kept inputs on every core; more rows go to `torch._int_mm` on the same layout.
+- `rows` [in, out] int8, for the compiled CPU path (zoo/kernels/cpu.py): more rows go to `torch._int_mm`
+  on it; one row (decode) is a GEMV over the kept inputs' rows of `packed` when the weight holds it (2 bits
+  a weight read, unpacked in registers: `gather_gemv` on uint8), else of `rows`.
 """
 
 from __future__ import annotations
@@ -110,11 +111,13 @@ def ternary_matmul_cpu(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch
                        indices: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Compiled CPU path on the `rows` layout [in, out]: one row through zoo's gather-GEMV (the kept
-    rows of the int8 weight only, when `indices` is given; exact integer sums), more rows through
-    `torch._int_mm` on the same layout."""
+    rows only, when `indices` is given; exact integer sums) on the packed 2-bit bytes when held, else on
+    the int8 rows; more rows through `torch._int_mm` on the int8 rows."""
     if weight.rows is None:
         raise ValueError("the cpu ternary path needs the rows layout (TernaryWeight.from_ternary(w, ('rows',)))")
-    if xq.shape[0] == 1:
+    if xq.shape[0] == 1 and weight.packed is not None:
+        acc = cpu.gather_gemv(xq.float(), indices, weight.packed)[:, :weight.out_features]
+    elif xq.shape[0] == 1:
         acc = cpu.gather_gemv(xq.float(), indices, weight.rows)
     else:
         acc = torch._int_mm(_dense_rows(xq, indices, weight.in_features), weight.rows)

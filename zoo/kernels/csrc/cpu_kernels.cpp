@@ -7,7 +7,9 @@
 //   compacted to them first: a threshold-sparse, ReLU or quantized input skips the rest; a weight row
 //   of a zero entry never contributes, even inf or NaN).
 //   wt float32, bfloat16 or int8 — int8 meaning BitNet's ternary weights {-1, 0, +1}, with integer
-//   activations in [-128, 127] as the values: summed exactly in integers (see gemv_columns<int8_t>).
+//   activations in [-128, 127] as the values: summed exactly in integers (see gemv_columns<int8_t>) —
+//   or uint8: the same ternary weights packed 2 bits each (zoo/kernels/ternary.py's `packed` layout,
+//   [in, R] bytes, byte (i, j) holding outputs j, j+R, j+2R, j+3R as w+1), y then [N, 4R].
 // topk_gemv: the same after selecting, in each row of x, the k entries of largest |x| (ties to the
 //   lower index, as zoo.blocks.sparsity.topk_mask keeps them; a NaN counts as largest, so it is kept
 //   and shows in y), so a Q-Sparse projection at decode is one call.
@@ -26,6 +28,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -44,6 +49,7 @@ inline float widen(c10::BFloat16 x) {  // bf16 is the top half of an fp32: exact
 
 constexpr int64_t TILE = 8192;  // accumulators per pass (32 KiB of fp32: one core's L1)
 constexpr int R = 16;           // weight rows summed per pass over the accumulators
+constexpr int R_PACKED = 16;    // packed ternary rows per pass (|Σ| <= 16·128 fits the int16 lanes)
 constexpr int64_t SPLIT_K_BELOW = 2048;  // output columns per thread below which threads split the rows instead
 
 // bf16 rows are read differently (measured on cold weights, docs/kernels.md): 8 rows per pass, and
@@ -146,10 +152,105 @@ void gemv_columns<int8_t>(const float* v, const int64_t* idx, int64_t K, const i
   }
 }
 
+// Packed ternary weights (4 per byte, stored as c = w + 1 ∈ {0, 1, 2}: byte j of a row holds outputs j, j+R,
+// j+2R, j+3R at bits 0-1, 2-3, 4-5, 6-7) times integer activations a ∈ [-128, 127]: Σ a·w = Σ a·c − Σ a.
+// A row costs R bytes of reads instead of the int8 layout's 4R. With AVX2, two rows' bytes are interleaved
+// and each 2-bit field, shifted and masked in place, is multiplied by the two rows' activations and summed
+// in pairs by one `maddubs` (u8 codes × s8 activations → s16, |c₀a₀ + c₁a₁| ≤ 512): 8 pairs (16 rows)
+// summed in s16 lanes (≤ 4096), then added to int32 accumulators less Σ a. Exact, like an int32 matmul.
+// The column range [c0, c1) is of bytes; y (the row's start) receives the four output segments.
+inline void packed_rows_scalar(const uint8_t* const* r, const int16_t* a, int rows, int64_t j0, int64_t j1,
+                               int32_t (*acc)[TILE / 4]) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int p = 0; p < rows; ++p)
+      for (int s = 0; s < 4; ++s) acc[s][j] += a[p] * (((r[p][j] >> (2 * s)) & 3) - 1);
+}
+
+template <>
+void gemv_columns<uint8_t>(const float* v, const int64_t* idx, int64_t K, const uint8_t* wt, int64_t R,
+                           const float* bias, float* y, int64_t c0, int64_t c1) {
+  constexpr int64_t BYTES = TILE / 4;
+  alignas(64) int32_t acc[4][BYTES];
+  for (int64_t t0 = c0; t0 < c1; t0 += BYTES) {
+    const int64_t n = std::min(BYTES, c1 - t0);
+    for (int s = 0; s < 4; ++s) std::fill(acc[s], acc[s] + n, 0);
+    int64_t k = 0;
+    for (; k + R_PACKED <= K; k += R_PACKED) {
+      const uint8_t* r[R_PACKED];
+      int16_t a[R_PACKED];
+      int32_t sum_a = 0;
+      for (int p = 0; p < R_PACKED; ++p) {
+        r[p] = wt + (idx ? idx[k + p] : k + p) * R + t0;
+        a[p] = static_cast<int16_t>(v[k + p]);
+        sum_a += a[p];
+        // a row is only R bytes (a few cache lines): too short a stream for the hardware prefetcher to
+        // follow, so the next pass's rows are asked for while this pass sums
+        const int64_t q = std::min(K - 1, k + R_PACKED + p);
+        const uint8_t* next = wt + (idx ? idx[q] : q) * R + t0;
+        for (int64_t b = 0; b < n; b += 64) __builtin_prefetch(next + b);
+      }
+      int64_t j = 0;
+#if defined(__AVX2__)
+      __m256i pair_a[R_PACKED / 2];
+      for (int p = 0; p < R_PACKED; p += 2)
+        pair_a[p / 2] = _mm256_set1_epi16(static_cast<int16_t>((uint16_t(uint8_t(a[p + 1])) << 8) | uint8_t(a[p])));
+      const __m256i mask = _mm256_set1_epi8(3), minus = _mm256_set1_epi32(sum_a);
+      // 32 columns from j0, adding only columns >= j0 + skip (the last block of a row overlaps the one before)
+      const auto block = [&](int64_t j0, int skip) {
+        __m256i lo[4], hi[4];  // s16 sums: lo holds columns j0+0..7, j0+16..23; hi j0+8..15, j0+24..31
+        for (int s = 0; s < 4; ++s) lo[s] = hi[s] = _mm256_setzero_si256();
+        for (int p = 0; p < R_PACKED; p += 2) {
+          const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[p] + j0));
+          const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[p + 1] + j0));
+          const __m256i il = _mm256_unpacklo_epi8(b0, b1), ih = _mm256_unpackhi_epi8(b0, b1);
+          for (int s = 0; s < 4; ++s) {
+            const __m256i cl = _mm256_and_si256(_mm256_srli_epi16(il, 2 * s), mask);
+            const __m256i ch = _mm256_and_si256(_mm256_srli_epi16(ih, 2 * s), mask);
+            lo[s] = _mm256_add_epi16(lo[s], _mm256_maddubs_epi16(cl, pair_a[p / 2]));
+            hi[s] = _mm256_add_epi16(hi[s], _mm256_maddubs_epi16(ch, pair_a[p / 2]));
+          }
+        }
+        for (int s = 0; s < 4; ++s) {
+          const __m256i first = _mm256_permute2x128_si256(lo[s], hi[s], 0x20);   // columns j0+0..15
+          const __m256i second = _mm256_permute2x128_si256(lo[s], hi[s], 0x31);  // columns j0+16..31
+          const __m256i parts[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(first)),
+                                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256(first, 1)),
+                                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(second)),
+                                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256(second, 1))};
+          for (int q = 0; q < 4; ++q) {
+            __m256i add = _mm256_sub_epi32(parts[q], minus);
+            if (skip > 8 * q) {  // zero the lanes of columns already summed
+              const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+              add = _mm256_and_si256(add, _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(skip - 8 * q - 1)));
+            }
+            __m256i* dst = reinterpret_cast<__m256i*>(acc[s] + j0 + 8 * q);
+            _mm256_storeu_si256(dst, _mm256_add_epi32(_mm256_loadu_si256(dst), add));
+          }
+        }
+      };
+      for (; j + 32 <= n; j += 32) block(j, 0);
+      if (j < n && n >= 32) {
+        block(n - 32, static_cast<int>(j - (n - 32)));
+        j = n;
+      }
+#endif
+      packed_rows_scalar(r, a, R_PACKED, j, n, acc);
+    }
+    for (; k < K; ++k) {
+      const uint8_t* row = wt + (idx ? idx[k] : k) * R + t0;
+      const int16_t a = static_cast<int16_t>(v[k]);
+      packed_rows_scalar(&row, &a, 1, 0, n, acc);
+    }
+    for (int s = 0; s < 4; ++s)
+      for (int64_t j = 0; j < n; ++j) y[s * R + t0 + j] = static_cast<float>(acc[s][j]);
+  }
+}
+
 template <typename T>
 void gather_gemv_typed(const at::Tensor& values, const int64_t* idx, const at::Tensor& wt, const float* bias,
                        at::Tensor& y, int64_t chunks) {
-  const int64_t N = values.size(0), K = values.size(1), out = wt.size(1);
+  // out: the weight layout's columns (packed: bytes); yw: y's width (packed: 4 outputs per byte)
+  const int64_t N = values.size(0), K = values.size(1), out = wt.size(1), yw = y.size(1);
   const float* v = values.data_ptr<float>();
   const T* w = wt.data_ptr<T>();
   float* yp = y.data_ptr<float>();
@@ -158,26 +259,26 @@ void gather_gemv_typed(const at::Tensor& values, const int64_t* idx, const at::T
     // a narrow output: each thread takes a share of the rows over all columns (longer contiguous
     // reads than a share of the columns), and the partial sums are added at the end
     const int64_t share = ((K + chunks - 1) / chunks + P - 1) / P * P;
-    std::vector<float> partial((chunks - 1) * N * out);
+    std::vector<float> partial((chunks - 1) * N * yw);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t k0 = std::min(K, c * share), k1 = std::min(K, (c + 1) * share);
         for (int64_t i = 0; i < N; ++i) {
-          float* dst = c == 0 ? yp + i * out : partial.data() + ((c - 1) * N + i) * out;
+          float* dst = c == 0 ? yp + i * yw : partial.data() + ((c - 1) * N + i) * yw;
           gemv_columns<T>(v + i * K + k0, idx ? idx + i * K + k0 : nullptr, k1 - k0, idx ? w : w + k0 * out, out,
                           c == 0 ? bias : nullptr, dst, 0, out);
         }
       }
     });
     for (int64_t c = 1; c < chunks; ++c)
-      for (int64_t i = 0; i < N * out; ++i) yp[i] += partial[(c - 1) * N * out + i];
+      for (int64_t i = 0; i < N * yw; ++i) yp[i] += partial[(c - 1) * N * yw + i];
     return;
   }
   const int64_t chunk = ((out + chunks - 1) / chunks + 15) / 16 * 16;  // 64-byte aligned column ranges
   at::parallel_for(0, (out + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c)
       for (int64_t i = 0; i < N; ++i)
-        gemv_columns<T>(v + i * K, idx ? idx + i * K : nullptr, K, w, out, bias, yp + i * out, c * chunk,
+        gemv_columns<T>(v + i * K, idx ? idx + i * K : nullptr, K, w, out, bias, yp + i * yw, c * chunk,
                         std::min(out, (c + 1) * chunk));
   });
 }
@@ -212,8 +313,11 @@ void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indi
   TORCH_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
               "gather_gemv: values must be contiguous float32 [N, K]");
   TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "gather_gemv: wt must be contiguous [in, out]");
+  const bool packed = wt.scalar_type() == at::kByte;
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == values.size(0) &&
-              y.size(1) == wt.size(1), "gather_gemv: y must be contiguous float32 [N, out]");
+              y.size(1) == (packed ? 4 : 1) * wt.size(1),
+              "gather_gemv: y must be contiguous float32 [N, out] (packed uint8 weights: [N, 4 * wt.size(1)])");
+  TORCH_CHECK(!(packed && bias.has_value()), "gather_gemv: no bias with packed weights");
   const int64_t* idx = nullptr;
   if (indices.has_value()) {
     TORCH_CHECK(indices->sizes() == values.sizes() && indices->scalar_type() == at::kLong && indices->is_contiguous(),
@@ -241,8 +345,10 @@ void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indi
     gather_gemv_typed<c10::BFloat16>(values, idx, wt, b, y, chunks);
   } else if (wt.scalar_type() == at::kChar) {
     gather_gemv_typed<int8_t>(values, idx, wt, b, y, chunks);
+  } else if (packed) {
+    gather_gemv_typed<uint8_t>(values, idx, wt, b, y, chunks);
   } else {
-    TORCH_CHECK(false, "gather_gemv: wt must be float32, bfloat16 or int8");
+    TORCH_CHECK(false, "gather_gemv: wt must be float32, bfloat16, int8 or uint8 (packed ternary)");
   }
 }
 
@@ -289,10 +395,13 @@ void ternary_gemv(const at::Tensor& x, int64_t k, const at::Tensor& w, const at:
                   const std::optional<at::Tensor>& bias, double eps, int64_t chunks, at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "ternary_gemv: x must be contiguous float32 [N, in]");
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous() && w.size(0) == x.size(1),
-              "ternary_gemv: w must be contiguous int8 [in, out]");
+  const bool packed = w.scalar_type() == at::kByte;  // 4 weights per byte: y's width says how many outputs
+  TORCH_CHECK((w.scalar_type() == at::kChar || packed) && w.dim() == 2 && w.is_contiguous() && w.size(0) == x.size(1),
+              "ternary_gemv: w must be contiguous int8 [in, out] or packed uint8 [in, ceil(out / 4)]");
   TORCH_CHECK(0 <= k && k <= x.size(1), "ternary_gemv: need 0 <= k <= in (0: no top-K)");
-  const int64_t N = x.size(0), width = x.size(1), out = w.size(1), kept = k > 0 ? k : width;
+  const int64_t N = x.size(0), width = x.size(1), out = packed ? y.size(1) : w.size(1), kept = k > 0 ? k : width;
+  TORCH_CHECK(!packed || (y.dim() == 2 && out <= 4 * w.size(1) && out > 4 * (w.size(1) - 1)),
+              "ternary_gemv: packed weights of ", w.size(1), " bytes per row cannot give ", out, " outputs");
   TORCH_CHECK(beta.scalar_type() == at::kFloat && beta.is_contiguous() && (beta.numel() == 1 || beta.numel() == out),
               "ternary_gemv: beta must be contiguous float32, one value or one per output");
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == N && y.size(1) == out,
@@ -315,13 +424,16 @@ void ternary_gemv(const at::Tensor& x, int64_t k, const at::Tensor& w, const at:
     for (int64_t j = 0; j < kept; ++j) vi[j] = std::min(127.f, std::max(-128.f, std::nearbyint(vi[j] * s)));
     rscale[i] = 1.f / s;
   }
-  gather_gemv(values, k > 0 ? std::optional<at::Tensor>(indices) : std::nullopt, w, std::nullopt, chunks, y);
+  at::Tensor acc = packed ? at::empty({N, 4 * w.size(1)}, x.options()) : y;  // packed: padded to 4 per byte
+  gather_gemv(values, k > 0 ? std::optional<at::Tensor>(indices) : std::nullopt, w, std::nullopt, chunks, acc);
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const float* be = beta.data_ptr<float>();
+  const float* ap = acc.data_ptr<float>();
+  const int64_t aw = acc.size(1);
   float* yp = y.data_ptr<float>();
   for (int64_t i = 0; i < N; ++i)
     for (int64_t j = 0; j < out; ++j) {
-      float t = yp[i * out + j] * rscale[i];
+      float t = ap[i * aw + j] * rscale[i];
       t = t * be[beta.numel() == 1 ? 0 : j];
       yp[i * out + j] = b ? t + b[j] : t;
     }
