@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -91,7 +93,7 @@ def test_a_fit_on_its_bounds_is_reported():
     g = fit(*grid(no_b))
     assert g.at_bounds == ["B"] and g.optimal_sparsity == pytest.approx(1 - 0.1 / 0.3, abs=1e-3)
     (line,) = fit_warnings(g, [])
-    assert "(B = " in line and "no such term" in line and "degenerate" not in line
+    assert "(B = " in line and "no B term" in line and "degenerate" not in line and g.negligible == ["B"]
 
 
 def test_plot_groups_runs_by_nominal_sparsity_across_widths():
@@ -110,3 +112,13 @@ def test_objective_gradient_matches_central_differences():
         h = 1e-6
         numeric = [(objective(p + h * e, *args)[0] - objective(p - h * e, *args)[0]) / (2 * h) for e in np.eye(5)]
         assert grad == pytest.approx(numeric, rel=1e-4, abs=1e-9)
+
+
+def test_a_constant_boxed_with_its_term_still_in_the_law_is_not_called_absent():
+    """C on its lower edge while its term still matters (a steep wall in S: large β) is named as set by the
+    box, not as a term the law lacks; E at ~0 in the same fit is the absent term."""
+    result = fit(*grid(INNER))
+    boxed = dataclasses.replace(result, E=0.0, C=3e-7, at_bounds=["E", "C"], negligible=["E"])
+    (line,) = fit_warnings(boxed, [])
+    assert "no E term" in line and "C set by the box, its term still in the law" in line
+    assert "no C term" not in line

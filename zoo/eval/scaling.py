@@ -55,6 +55,7 @@ class ScalingFit:
     max_rel_error: float
     runs: int
     at_bounds: list[str] = field(default_factory=list)  # constants on the search box's edge or ~0
+    negligible: list[str] = field(default_factory=list)  # those of at_bounds whose term is ~0 at every run
     # 95 % bootstrap percentile interval of each constant and of optimal_sparsity (when asked for)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     bootstrap: int = 0  # resamples refitted for the intervals
@@ -115,16 +116,19 @@ def _grid_starts(L) -> list[list[float]]:
     return [[e0, b, c, a, 0.1] for b, c, a in itertools.product((-2.0, 1.0), (-2.0, 2.0), (0.1, 0.4))]
 
 
-def _at_bounds(x, N, S) -> list[str]:
-    """Constants on an edge of the search box, or whose term of the law (E, B·N^−α or C·e^(β/(1−S))·N^−α)
-    is below AT_BOUND of the predicted loss at every run: log-parametrised, such a constant drifts
-    towards its lower edge on a flat objective and stops anywhere on the way."""
+def _at_bounds(x, N, S) -> tuple[list[str], list[str]]:
+    """(constants on an edge of the search box or whose term is negligible, those whose term of the law
+    (E, B·N^−α or C·e^(β/(1−S))·N^−α) is below AT_BOUND of the predicted loss at every run):
+    log-parametrised, such a constant drifts towards its lower edge on a flat objective and stops anywhere
+    on the way. A constant on an edge whose term is not negligible (C on its lower edge with a large β:
+    the term still rises steeply with S) is set by the box, traded off against another constant."""
     E, B, C, alpha, beta = _unpack(x)
     na = N ** -alpha
     pred = law(N, S, E, B, C, alpha, beta)
     share = {"E": E / pred, "B": B * na / pred, "C": C * np.exp(np.clip(beta / (1 - S), -50, 50)) * na / pred}
-    return [name for name, v, (lo, hi) in zip(NAMES, x, BOUNDS)
-            if min(v - lo, hi - v) <= AT_BOUND * (hi - lo) or np.max(share.get(name, 1.0)) < AT_BOUND]
+    negligible = [name for name in share if np.max(share[name]) < AT_BOUND]
+    edge = [name for name, v, (lo, hi) in zip(NAMES, x, BOUNDS) if min(v - lo, hi - v) <= AT_BOUND * (hi - lo)]
+    return [name for name in NAMES if name in edge or name in negligible], negligible
 
 
 def fit(N, S, L, delta: float = 1e-3, bootstrap: int = 0, seed: int = 0) -> ScalingFit:
@@ -139,9 +143,11 @@ def fit(N, S, L, delta: float = 1e-3, bootstrap: int = 0, seed: int = 0) -> Scal
     consts = _unpack(x)
     E, B, C, alpha, beta = consts
     pred = law(N, S, *consts)
+    edges, negligible = _at_bounds(x, N, S)
     result = ScalingFit(E, B, C, alpha, beta, optimal_sparsity(B, C, alpha, beta),
                         rmse_log=float(np.sqrt(np.mean((np.log(pred) - np.log(L)) ** 2))),
-                        max_rel_error=float(np.max(np.abs(pred / L - 1))), runs=len(L), at_bounds=_at_bounds(x, N, S))
+                        max_rel_error=float(np.max(np.abs(pred / L - 1))), runs=len(L),
+                        at_bounds=edges, negligible=negligible)
     if bootstrap:
         rng = np.random.default_rng(seed)
         draws = []
@@ -184,10 +190,14 @@ def fit_warnings(result: ScalingFit, held: list[dict]) -> list[str]:
         where = ", ".join(f"{k} = {getattr(result, k):.3g}" for k in result.at_bounds)
         # E or B at ~0 is a law without that term (S* stays defined); alpha or beta on an edge is not
         shape = {"alpha", "beta"} & set(result.at_bounds)
+        absent = [k for k in result.at_bounds if k in result.negligible]
+        boxed = [k for k in result.at_bounds if k not in result.negligible and k not in shape]
+        why = "; ".join(([f"the law fitted has no {' or '.join(absent)} term"] if absent else [])
+                        + ([f"{' and '.join(boxed)} set by the box, {'its term' if len(boxed) == 1 else 'their terms'}"
+                            " still in the law (traded off against the other constants)"] if boxed else []))
         out.append(f"the fit ended on the edge of its search box ({where}): the runs do not determine "
                    + ("the law, which is degenerate here: its S* is not a measurement" if shape else
-                      f"{'that constant' if len(result.at_bounds) == 1 else 'those constants'} (the law "
-                      "fitted has no such term)"))
+                      f"{'that constant' if len(result.at_bounds) == 1 else 'those constants'} ({why})"))
     for row in held:
         if row["max_abs_rel_error"] > HELD_OUT_WARN:
             out.append(f"fitted without the runs at N = {row['N']:,}, the law misses them by up to "
