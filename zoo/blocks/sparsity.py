@@ -22,7 +22,8 @@ FEW_ROWS = 8  # up to this many rows (decode) torch.kthvalue beats NumPy's per-c
 def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of each row of `a` (last dim), shape [..., 1]; 1 <= k <= width."""
     width = a.shape[-1]
-    if a.device.type != "cpu" or a.numel() <= FEW_ROWS * width:
+    # compiled (a decode step): torch's op, which the compiler traces; NumPy would break the graph
+    if a.device.type != "cpu" or a.numel() <= FEW_ROWS * width or torch.compiler.is_compiling():
         return a.kthvalue(width - k + 1, dim=-1, keepdim=True).values
     # NumPy's introselect tracks no indices: ~2-10x faster than torch.kthvalue on CPU for many rows
     kth = np.partition(_numpy(a.reshape(-1, width)), width - k, axis=-1)[:, width - k]
