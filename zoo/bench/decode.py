@@ -300,7 +300,7 @@ def run(args) -> int:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, recipe.model.vocab_size, (args.prompt,), generator=gen).tolist()
     long_prompt = torch.randint(0, recipe.model.vocab_size, (args.prefill,), generator=gen).tolist()
-    for r in runtimes:  # warm-up: the zoo engine compiles its layer step here (timed)
+    for r in runtimes:  # warm-up: the zoo engine compiles its layer steps here (timed)
         t = time.perf_counter()
         tok = r.prefill(prompt)
         for _ in range(2):
@@ -335,7 +335,7 @@ def run(args) -> int:
               "model": args.model or f"{args.recipe} (random weights)", "read_bandwidth_GBs": round(gbs, 1),
               "note": f"batch 1; decode: median over {args.rounds} interleaved rounds of the median of {args.tokens} "
                       f"steps after a {args.prompt}-token prompt; prefill: a {args.prefill}-token prompt; warmup_s: "
-                      "first prompt and 2 steps (zoo: compiles its layer step)", **dict(enumerate(notes))}
+                      "first prompt and 2 steps (zoo: compiles its layer steps)", **dict(enumerate(notes))}
     report(rows + goal_rows(ms), header, args.json)
     return 0
 

@@ -205,7 +205,7 @@ COLUMNS = [("params", "total_params", 0), ("act.params", "activated_params", 0),
 
 
 def _how(row: dict) -> str:
-    """How a row's decode time was taken: threads, and `eager` when the layer step was not compiled."""
+    """How a row's decode time was taken: threads, and `eager` when the layer steps were not compiled."""
     threads = "/".join(map(str, row.get("decode_threads", [])))
     eager = " eager" if False in row.get("decode_compiled", []) else ""
     return f" ({threads}t{eager})" if threads else ""

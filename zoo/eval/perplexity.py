@@ -46,7 +46,7 @@ def perplexity(loss: float) -> float:
 def decode_ms(model, prompt: torch.Tensor, tokens: int = 32, compile: bool | None = None) -> dict:
     """Milliseconds per decoded token at batch 1: `model` (pass its inference form, frozen and prepared, as
     `zoo generate` runs it) on the decode engine, greedy after `prompt` [1, T]. A warm-up first (the prompt
-    and 2 steps: the layer step compiles there; `compile` as the Decoder's, None: ZOO_COMPILE), then the
+    and 2 steps: the layer steps compile there; `compile` as the Decoder's, None: ZOO_COMPILE), then the
     prompt again and the median of `tokens` timed steps. With the figure: the steps timed, the prompt length,
     torch's CPU threads and whether the step was compiled."""
     was_training = model.training

@@ -139,7 +139,8 @@ class Transformer(nn.Module, Preparable):
         """Sample continuations with the KV cache; yields one [B, 1] tensor of ids per step.
 
         Runs on the decode engine (zoo.model.decode.Decoder): the prompt batched, each new token
-        through the compiled layer step (`compile=False`: the eager layers; None: ZOO_COMPILE, default on)."""
+        through the compiled steps over runs of layers (`compile=False`: the eager layers;
+        None: ZOO_COMPILE, default on)."""
         max_len = min(idx.shape[1] + max_new_tokens, self.config.max_seq_len)
         yield from Decoder(self, idx.shape[0], max_len, compile).generate(
             idx, max_new_tokens, temperature, top_k, top_p, generator)

@@ -308,7 +308,7 @@ def write_summary(out: Path, recipe: Recipe, model, data, state: TrainState, val
     prompt = val[0][0][:1, : max(1, recipe.train.seq_len // 2)]
     acc = account(model, seq_len=recipe.train.seq_len)
     decode = decode_ms(prepare_inference(load(ckpt, device=next(model.parameters()).device).freeze().eval()), prompt,
-                       compile=False)  # a few dozen tokens would not pay back compiling the layer step
+                       compile=False)  # a few dozen tokens would not pay back compiling the layer steps
     summary = {
         "name": recipe.name,
         "steps": state.step,
