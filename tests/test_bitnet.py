@@ -194,5 +194,5 @@ def test_cpu_decode_reads_the_packed_two_bits(sparsity):
         sparsify = next(p.sparsify for p in model.modules() if isinstance(p, Projection) and p.linear is f)
         batched = f(x, sparsify)
         rows = torch.cat([f(x[i:i + 1], sparsify) for i in range(3)])
-        assert f.fused(x[:1], sparsify) or sparsify is not None
+        assert f.fused(x[:1], sparsify)  # one row: the packed ternary_gemv
         torch.testing.assert_close(rows, batched, rtol=1e-6, atol=1e-6)

@@ -115,10 +115,9 @@ def ternary_matmul_cpu(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch
     the int8 rows; more rows through `torch._int_mm` on the int8 rows."""
     if weight.rows is None:
         raise ValueError("the cpu ternary path needs the rows layout (TernaryWeight.from_ternary(w, ('rows',)))")
-    if xq.shape[0] == 1 and weight.packed is not None:
-        acc = cpu.gather_gemv(xq.float(), indices, weight.packed)[:, :weight.out_features]
-    elif xq.shape[0] == 1:
-        acc = cpu.gather_gemv(xq.float(), indices, weight.rows)
+    if xq.shape[0] == 1:  # packed: 4 outputs a byte, the padding columns cut off
+        w = weight.packed if weight.packed is not None else weight.rows
+        acc = cpu.gather_gemv(xq.float(), indices, w)[:, :weight.out_features]
     else:
         acc = torch._int_mm(_dense_rows(xq, indices, weight.in_features), weight.rows)
     return finish(acc, row_scale, bias, out_dtype)

@@ -91,8 +91,8 @@ def run_layers(blocks: list[nn.Module], x: torch.Tensor, start: int, caches: lis
 
 
 class CompiledLayers:
-    """`run_layers` compiled for a run of `size` blocks built like one block (shared by every such run of
-    every model).
+    """`run_layers` compiled for runs of one length of blocks built alike (shared by every such run of every
+    model).
 
     The run must be one graph (`fullgraph=True`). Blocks the compiler cannot capture whole (a graph
     break: a plugin's untraceable code) run eagerly, said in one line for their kind: the continuation

@@ -49,7 +49,7 @@ inline float widen(c10::BFloat16 x) {  // bf16 is the top half of an fp32: exact
 
 constexpr int64_t TILE = 8192;  // accumulators per pass (32 KiB of fp32: one core's L1)
 constexpr int R = 16;           // weight rows summed per pass over the accumulators
-constexpr int R_PACKED = 16;    // packed ternary rows per pass (|Σ| <= 16·128 fits the int16 lanes)
+constexpr int R_PACKED = 16;    // packed ternary rows per pass: 8 pair sums of |.| <= 512 fit int16 lanes
 constexpr int64_t SPLIT_K_BELOW = 2048;  // output columns per thread below which threads split the rows instead
 
 // bf16 rows are read differently (measured on cold weights, docs/kernels.md): 8 rows per pass, and
