@@ -122,6 +122,8 @@ def test_compiled_decode_equals_eager(name, dtype, capfd):
     decoder = check(name, dtype, compiled=True)
     assert decoder.compiled
     assert "layers run eagerly" not in capfd.readouterr().err
+    # every step after the first called the compiled graphs directly, without torch.compile's guards
+    assert decoder.direct and all(decoder.direct)
 
 
 def test_run_lengths():
@@ -203,6 +205,46 @@ def test_plugin_block_without_inference_form_falls_back(plugin_registry, capfd):
     assert rel(got, want) <= 1e-5, rel(got, want)
     assert capfd.readouterr().err.count("layers run eagerly") == 1 and not decoder.compiled
     assert {m.calls for m in blocks} == {1 + STEPS}  # its forward ran at the prefill and at every step
+
+
+class RecordingWeights(CountingWeights):
+    """A plugin's weights kind whose traceable forward keeps its last input in a Python attribute: an effect
+    outside the graph, which torch.compile replays after it at every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_input = x
+        return torch.nn.functional.linear(x, self.weight)
+
+
+@zoo.hookimpl
+def zoo_register_recording(registry) -> None:
+    registry.register("weights", "recording", CountingConfig, lambda cfg, ctx, i, o, b: RecordingWeights(i, o, b))
+
+
+RECORDING = types.ModuleType("recording_plugin")
+RECORDING.zoo_register = zoo_register_recording
+
+
+@needs_cxx
+def test_layers_with_python_effects_keep_them(plugin_registry):
+    """A layer whose forward sets a Python attribute compiles as one graph but is never called directly (the
+    attribute would stop changing): every step sets it anew, and the logits are the eager model's."""
+    plugin_registry(("recording", RECORDING))
+    torch.manual_seed(0)
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + ["model.ffn.hidden=64",
+                                                                          "model.weights.kind='recording'"])).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
+    want = eager_logits(model, ids)
+    decoder = Decoder(prepare_inference(copy.deepcopy(model)), max_len=PROMPT + STEPS, compile=True)
+    blocks = [m for m in decoder.model.modules() if isinstance(m, RecordingWeights)]
+    got, seen = [decoder.prefill(ids[:, :PROMPT])], []
+    for t in range(PROMPT, PROMPT + STEPS):
+        got.append(decoder.step(ids[:, t:t + 1]))
+        seen.append([m.last_input for m in blocks])
+    assert rel(torch.cat(got).float(), want) <= 1e-5
+    assert decoder.compiled and decoder.direct == [None]
+    for before, after in zip(seen, seen[1:]):
+        assert all(a is not b for a, b in zip(before, after))
 
 
 @pytest.mark.slow  # nine models built and timed, two 512 MB bandwidth reads

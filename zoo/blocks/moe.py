@@ -128,7 +128,10 @@ class MoE(FFN):
         if self.shared is not None:
             s = self.shared(x)
             y = y + (s * torch.sigmoid(self.shared_gate(x)) if self.shared_gate is not None else s)
-        self.aux_losses = {} if by_pair else self.losses(route)
+        if not by_pair:
+            self.aux_losses = self.losses(route)
+        elif not torch.compiler.is_compiling():  # inference: no losses (a compiled step leaves the attribute)
+            self.aux_losses = {}
         return y.reshape(shape)
 
     def routes_by_pair(self, x: torch.Tensor) -> bool:
@@ -140,15 +143,17 @@ class MoE(FFN):
     def pair_dispatch(self, x: torch.Tensor, route: Routing) -> torch.Tensor:
         """Each (token, choice) pair through its own expert's weights, nothing sorted: the same sum as
         `dispatch` with static shapes (T·k rows), so a compiled decode step holds it in its graph, and
-        each row reads only its expert's weights (see ExpertProjection). Statistics as `dispatch`; no losses
+        each row reads only its expert's weights (see ExpertProjection). Statistics as `dispatch`, except in a
+        compiled graph (a decode step: Python state outside the graph, which nothing there reads); no losses
         (no autograd)."""
         T, k = x.shape[0], self.top_k
         expert = route.experts.flatten()
         with self.groups.routed_rows(expert):
             rows = self.experts(x.repeat_interleave(k, 0))  # row t·k + j: token t, choice j
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
-            0, expert, torch.ones_like(expert))  # bincount with a static shape
-        self.last_stats = self.statistics(route, counts, 0)
+        if not torch.compiler.is_compiling():
+            counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
+                0, expert, torch.ones_like(expert))  # bincount with a static shape
+            self.last_stats = self.statistics(route, counts, 0)
         return (rows.view(T, k, -1) * route.weights.unsqueeze(-1).to(rows.dtype)).sum(1)
 
     def routing_stats(self) -> Mapping[str, torch.Tensor] | None:

@@ -100,13 +100,25 @@ class CompiledLayers:
     by every kind of block, and its guards check tensors' shapes and dtypes but not every setting a
     module holds (an activation's kind, a norm's eps), so a continuation compiled for one kind could run
     for another. For the same reason each kind and run length gets a copy of `run_layers` with its own
-    code object, so its own compiled graphs."""
+    code object, so its own compiled graphs.
+
+    Each graph Inductor compiles is kept with the places its inputs came from (`Graph`): a decoder calls it
+    directly once its steps ran (`direct`), without the guards torch.compile evaluates at every call."""
 
     def __init__(self, index: int, kind: str):
         code = run_layers.__code__.replace(co_name=f"run_layers_{index}")
         self.fn = torch.compile(types.FunctionType(code, run_layers.__globals__, code.co_name), dynamic=True,
-                                fullgraph=True)
+                                fullgraph=True, backend=self.inductor)
         self.kind, self.eager = kind, False
+        self.graphs: list[Graph | None] = []  # every graph compiled, None where it cannot be called directly
+
+    def inductor(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        """torch.compile's backend: Inductor's compiled graph, noted with where its inputs come from."""
+        from torch._inductor.compile_fx import compile_fx
+
+        fn = compile_fx(gm, example_inputs)
+        self.graphs.append(Graph.of(gm, fn))
+        return fn
 
     def __call__(self, blocks: list[nn.Module], x: torch.Tensor, start: int, caches: list[KVCache]) -> torch.Tensor:
         if not self.eager:
@@ -118,6 +130,101 @@ class CompiledLayers:
                       file=sys.stderr)
                 self.eager = True
         return run_layers(blocks, x, start, caches)
+
+    def direct(self, blocks: list[nn.Module], caches: list[KVCache]) -> DirectCall | None:
+        """This run of blocks as a direct call of the one graph compiled for its kind, or None where there is
+        not exactly one graph that can be called so (eager, recompiled, or with effects outside the graph)."""
+        if self.eager or len(self.graphs) != 1 or self.graphs[0] is None:
+            return None
+        return self.graphs[0].bind(blocks, caches)
+
+
+class Graph:
+    """An Inductor graph of `run_layers` that can run without torch.compile's frame and guards: its inputs
+    are the blocks' tensors (fixed for a decoder's life: a model changed after its `Decoder` was made needs
+    a new one), the hidden state `x` and the position `start`, and nothing else.
+
+    Built from what the compiler recorded while tracing (the source of each input); a graph is not called
+    directly (None) where the frame does more than return the graph's one output (Python side effects: a
+    block setting an attribute), where the position was specialized or tied to another size, or where
+    another input's value depends on the call."""
+
+    def __init__(self, fn, sources: list[str], as_tensor: list[bool]):
+        self.fn, self.sources = fn, sources  # fn(*inputs), as torch.compile's frame calls it
+        self.as_tensor = as_tensor  # inputs the frame passes as 0-d tensors (a float setting made an input)
+
+    @classmethod
+    def of(cls, gm: torch.fx.GraphModule, fn) -> Graph | None:
+        try:  # torch.compile's tracing state: private, so any surprise means "not directly"
+            from torch._dynamo.symbolic_convert import InstructionTranslator
+
+            output = InstructionTranslator.current_tx().output
+            sources = [arg.source.name for arg in output.graphargs]
+            (returned,) = [n for n in gm.graph.nodes if n.op == "output"]
+            if effects(output.side_effects) or len(returned.args[0]) != 1 or "L['start']" not in sources:
+                return None
+            if any(s.startswith(("L['x']", "L['start']")) and s not in ("L['x']", "L['start']") for s in sources):
+                return None
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            if len(placeholders) != len(sources):
+                return None
+            position = placeholders[sources.index("L['start']")].meta["example_value"]
+            symbol, shape_env = position.node.expr, output.shape_env
+            if [s.name for s in shape_env.var_to_sources.get(symbol, [])] != ["L['start']"] \
+                    or symbol in shape_env.replacements:
+                return None
+            return cls(fn, sources, [bool(arg.pass_arg_as_tensor) for arg in output.graphargs])
+        except Exception:
+            return None
+
+    def bind(self, blocks: list[nn.Module], caches: list[KVCache]) -> DirectCall | None:
+        scope = {"L": {"blocks": blocks, "caches": caches}, "G": run_layers.__globals__, "torch": torch,
+                 "device": torch.device}
+        try:
+            args = [None if s in ("L['x']", "L['start']") else eval(s, scope) for s in self.sources]  # noqa: S307
+            args = [torch._as_tensor_fullprec(a) if t else a for a, t in zip(args, self.as_tensor)]
+        except Exception:
+            return None
+        return DirectCall(self, args, self.sources.index("L['x']") if "L['x']" in self.sources else None,
+                          self.sources.index("L['start']"))
+
+
+def effects(side_effects) -> bool:
+    """Whether the traced frame changes Python state the graph does not (torch.compile replays such changes
+    after the graph: an attribute set, a list or dict changed). Not effects: an object the frame created and
+    set nothing on (a tensor allocated in the graph), and attributes set back to the constant they held (a
+    context manager's set and reset)."""
+    from torch._dynamo.variables.base import AttributeMutationExisting, AttributeMutationNew
+    from torch._dynamo.variables.constant import ConstantVariable
+
+    def restored(var) -> bool:
+        stores = side_effects.store_attr_mutations.get(var, {})
+        obj = getattr(var, "value", None)
+        return isinstance(var.mutation_type, AttributeMutationExisting) and obj is not None and all(
+            isinstance(v, ConstantVariable) and name in vars(obj) and vars(obj)[name] is v.value
+            for name, v in stores.items())
+
+    def harmless(var) -> bool:
+        if isinstance(var.mutation_type, AttributeMutationNew):
+            return not side_effects.store_attr_mutations.get(var)
+        return restored(var)
+
+    return bool(side_effects.tensor_hooks or side_effects.save_for_backward) or not all(
+        map(harmless, side_effects._get_modified_vars()))
+
+
+class DirectCall:
+    """One run of layers bound to its compiled graph: call(x, start) -> x."""
+
+    def __init__(self, graph: Graph, args: list, x: int | None, start: int):
+        self.graph, self.args, self.x, self.start = graph, args, x, start
+
+    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        args = list(self.args)
+        if self.x is not None:
+            args[self.x] = x
+        args[self.start] = start
+        return self.graph.fn(*args)[0]
 
 
 _COMPILED: dict[tuple, CompiledLayers] = {}
@@ -201,6 +308,10 @@ class Decoder:
         self.calls = [(blocks[i:j], self.cache[i:j], step) for i, j, step in
                       (layer_groups(blocks, layers_per_call) if compile else [(0, len(blocks), run_layers)])]
         self.pos = 0
+        # per call, its `DirectCall` (or None: through torch.compile) once a compiled step ran, for hidden states
+        # of the shape and dtype that step had
+        self.direct: list[DirectCall | None] | None = None
+        self.direct_for: tuple | None = None
         plain = sorted({type(m.linear).__name__ for m in model.modules() if isinstance(m, Projection)
                         and not isinstance(m.linear, InferenceForm)
                         and type(m.linear).inference_form is Weights.inference_form})
@@ -221,9 +332,21 @@ class Decoder:
             raise ValueError(f"sequence of {self.pos + ids.shape[1]} tokens exceeds the cache ({self.max_len})")
         m = self.model
         x = m.embed(ids)
-        for blocks, caches, step in self.calls:
-            x = (step if compiled else run_layers)(blocks, x, self.pos, caches)
+        inference = compiled and not torch.is_grad_enabled()
+        kind = (x.shape, x.dtype)
+        direct = self.direct if inference and self.direct_for == kind else None
+        if compiled:
+            torch._dynamo.mark_static(x)
+        for i, (blocks, caches, step) in enumerate(self.calls):
+            if direct and direct[i] is not None:
+                x = direct[i](x, self.pos)
+            else:
+                x = (step if compiled else run_layers)(blocks, x, self.pos, caches)
         self.pos += ids.shape[1]
+        if inference and self.direct is None:
+            self.direct = [step.direct(blocks, caches) if isinstance(step, CompiledLayers) else None
+                           for blocks, caches, step in self.calls]
+            self.direct_for = kind
         return m.head(m.norm(x[:, -1]))
 
     @torch.no_grad()
