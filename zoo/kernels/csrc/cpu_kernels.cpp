@@ -174,14 +174,16 @@ void gemv_columns<uint8_t>(const float* v, const int64_t* idx, int64_t K, const 
   for (int64_t t0 = c0; t0 < c1; t0 += BYTES) {
     const int64_t n = std::min(BYTES, c1 - t0);
     for (int s = 0; s < 4; ++s) std::fill(acc[s], acc[s] + n, 0);
-    int64_t k = 0;
-    for (; k + R_PACKED <= K; k += R_PACKED) {
+    // passes of R_PACKED rows; the last one filled up with activations 0 (adding nothing) on a real row,
+    // so a row count off the multiple (571 nonzero activations) costs a pass, not a scalar loop per row
+    for (int64_t k = 0; k < K; k += R_PACKED) {
       const uint8_t* r[R_PACKED];
       int16_t a[R_PACKED];
       int32_t sum_a = 0;
+      const int64_t m = std::min<int64_t>(R_PACKED, K - k);
       for (int p = 0; p < R_PACKED; ++p) {
-        r[p] = wt + (idx ? idx[k + p] : k + p) * R + t0;
-        a[p] = static_cast<int16_t>(v[k + p]);
+        r[p] = wt + (idx ? idx[k + std::min<int64_t>(p, m - 1)] : k + std::min<int64_t>(p, m - 1)) * R + t0;
+        a[p] = p < m ? static_cast<int16_t>(v[k + p]) : 0;
         sum_a += a[p];
         // a row is only R bytes (a few cache lines): too short a stream for the hardware prefetcher to
         // follow, so the next pass's rows are asked for while this pass sums
@@ -235,11 +237,6 @@ void gemv_columns<uint8_t>(const float* v, const int64_t* idx, int64_t K, const 
       }
 #endif
       packed_rows_scalar(r, a, R_PACKED, j, n, acc);
-    }
-    for (; k < K; ++k) {
-      const uint8_t* row = wt + (idx ? idx[k] : k) * R + t0;
-      const int16_t a = static_cast<int16_t>(v[k]);
-      packed_rows_scalar(&row, &a, 1, 0, n, acc);
     }
     for (int s = 0; s < 4; ++s)
       for (int64_t j = 0; j < n; ++j) y[s * R + t0 + j] = static_cast<float>(acc[s][j]);
