@@ -348,6 +348,8 @@ GOALS = [  # (figure, numerator runtime, denominator runtime): ms ratios, < 1 me
     ("zoo qsparse 0.5 bf16 / llama.cpp F16", "zoo qsparse 0.5 bf16", "llama.cpp F16"),
     ("zoo bitnet b1.58 fp32 / llama.cpp Q4_1", "zoo bitnet b1.58 fp32", "llama.cpp Q4_1"),
     ("zoo bitnet + qsparse 0.5 fp32 / llama.cpp Q4_1", "zoo bitnet + qsparse 0.5 fp32", "llama.cpp Q4_1"),
+    ("zoo bitnet b1.58 bf16 / llama.cpp Q4_1", "zoo bitnet b1.58 bf16", "llama.cpp Q4_1"),
+    ("zoo bitnet + qsparse 0.5 bf16 / llama.cpp Q4_1", "zoo bitnet + qsparse 0.5 bf16", "llama.cpp Q4_1"),
     ("zoo bitnet b1.58 fp32 / zoo dense fp32", "zoo bitnet b1.58 fp32", "zoo dense fp32"),
     ("zoo bitnet + qsparse 0.5 fp32 / zoo dense fp32", "zoo bitnet + qsparse 0.5 fp32", "zoo dense fp32"),
     ("zoo moe 8x top-2 fp32 / zoo dense fp32", "zoo moe 8x top-2 fp32", "zoo dense fp32"),

@@ -189,6 +189,9 @@ class BitLinear(Weights):
         return f"{self.in_features}->{self.out_features}, bias={self.bias is not None}, {state}"
 
 
+HALF_OR_FP32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class TernaryLinear(InferenceForm):
     """A frozen BitNet projection: norm, optional top-K, int8 per-token activations × ternary weight · β
     (β one per matrix or one per output row)."""
@@ -223,9 +226,10 @@ class TernaryLinear(InferenceForm):
         return TernaryWeight(self.in_features, self.out_features, **{self.layout: self.kernel_weight}, **packed)
 
     def fused(self, x: torch.Tensor, sparsify: Sparsity | None) -> bool:
-        """Whether one `cpu.ternary_gemv` call does it all: the compiled kernels, one fp32 row (decode),
-        and no sparsity, a top-K the kernel selects itself, or zeros it skips (`zeros_inputs`)."""
-        return (self.layout == "rows" and x.dtype == torch.float32 and x.numel() == self.in_features
+        """Whether one `cpu.ternary_gemv` call does it all: the compiled kernels, one row (decode; a half-precision
+        row is quantized from its fp32 values and the result rounded back), and no sparsity, a top-K the kernel
+        selects itself, or zeros it skips (`zeros_inputs`)."""
+        return (self.layout == "rows" and x.dtype in HALF_OR_FP32 and x.numel() == self.in_features
                 and (kernel_selects(sparsify) or sparsify.zeros_inputs))
 
     def fuses(self, sparsify: Sparsity | None) -> bool:
@@ -239,7 +243,7 @@ class TernaryLinear(InferenceForm):
             k = 0 if sparsify is None else sparsify.kept_count(self.in_features) or 0
             y = cpu.ternary_gemv(x.reshape(1, -1), k, self.packed, self.scale, self.bias,
                                  out_features=self.out_features)
-            return y.view(*x.shape[:-1], self.out_features)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if sparsify is not None:
             x = sparsify(x)
         rows = x.reshape(-1, self.in_features)
