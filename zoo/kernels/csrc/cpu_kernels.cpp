@@ -243,14 +243,12 @@ void gemv_columns<uint8_t>(const float* v, const int64_t* idx, int64_t K, const 
   }
 }
 
+// y [N, yw] = v [N, K] times the rows idx [N, K] (nullptr: 0..K-1) of w [in, out], on raw pointers (no tensor
+// made: a decode call's fixed cost); out: the weight layout's columns (packed: bytes); yw: y's width (packed:
+// 4 outputs per byte)
 template <typename T>
-void gather_gemv_typed(const at::Tensor& values, const int64_t* idx, const at::Tensor& wt, const float* bias,
-                       at::Tensor& y, int64_t chunks) {
-  // out: the weight layout's columns (packed: bytes); yw: y's width (packed: 4 outputs per byte)
-  const int64_t N = values.size(0), K = values.size(1), out = wt.size(1), yw = y.size(1);
-  const float* v = values.data_ptr<float>();
-  const T* w = wt.data_ptr<T>();
-  float* yp = y.data_ptr<float>();
+void gemv_rows(const float* v, const int64_t* idx, int64_t N, int64_t K, const T* w, int64_t out, int64_t yw,
+               const float* bias, float* yp, int64_t chunks) {
   constexpr int P = rows_per_pass<T>;
   if (chunks > 1 && out < SPLIT_K_BELOW * chunks && K >= 2 * P * chunks) {
     // a narrow output: each thread takes a share of the rows over all columns (longer contiguous
@@ -280,28 +278,44 @@ void gather_gemv_typed(const at::Tensor& values, const int64_t* idx, const at::T
   });
 }
 
+// one row's nonzero entries of x [width] into (idx, v): the rows of w a zero would multiply are never read
+inline int64_t nonzero_entries(const float* x, int64_t width, int64_t* idx, float* v) {
+  int64_t K = 0;
+  for (int64_t j = 0; j < width; ++j)
+    if (x[j] != 0.f) {  // NaN included: it is kept and shows in y
+      idx[K] = j;
+      v[K++] = x[j];
+    }
+  return K;
+}
+
+// gemv_rows by the weight layout's dtype
+void gemv_rows_any(const float* v, const int64_t* idx, int64_t N, int64_t K, const at::Tensor& wt, int64_t yw,
+                   const float* bias, float* y, int64_t chunks) {
+  const int64_t out = wt.size(1);
+  switch (wt.scalar_type()) {
+    case at::kFloat: return gemv_rows<float>(v, idx, N, K, wt.data_ptr<float>(), out, yw, bias, y, chunks);
+    case at::kBFloat16:
+      return gemv_rows<c10::BFloat16>(v, idx, N, K, wt.data_ptr<c10::BFloat16>(), out, yw, bias, y, chunks);
+    case at::kChar: return gemv_rows<int8_t>(v, idx, N, K, wt.data_ptr<int8_t>(), out, yw, bias, y, chunks);
+    case at::kByte: return gemv_rows<uint8_t>(v, idx, N, K, wt.data_ptr<uint8_t>(), out, yw, bias, y, chunks);
+    default: TORCH_CHECK(false, "gather_gemv: wt must be float32, bfloat16, int8 or uint8 (packed ternary)");
+  }
+}
+
 void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indices, const at::Tensor& wt,
                  const std::optional<at::Tensor>& bias, int64_t chunks, at::Tensor& y);
 
 // A dense call whose rows hold zeros: each row goes through the indexed path with its nonzero entries
 // only, so the weight rows of its zero entries are never read (an all-zero row gives the bias).
-void gather_gemv_nonzero(const at::Tensor& values, const at::Tensor& wt, const std::optional<at::Tensor>& bias,
-                         int64_t chunks, at::Tensor& y) {
-  const int64_t N = values.size(0), width = values.size(1);
-  at::Tensor kept = at::empty({1, width}, values.options());
-  at::Tensor where = at::empty({1, width}, values.options().dtype(at::kLong));
+void gather_gemv_nonzero(const at::Tensor& values, const at::Tensor& wt, const float* bias, int64_t chunks,
+                         at::Tensor& y) {
+  const int64_t N = values.size(0), width = values.size(1), yw = y.size(1);
+  std::vector<float> kept(width);
+  std::vector<int64_t> where(width);
   for (int64_t i = 0; i < N; ++i) {
-    const float* x = values.data_ptr<float>() + i * width;
-    float* v = kept.data_ptr<float>();
-    int64_t* idx = where.data_ptr<int64_t>();
-    int64_t K = 0;
-    for (int64_t j = 0; j < width; ++j)
-      if (x[j] != 0.f) {  // NaN included: it is kept and shows in y
-        idx[K] = j;
-        v[K++] = x[j];
-      }
-    at::Tensor yi = y.narrow(0, i, 1);
-    gather_gemv(kept.narrow(1, 0, K), where.narrow(1, 0, K), wt, bias, chunks, yi);
+    const int64_t K = nonzero_entries(values.data_ptr<float>() + i * width, width, where.data(), kept.data());
+    gemv_rows_any(kept.data(), where.data(), 1, K, wt, yw, bias, y.data_ptr<float>() + i * yw, chunks);
   }
 }
 
@@ -325,9 +339,6 @@ void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indi
       TORCH_CHECK(0 <= idx[i] && idx[i] < rows, "gather_gemv: index ", idx[i], " out of range [0, ", rows, ")");
   } else {
     TORCH_CHECK(values.size(1) == wt.size(0), "gather_gemv: dense rows need K == in");
-    const float* x = values.data_ptr<float>();
-    if (std::find(x, x + values.numel(), 0.f) != x + values.numel())
-      return gather_gemv_nonzero(values, wt, bias, chunks, y);
   }
   const float* b = nullptr;
   if (bias.has_value()) {
@@ -336,17 +347,10 @@ void gather_gemv(const at::Tensor& values, const std::optional<at::Tensor>& indi
     b = bias->data_ptr<float>();
   }
   chunks = std::max<int64_t>(1, chunks);
-  if (wt.scalar_type() == at::kFloat) {
-    gather_gemv_typed<float>(values, idx, wt, b, y, chunks);
-  } else if (wt.scalar_type() == at::kBFloat16) {
-    gather_gemv_typed<c10::BFloat16>(values, idx, wt, b, y, chunks);
-  } else if (wt.scalar_type() == at::kChar) {
-    gather_gemv_typed<int8_t>(values, idx, wt, b, y, chunks);
-  } else if (packed) {
-    gather_gemv_typed<uint8_t>(values, idx, wt, b, y, chunks);
-  } else {
-    TORCH_CHECK(false, "gather_gemv: wt must be float32, bfloat16, int8 or uint8 (packed ternary)");
-  }
+  const float* x = values.data_ptr<float>();
+  if (!idx && std::find(x, x + values.numel(), 0.f) != x + values.numel())
+    return gather_gemv_nonzero(values, wt, b, chunks, y);
+  gemv_rows_any(x, idx, values.size(0), values.size(1), wt, y.size(1), b, y.data_ptr<float>(), chunks);
 }
 
 // The k entries of largest |x| of one row, as ascending indices and their values. A threshold (the
@@ -380,12 +384,19 @@ void topk_gemv(const at::Tensor& x, int64_t k, const at::Tensor& wt, const std::
   TORCH_CHECK(indices.scalar_type() == at::kLong && indices.is_contiguous() && indices.dim() == 2 &&
               indices.size(0) == x.size(0) && indices.size(1) == k, "topk_gemv: indices must be int64 [N, k]");
   const int64_t N = x.size(0), width = x.size(1);
-  at::Tensor values = at::empty({N, k}, x.options());
-  std::vector<float> mag, part;
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == wt.size(1) && bias->is_contiguous(),
+                "topk_gemv: bias must be contiguous float32 [out]");
+  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous() && wt.scalar_type() != at::kByte,
+              "topk_gemv: wt must be contiguous [in, out], float32, bfloat16 or int8");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 &&
+              y.size(0) == N && y.size(1) == wt.size(1), "topk_gemv: y must be contiguous float32 [N, out]");
+  std::vector<float> mag, part, values(N * k);  // reused buffers, no tensor made (a decode call's fixed cost)
   for (int64_t i = 0; i < N; ++i)
     select_topk(x.data_ptr<float>() + i * width, width, k, mag, part, indices.data_ptr<int64_t>() + i * k,
-                values.data_ptr<float>() + i * k);
-  gather_gemv(values, indices, wt, bias, chunks, y);
+                values.data() + i * k);
+  gemv_rows_any(values.data(), indices.data_ptr<int64_t>(), N, k, wt, y.size(1),
+                bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), std::max<int64_t>(1, chunks));
 }
 
 void ternary_gemv(const at::Tensor& x, int64_t k, const at::Tensor& w, const at::Tensor& beta,
@@ -406,34 +417,36 @@ void ternary_gemv(const at::Tensor& x, int64_t k, const at::Tensor& w, const at:
   if (bias.has_value())
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == out && bias->is_contiguous(),
                 "ternary_gemv: bias must be contiguous float32 [out]");
-  at::Tensor values = at::empty({N, kept}, x.options());
-  at::Tensor indices = at::empty({N, k > 0 ? kept : 0}, x.options().dtype(at::kLong));
-  std::vector<float> mag, part, rscale(N);
-  float* v = values.data_ptr<float>();
-  for (int64_t i = 0; i < N; ++i) {
-    const float* xi = x.data_ptr<float>() + i * width;
-    float* vi = v + i * kept;
-    if (k > 0) select_topk(xi, width, k, mag, part, indices.data_ptr<int64_t>() + i * kept, vi);
-    else std::memcpy(vi, xi, width * sizeof(float));
-    float amax = 0.f;
-    for (int64_t j = 0; j < kept; ++j) amax = std::max(amax, std::fabs(vi[j]));
-    const float s = 127.f / std::max(amax, static_cast<float>(eps));
-    for (int64_t j = 0; j < kept; ++j) vi[j] = std::min(127.f, std::max(-128.f, std::nearbyint(vi[j] * s)));
-    rscale[i] = 1.f / s;
-  }
-  at::Tensor acc = packed ? at::empty({N, 4 * w.size(1)}, x.options()) : y;  // packed: padded to 4 per byte
-  gather_gemv(values, k > 0 ? std::optional<at::Tensor>(indices) : std::nullopt, w, std::nullopt, chunks, acc);
+  // per row, on reused buffers (no tensor made: a decode call's fixed cost): the kept entries, quantized, then
+  // only the nonzero ones (a small |x| rounds to 0: its weight row is not read) times their weight rows
+  chunks = std::max<int64_t>(1, chunks);
+  const int64_t aw = packed ? 4 * w.size(1) : out;  // the GEMV's width (packed: padded to 4 per byte)
+  std::vector<float> mag, part, vals(kept), nz(kept), acc(aw);
+  std::vector<int64_t> sel(kept), where(kept);
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const float* be = beta.data_ptr<float>();
-  const float* ap = acc.data_ptr<float>();
-  const int64_t aw = acc.size(1);
-  float* yp = y.data_ptr<float>();
-  for (int64_t i = 0; i < N; ++i)
+  for (int64_t i = 0; i < N; ++i) {
+    const float* xi = x.data_ptr<float>() + i * width;
+    if (k > 0) select_topk(xi, width, k, mag, part, sel.data(), vals.data());
+    else std::memcpy(vals.data(), xi, width * sizeof(float));
+    float amax = 0.f;
+    for (int64_t j = 0; j < kept; ++j) amax = std::max(amax, std::fabs(vals[j]));
+    const float s = 127.f / std::max(amax, static_cast<float>(eps));
+    for (int64_t j = 0; j < kept; ++j) vals[j] = std::min(127.f, std::max(-128.f, std::nearbyint(vals[j] * s)));
+    int64_t K = 0;
+    for (int64_t j = 0; j < kept; ++j)
+      if (vals[j] != 0.f) {
+        where[K] = k > 0 ? sel[j] : j;
+        nz[K++] = vals[j];
+      }
+    gemv_rows_any(nz.data(), K == width ? nullptr : where.data(), 1, K, w, aw, nullptr, acc.data(), chunks);
+    const float r = 1.f / s;
+    float* yi = y.data_ptr<float>() + i * out;
     for (int64_t j = 0; j < out; ++j) {
-      float t = ap[i * aw + j] * rscale[i];
-      t = t * be[beta.numel() == 1 ? 0 : j];
-      yp[i * out + j] = b ? t + b[j] : t;
+      const float t = acc[j] * r * be[beta.numel() == 1 ? 0 : j];
+      yi[j] = b ? t + b[j] : t;
     }
+  }
 }
 
 }  // namespace
