@@ -15,6 +15,10 @@ that overhead:
   it computes, so one call runs up to `LAYERS_PER_CALL` layers (a 30-layer model: 3 calls of 10
   layers; on a 30-layer model with negligible weights, 2.2-2.5 ms per token against 3.6 for 30 calls
   of one layer, measured); the whole depth in one graph compiled for a minute and ran no faster;
+- after the first compiled step, each run of layers calls its compiled graph directly (`DirectCall`),
+  bound once to the run's tensors, without the guards torch.compile evaluates at every call (hundreds
+  of microseconds for a run of 10 layers); a graph that could not be bound soundly (see `Graph`) keeps
+  torch.compile's call;
 - the KV cache is preallocated for the prompt plus the tokens asked for, not `max_seq_len`;
 - the prompt (prefill) runs the same blocks eagerly on all its tokens at once (batched matmuls),
   and only its last position goes through the final norm and the LM head.
