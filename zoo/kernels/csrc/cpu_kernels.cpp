@@ -166,6 +166,80 @@ inline void packed_rows_scalar(const uint8_t* const* r, const int16_t* a, int ro
       for (int s = 0; s < 4; ++s) acc[s][j] += a[p] * (((r[p][j] >> (2 * s)) & 3) - 1);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// With AVX-512 VNNI (Zen 4, Ice Lake and later) four rows go at once: 64 bytes of each are interleaved so
+// that every 32-bit lane holds the four rows' bytes of one column (two unpack steps), each 2-bit field is
+// shifted and masked in place, and one `vpdpbusd` multiplies the four codes by the four rows' activations
+// and adds them to an int32 accumulator: no int16 stage, 4 rows × 64 columns a field per instruction.
+// The unpacks leave the columns of a 64-byte block in a fixed order (vector m, 128-bit lane L, lane
+// element d holds column 16L + 4m + d): the accumulators keep that order and the output undoes it. A
+// row's last partial block is read with a byte mask (nothing past the row is touched).
+inline int64_t vnni_position(int64_t j) {
+  const int64_t c = j & 63;
+  return (j & ~int64_t(63)) + 16 * ((c >> 2) & 3) + 4 * (c >> 4) + (c & 3);
+}
+
+template <>
+void gemv_columns<uint8_t>(const float* v, const int64_t* idx, int64_t K, const uint8_t* wt, int64_t R,
+                           const float* bias, float* y, int64_t c0, int64_t c1) {
+  constexpr int64_t BYTES = TILE / 4;
+  alignas(64) int32_t acc[4][BYTES];
+  const __m512i three = _mm512_set1_epi8(3);
+  for (int64_t t0 = c0; t0 < c1; t0 += BYTES) {
+    const int64_t n = std::min(BYTES, c1 - t0), blocks = (n + 63) / 64;
+    for (int s = 0; s < 4; ++s) std::fill(acc[s], acc[s] + blocks * 64, 0);
+    int32_t total_a = 0;
+    // passes of R_PACKED rows (four groups of 4); the last one filled up with activations 0 on a real row
+    for (int64_t k = 0; k < K; k += R_PACKED) {
+      const uint8_t* r[R_PACKED];
+      uint8_t a[R_PACKED];
+      const int64_t m = std::min<int64_t>(R_PACKED, K - k);
+      for (int p = 0; p < R_PACKED; ++p) {
+        r[p] = wt + (idx ? idx[k + std::min<int64_t>(p, m - 1)] : k + std::min<int64_t>(p, m - 1)) * R + t0;
+        const int32_t ap = p < m ? static_cast<int32_t>(v[k + p]) : 0;
+        a[p] = static_cast<uint8_t>(static_cast<int8_t>(ap));
+        total_a += ap;
+        const int64_t q = std::min(K - 1, k + R_PACKED + p);  // the next pass's rows, asked for now
+        const uint8_t* next = wt + (idx ? idx[q] : q) * R + t0;
+        for (int64_t b = 0; b < n; b += 64) __builtin_prefetch(next + b);
+      }
+      __m512i quad[R_PACKED / 4];  // the activations of rows 4g..4g+3 as the 4 bytes of every lane
+      for (int g = 0; g < R_PACKED / 4; ++g) {
+        uint32_t w4;
+        std::memcpy(&w4, a + 4 * g, 4);
+        quad[g] = _mm512_set1_epi32(static_cast<int32_t>(w4));
+      }
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t j0 = blk * 64, valid = std::min<int64_t>(64, n - j0);
+        const __mmask64 live = valid == 64 ? ~__mmask64(0) : (__mmask64(1) << valid) - 1;
+        __m512i sum[4][4];
+        for (int s = 0; s < 4; ++s)
+          for (int q = 0; q < 4; ++q) sum[s][q] = _mm512_load_si512(acc[s] + j0 + 16 * q);
+        for (int g = 0; g < R_PACKED / 4; ++g) {
+          const __m512i b0 = _mm512_maskz_loadu_epi8(live, r[4 * g] + j0);
+          const __m512i b1 = _mm512_maskz_loadu_epi8(live, r[4 * g + 1] + j0);
+          const __m512i b2 = _mm512_maskz_loadu_epi8(live, r[4 * g + 2] + j0);
+          const __m512i b3 = _mm512_maskz_loadu_epi8(live, r[4 * g + 3] + j0);
+          const __m512i l01 = _mm512_unpacklo_epi8(b0, b1), l23 = _mm512_unpacklo_epi8(b2, b3);
+          const __m512i h01 = _mm512_unpackhi_epi8(b0, b1), h23 = _mm512_unpackhi_epi8(b2, b3);
+          const __m512i quads[4] = {_mm512_unpacklo_epi16(l01, l23), _mm512_unpackhi_epi16(l01, l23),
+                                    _mm512_unpacklo_epi16(h01, h23), _mm512_unpackhi_epi16(h01, h23)};
+          for (int q = 0; q < 4; ++q) {
+            sum[0][q] = _mm512_dpbusd_epi32(sum[0][q], _mm512_and_si512(quads[q], three), quad[g]);
+            sum[1][q] = _mm512_dpbusd_epi32(sum[1][q], _mm512_and_si512(_mm512_srli_epi32(quads[q], 2), three), quad[g]);
+            sum[2][q] = _mm512_dpbusd_epi32(sum[2][q], _mm512_and_si512(_mm512_srli_epi32(quads[q], 4), three), quad[g]);
+            sum[3][q] = _mm512_dpbusd_epi32(sum[3][q], _mm512_and_si512(_mm512_srli_epi32(quads[q], 6), three), quad[g]);
+          }
+        }
+        for (int s = 0; s < 4; ++s)
+          for (int q = 0; q < 4; ++q) _mm512_store_si512(acc[s] + j0 + 16 * q, sum[s][q]);
+      }
+    }
+    for (int s = 0; s < 4; ++s)  // Σ a·w = Σ a·c − Σ a
+      for (int64_t j = 0; j < n; ++j) y[s * R + t0 + j] = static_cast<float>(acc[s][vnni_position(j)] - total_a);
+  }
+}
+#else
 template <>
 void gemv_columns<uint8_t>(const float* v, const int64_t* idx, int64_t K, const uint8_t* wt, int64_t R,
                            const float* bias, float* y, int64_t c0, int64_t c1) {
@@ -242,6 +316,7 @@ void gemv_columns<uint8_t>(const float* v, const int64_t* idx, int64_t K, const 
       for (int64_t j = 0; j < n; ++j) y[s * R + t0 + j] = static_cast<float>(acc[s][j]);
   }
 }
+#endif
 
 // y [N, yw] = v [N, K] times the rows idx [N, K] (nullptr: 0..K-1) of w [in, out], on raw pointers (no tensor
 // made: a decode call's fixed cost); out: the weight layout's columns (packed: bytes); yw: y's width (packed:
