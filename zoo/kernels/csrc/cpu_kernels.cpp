@@ -199,7 +199,8 @@ void gemv_columns<uint8_t>(const float* v, const int64_t* idx, int64_t K, const 
         const int32_t ap = p < m ? static_cast<int32_t>(v[k + p]) : 0;
         a[p] = static_cast<uint8_t>(static_cast<int8_t>(ap));
         total_a += ap;
-        const int64_t q = std::min(K - 1, k + R_PACKED + p);  // the next pass's rows, asked for now
+        // the next pass's rows, asked for now (2, 4 or 8 passes ahead, or into L2 only, measured no faster)
+        const int64_t q = std::min(K - 1, k + R_PACKED + p);
         const uint8_t* next = wt + (idx ? idx[q] : q) * R + t0;
         for (int64_t b = 0; b < n; b += 64) __builtin_prefetch(next + b);
       }
