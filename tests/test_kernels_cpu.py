@@ -233,11 +233,16 @@ def test_packed_ternary_gemv_is_exact(poison, threads, n, width, out, k):
 @pytest.mark.parametrize("layout", ["rows", "packed"])
 def test_ternary_gemv_is_the_bitnet_projection(poison, threads, k, per_row, layout):
     """One call = top-K (optional) + absmax int8 quantization + exact ternary GEMV + 1/s · β + bias,
-    as the torch ops compute it (rows full of ties included)."""
+    as the torch ops compute it (rows full of ties included). Rows whose small entries quantize to 0 (row 0:
+    two outliers; row 1: exactly 40 entries that do not) take the kernel's path without the selection where
+    at most k entries are nonzero after quantization: the same sums."""
     from zoo.kernels.ternary import TernaryWeight, pack_ternary, quantize_rows, ternary_matmul_reference
 
     width, out = 101, 67
-    for x in (torch.randn(2, width), tied_rows(2, width)[:, :width].nan_to_num(0.0)):
+    sparse = torch.randn(2, width) * 1e-4
+    sparse[0, 5], sparse[0, 50] = 10.0, -7.0
+    sparse[1, torch.randperm(width)[:40]] = torch.randn(40).sign() * (1 + torch.rand(40))
+    for x in (torch.randn(2, width), tied_rows(2, width)[:, :width].nan_to_num(0.0), sparse):
         w = torch.randint(-1, 2, (out, width))
         beta = torch.rand(out if per_row else 1) + 0.5
         bias = torch.randn(out)
