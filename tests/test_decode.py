@@ -176,24 +176,33 @@ class CountingConfig:
     """plain weights whose forward runs partly outside the compiled graph"""
 
 
-@zoo.hookimpl
-def zoo_register(registry) -> None:
-    registry.register("weights", "counting", CountingConfig, lambda cfg, ctx, i, o, b: CountingWeights(i, o, b))
+def weights_plugin(kind: str, cls: type) -> types.ModuleType:
+    """A plugin module registering the weights kind `kind`, built as `cls`."""
+
+    @zoo.hookimpl
+    def zoo_register(registry) -> None:
+        registry.register("weights", kind, CountingConfig, lambda cfg, ctx, i, o, b: cls(i, o, b))
+
+    module = types.ModuleType(f"{kind}_plugin")
+    module.zoo_register = zoo_register
+    return module
 
 
-PLUGIN = types.ModuleType("counting_plugin")
-PLUGIN.zoo_register = zoo_register
+def plugin_model(kind: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The tiny model with weights of the plugin kind `kind`, and prompt + step ids for it."""
+    torch.manual_seed(0)
+    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + ["model.ffn.hidden=64",
+                                                                          f"model.weights.kind='{kind}'"])).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
+    return model, ids
 
 
 @needs_cxx
 def test_plugin_block_without_inference_form_falls_back(plugin_registry, capfd):
     """A plugin weights kind with no inference form and code the compiler cannot capture: one notice for the
     missing form, one for its layers falling back to eager, and the eager logits."""
-    plugin_registry(("counting", PLUGIN))
-    torch.manual_seed(0)
-    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + ["model.ffn.hidden=64",
-                                                                          "model.weights.kind='counting'"])).eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
+    plugin_registry(("counting", weights_plugin("counting", CountingWeights)))
+    model, ids = plugin_model("counting")
     want = eager_logits(model, ids)
     engine = prepare_inference(copy.deepcopy(model))
     blocks = [m for m in engine.modules() if isinstance(m, CountingWeights)]
@@ -216,24 +225,12 @@ class RecordingWeights(CountingWeights):
         return torch.nn.functional.linear(x, self.weight)
 
 
-@zoo.hookimpl
-def zoo_register_recording(registry) -> None:
-    registry.register("weights", "recording", CountingConfig, lambda cfg, ctx, i, o, b: RecordingWeights(i, o, b))
-
-
-RECORDING = types.ModuleType("recording_plugin")
-RECORDING.zoo_register = zoo_register_recording
-
-
 @needs_cxx
 def test_layers_with_python_effects_keep_them(plugin_registry):
     """A layer whose forward sets a Python attribute compiles as one graph but is never called directly (the
     attribute would stop changing): every step sets it anew, and the logits are the eager model's."""
-    plugin_registry(("recording", RECORDING))
-    torch.manual_seed(0)
-    model = zoo.build(zoo.load_recipe(RECIPES / "tiny/dense.toml", SHAPE + ["model.ffn.hidden=64",
-                                                                          "model.weights.kind='recording'"])).eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + STEPS), generator=torch.Generator().manual_seed(1))
+    plugin_registry(("recording", weights_plugin("recording", RecordingWeights)))
+    model, ids = plugin_model("recording")
     want = eager_logits(model, ids)
     decoder = Decoder(prepare_inference(copy.deepcopy(model)), max_len=PROMPT + STEPS, compile=True)
     blocks = [m for m in decoder.model.modules() if isinstance(m, RecordingWeights)]
