@@ -337,8 +337,8 @@ class Decoder:
         m = self.model
         x = m.embed(ids)
         inference = compiled and not torch.is_grad_enabled()
-        kind = (x.shape, x.dtype)
-        direct = self.direct if inference and self.direct_for == kind else None
+        shape = (x.shape, x.dtype)
+        direct = self.direct if inference and self.direct_for == shape else None
         if compiled:
             torch._dynamo.mark_static(x)
         for i, (blocks, caches, step) in enumerate(self.calls):
@@ -350,7 +350,7 @@ class Decoder:
         if inference and self.direct is None:
             self.direct = [step.direct(blocks, caches) if isinstance(step, CompiledLayers) else None
                            for blocks, caches, step in self.calls]
-            self.direct_for = kind
+            self.direct_for = shape
         return m.head(m.norm(x[:, -1]))
 
     @torch.no_grad()

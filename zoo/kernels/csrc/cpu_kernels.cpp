@@ -496,16 +496,26 @@ void ternary_gemv(const at::Tensor& x, int64_t k, const at::Tensor& w, const at:
   // only the nonzero ones (a small |x| rounds to 0: its weight row is not read) times their weight rows
   chunks = std::max<int64_t>(1, chunks);
   const int64_t aw = packed ? 4 * w.size(1) : out;  // the GEMV's width (packed: padded to 4 per byte)
-  std::vector<float> mag, part, vals(kept), nz(width), acc(aw);
+  std::vector<float> mag, part, vals(width), nz(width), acc(aw);
   std::vector<int64_t> sel(kept), where(width);
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const float* be = beta.data_ptr<float>();
+  // vals[0:count] quantized by s in place, then its nonzero entries into (where, nz): their weight row is
+  // rows[j] (the selected inputs) or j; returns how many
+  const auto quantized_nonzero = [&](int64_t count, const int64_t* rows, float s) {
+    for (int64_t j = 0; j < count; ++j) vals[j] = std::min(127.f, std::max(-128.f, std::nearbyint(vals[j] * s)));
+    const int64_t K = nonzero_entries(vals.data(), count, where.data(), nz.data());
+    if (rows)
+      for (int64_t j = 0; j < K; ++j) where[j] = rows[where[j]];
+    return K;
+  };
   for (int64_t i = 0; i < N; ++i) {
     const float* xi = x.data_ptr<float>() + i * width;
     // The whole row first. Its absmax is the kept entries' too (the largest |x| is always kept), and an entry
-    // quantizes to nonzero only if |x|·s > 1/2, so above every entry that quantizes to 0: when at most k
-    // entries quantize to nonzero they are all among the k largest, and the sum over them is the top-K's
-    // exactly — no selection needed (a row whose small entries round to 0 is sparser than keep already).
+    // quantizes to nonzero only if |x·s| > 1/2 (round to nearest even), so above every entry that quantizes
+    // to 0: when at most k entries quantize to nonzero they are all among the k largest, and the sum over
+    // them is the top-K's exactly — no selection needed (a row sparser than keep already). A NaN (kept by
+    // the selection as the largest) takes the selection.
     float amax = 0.f;
     bool nan = false;
     for (int64_t j = 0; j < width; ++j) {
@@ -514,30 +524,22 @@ void ternary_gemv(const at::Tensor& x, int64_t k, const at::Tensor& w, const at:
       amax = std::max(amax, m);
     }
     float s = 127.f / std::max(amax, static_cast<float>(eps));
-    int64_t K = 0, nonzero = 0;  // round-to-nearest-even: nonzero exactly when |x·s| > 1/2
-    if (!nan && k > 0)
+    bool select = k > 0 && nan;
+    if (k > 0 && !nan) {
+      int64_t nonzero = 0;
       for (int64_t j = 0; j < width; ++j) nonzero += std::fabs(xi[j] * s) > 0.5f;
-    if (!nan && (k == 0 || nonzero <= k))
-      for (int64_t j = 0; j < width; ++j) {
-        const float q = std::min(127.f, std::max(-128.f, std::nearbyint(xi[j] * s)));
-        if (q != 0.f) {
-          where[K] = j;
-          nz[K++] = q;
-        }
-      }
-    if (nan || (k > 0 && nonzero > k)) {  // the top-K selection, then the same quantization of the kept entries
-      if (k > 0) select_topk(xi, width, k, mag, part, sel.data(), vals.data());
-      else std::memcpy(vals.data(), xi, width * sizeof(float));
+      select = nonzero > k;
+    }
+    int64_t K;
+    if (select) {  // the k largest |x|, quantized by their own absmax
+      select_topk(xi, width, k, mag, part, sel.data(), vals.data());
       amax = 0.f;
-      for (int64_t j = 0; j < kept; ++j) amax = std::max(amax, std::fabs(vals[j]));
+      for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::fabs(vals[j]));
       s = 127.f / std::max(amax, static_cast<float>(eps));
-      for (int64_t j = 0; j < kept; ++j) vals[j] = std::min(127.f, std::max(-128.f, std::nearbyint(vals[j] * s)));
-      K = 0;
-      for (int64_t j = 0; j < kept; ++j)
-        if (vals[j] != 0.f) {
-          where[K] = k > 0 ? sel[j] : j;
-          nz[K++] = vals[j];
-        }
+      K = quantized_nonzero(k, sel.data(), s);
+    } else {
+      std::memcpy(vals.data(), xi, width * sizeof(float));
+      K = quantized_nonzero(width, nullptr, s);
     }
     gemv_rows_any(nz.data(), K == width ? nullptr : where.data(), 1, K, w, aw, nullptr, acc.data(), chunks);
     const float r = 1.f / s;
