@@ -265,3 +265,20 @@ def test_bench_decode_on_a_checkpoint(tmp_path, cli):
     floors = {name: rows[name]["floor_ms"] for name in ("zoo dense fp32", "transformers")}
     assert floors["zoo dense fp32"] == floors["transformers"] > 0, floors
     assert rows["zoo qsparse 0.5 fp32 / zoo dense fp32"]["weights"] == "ratio"
+
+
+@needs_cxx
+@pytest.mark.parametrize("wrapper", ["cpp", "python"])
+def test_both_wrappers_call_the_graphs_directly(wrapper, monkeypatch):
+    """Inductor's C++ wrapper (the default: no Python between the kernels) and its Python wrapper give the
+    eager logits, every step after the first a direct call."""
+    monkeypatch.setenv("ZOO_DECODE_WRAPPER", wrapper)
+    decoder = check("bitnet-qsparse", torch.float32, compiled=True)
+    assert decoder.direct and all(decoder.direct)
+    assert {step.wrapper for *_, step in decoder.calls} == {wrapper}
+
+
+def test_an_unknown_wrapper_is_refused(monkeypatch):
+    monkeypatch.setenv("ZOO_DECODE_WRAPPER", "fortran")
+    with pytest.raises(zoo.errors.ZooError, match="ZOO_DECODE_WRAPPER must be 'cpp' or 'python'"):
+        Decoder(prepare_inference(build("dense", torch.float32)), max_len=30, compile=True)

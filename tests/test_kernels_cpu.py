@@ -301,3 +301,80 @@ def test_transposed_linear_with_sparse_inputs_takes_the_skipping_gemv_while_it_p
         assert rel_err(lin(x), ref) < TOL[torch.float32]
     assert calls == [1, 3]  # 4 rows · 0.3 >= 1: the dense matmul
     assert lin.bytes_per_token() == round(0.3 * 37) * 53 * 4 + 53 * 4
+
+
+def attention_float64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√D)·v in float64, each key/value head repeated for its H/KVH query heads."""
+    g = q.shape[1] // k.shape[1]
+    k, v = (z.double().repeat_interleave(g, 1) for z in (k, v))
+    s = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    return s.softmax(-1) @ v
+
+
+# (B, H, KVH, L, D): one key; grouped-query (G 3) over odd lengths; multi-head (G 1); more work than
+# PARALLEL_MIN_WORK (the groups split over threads); an odd head size with no whole vector
+ATTENTION_SHAPES = [(1, 9, 3, 1, 64), (1, 9, 3, 37, 64), (2, 5, 5, 301, 24), (1, 12, 4, 1031, 64),
+                    (3, 4, 2, 77, 19)]
+
+
+@needs_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,kvh,length,d", ATTENTION_SHAPES)
+def test_decode_attention_matches_float64(poison, threads, dtype, b, h, kvh, length, d):
+    """The cache read in place (a slice of a longer preallocated one: strided) in its own dtype."""
+    cache = torch.randn(2, b, kvh, length + 20, d).mul(3).to(dtype)  # scores up to ~±100: a peaked softmax
+    k, v = cache[0, :, :, :length], cache[1, :, :, :length]
+    q = torch.randn(b, 1, h, d).transpose(1, 2)  # as the block makes it: heads of one token, a strided view
+    assert cpu.attends(q, k, v)
+    y = cpu.decode_attention(q, k, v)
+    assert y.shape == (b, h, 1, d) and y.dtype == torch.float32
+    assert rel_err(y, attention_float64(q, k, v)) < 1e-5
+
+
+@needs_build
+def test_decode_attention_softmax_extremes():
+    """Scores far apart (weights down to e^-87 and below), equal scores, and a NaN query head that stays NaN
+    while the others are unaffected."""
+    k = torch.tensor([[0.0, 40.0, -40.0, 40.0, 0.0]]).T.expand(5, 4).reshape(1, 1, 5, 4).contiguous()
+    v = torch.randn(1, 1, 5, 4)
+    q = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [float("nan"), 0, 0, 0]]).reshape(1, 3, 1, 4)
+    y = cpu.decode_attention(q, k, v)
+    ref = attention_float64(q, k, v)
+    assert rel_err(y[:, :2], ref[:, :2]) < 1e-6
+    assert torch.allclose(y[0, 1, 0], v[0, 0].mean(0), atol=1e-6)  # all scores equal: the mean of the values
+    assert y[0, 2].isnan().all() and not y[:, :2].isnan().any()
+
+
+def test_decode_attention_is_not_taken_where_a_gradient_is_needed():
+    q = torch.randn(1, 2, 1, 8, requires_grad=True)
+    k = v = torch.randn(1, 2, 5, 8)
+    assert not cpu.attends(q, k, v)
+    assert not cpu.attends(q.detach().expand(1, 2, 3, 8), k, v)  # several queries: SDPA with its mask
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_ternary_int_mm_is_exact_either_way(fast, monkeypatch):
+    """int8 × ternary through torch._int_mm, or through fp32 where _int_mm is slow: the same int32 sums,
+    at the extremes of int8 (a row of -128s: the largest partial sums)."""
+    from zoo.kernels.ternary import int_mm
+
+    monkeypatch.setattr(cpu, "fast_matmul", lambda dtype: fast)
+    x = torch.randint(-128, 128, (37, 1531), dtype=torch.int8)
+    x[0] = -128
+    w = torch.randint(-1, 2, (1531, 53), dtype=torch.int8)
+    w[:, 0] = -1
+    got = int_mm(x, w)
+    assert got.dtype == torch.int32 and torch.equal(got, (x.long() @ w.long()).int())
+    assert got[0, 0] == 128 * 1531
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_half_matmul_either_way(fast, monkeypatch):
+    """bf16 / fp16 batches through torch's half GEMM or through fp32 (rounded once): within half rounding."""
+    monkeypatch.setattr(cpu, "fast_matmul", lambda dtype: fast)
+    for dtype in (torch.bfloat16, torch.float16):
+        a, b = torch.randn(33, 301).to(dtype), torch.randn(301, 77).to(dtype)
+        got = cpu.matmul(a, b)
+        assert got.dtype == dtype
+        assert rel_err(got, a.double() @ b.double()) < 1e-2
+

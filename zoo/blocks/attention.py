@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo import contracts
+from zoo.kernels import cpu
 from zoo.schema import BlockSpec, param, slot_field
 
 
@@ -45,18 +46,26 @@ class Attention(nn.Module):
         q, k = self.rope(q, k, start)
         if cache is not None:
             k, v = cache.update(k, v, start)
-        dtype = q.dtype
-        if x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-            # torch's CPU attention in half precision runs 2.5-5x slower than in fp32 (decode, 88-600 keys,
-            # measured): fp32 inside, the result rounded back
-            q, k, v = q.float(), k.float(), v.float()
-        if k.shape[2] == t or t == 1:  # t == 1: the newest query sees every cached key, no mask needed
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
-        else:  # queries at start..start+t-1 see keys 0..start+t-1
-            mask = torch.arange(k.shape[2], device=x.device) <= torch.arange(start, start + t, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        y = y.to(dtype)
+        if t == 1 and cpu.attends(q, k, v):  # a decode step on CPU: one compiled call, the cache read in place
+            y = cpu.decode_attention(q, k, v).to(q.dtype)
+        else:
+            y = attend(q, k, v, start, gqa=self.n_kv != self.n_heads)
         return self.o(self.sub_norm(y.transpose(1, 2).flatten(2)))  # b h t d -> b t (h d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, gqa: bool) -> torch.Tensor:
+    """torch's SDPA for queries at start..start+t-1 over keys 0..start+t-1."""
+    t, dtype = q.shape[2], q.dtype
+    if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        # torch's CPU attention in half precision runs 2.5-5x slower than in fp32 (decode, 88-600 keys,
+        # measured): fp32 inside, the result rounded back
+        q, k, v = q.float(), k.float(), v.float()
+    if k.shape[2] == t or t == 1:  # t == 1: the newest query sees every cached key, no mask needed
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+    else:
+        mask = torch.arange(k.shape[2], device=q.device) <= torch.arange(start, start + t, device=q.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.to(dtype)
 
 
 def heads(z: torch.Tensor, d: int) -> torch.Tensor:

@@ -127,7 +127,7 @@ class TransposedLinear(InferenceForm):
         """rows [N, in] in wt's dtype → rows·Wᵀ (+ b)."""
         if self.compiled_gemv and (rows.shape[0] == 1 or gather_pays(rows.shape[0], self.keep)):
             return cpu.gather_gemv(rows, None, self.wt, self.bias).to(rows.dtype)
-        y = rows @ self.wt
+        y = cpu.matmul(rows, self.wt)  # a half-precision batch goes through fp32 where torch's half GEMM is slow
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor, sparsify: Sparsity | None = None) -> torch.Tensor:
@@ -158,7 +158,8 @@ class TiedTransposedHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > 1:
-            return F.linear(x, self.weight, self.bias)
+            y = cpu.matmul(rows, self.wt)
+            return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], self.out_features)
         return cpu.gather_gemv(rows, None, self.wt, self.bias).to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

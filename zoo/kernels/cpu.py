@@ -92,7 +92,7 @@ def _ninja_on_path() -> None:
 def _register_fakes() -> None:
     """Shape-only versions of the ops (they write into their output arguments and return nothing), so
     that torch.compile traces a call as one op of the graph instead of breaking the graph there."""
-    for op in ("gather_gemv", "topk_gemv", "ternary_gemv"):
+    for op in ("gather_gemv", "topk_gemv", "ternary_gemv", "decode_attention"):
         torch.library.register_fake(f"zoo_cpu::{op}")(lambda *args: None)
 
 
@@ -171,3 +171,51 @@ def ternary_gemv(x: torch.Tensor, k: int, w: torch.Tensor, beta: torch.Tensor, b
     threads, y = _launch(x.shape[0], k or x.shape[1], w.shape[1] if out_features is None else out_features)
     torch.ops.zoo_cpu.ternary_gemv(_f32(x), k, w, _f32(beta.reshape(-1)), _f32(bias), eps, threads, y)
     return y
+
+
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `decode_attention` can take this step: one query per head, on CPU, a cache dtype it reads, D
+    contiguous, nothing that needs a gradient (the kernel has no backward), and the library loads."""
+    return (q.shape[2] == 1 and q.device.type == "cpu" and k.dtype in CACHE_DTYPES and k.dtype == v.dtype
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and q.shape[1] % k.shape[1] == 0
+            and not (q.requires_grad or k.requires_grad or v.requires_grad) and available())
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """y [B, H, 1, D] fp32 = softmax(q·kᵀ / √D)·v for one query per head over every key given (a decode step:
+    the newest position sees the whole cache, so there is no mask); the H query heads share the KVH key/value
+    heads in groups of H / KVH (grouped-query). k and v [B, KVH, L, D] fp32, bf16 or fp16 are read in place
+    in their own dtype (a slice of a preallocated cache: any strides, D contiguous); sums in fp32."""
+    B, H, _, D = q.shape
+    threads, y = _launch(B * H, 2 * k.shape[2], D)
+    y = y.view(B, H, 1, D)
+    torch.ops.zoo_cpu.decode_attention(q.float(), k, v, D ** -0.5, threads, y)
+    return y
+
+
+@functools.cache
+def fast_matmul(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU matmul has a fast path for `dtype` on this CPU: bf16 with AVX-512 BF16 or AMX,
+    fp16 with AMX-FP16, int8 (`torch._int_mm`) with VNNI. Without one, torch falls back to a generic loop
+    that is 10-50x slower than its fp32 GEMM (2-core Zen 3, AVX2: a bf16 64x576 @ 576x3072 326 ms against
+    7 ms through fp32; `_int_mm` 103 ms against 8), so batched products (prefill) go through fp32
+    (`matmul`). A torch without these probes keeps its own path."""
+    probes = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+              torch.float16: ("_is_amx_fp16_supported",), torch.int8: ("_is_vnni_supported",)}
+    if dtype not in probes:
+        return True
+    try:
+        return any(getattr(torch.cpu, probe)() for probe in probes[dtype])
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D bf16/fp16 operands; on a CPU without a fast half-precision GEMM (`fast_matmul`) the
+    product is computed in fp32 and rounded back once (torch's own half GEMM also sums in fp32)."""
+    if a.device.type != "cpu" or fast_matmul(a.dtype):
+        return a @ b
+    return (a.float() @ b.float()).to(a.dtype)

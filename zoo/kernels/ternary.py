@@ -92,6 +92,15 @@ def ternary_matmul_reference(xq: torch.Tensor, weight: TernaryWeight, row_scale:
     return finish(x @ weight.values().double().t(), row_scale.double(), bias, out_dtype)
 
 
+def int_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x int8 [N, K] · w ternary int8 [K, M] → int32, exactly: `torch._int_mm`, or, on a CPU where it has no
+    fast path (no VNNI: `cpu.fast_matmul`), torch's fp32 GEMM, which is exact here: every partial sum is an
+    integer of magnitude at most 128·K (|w| ≤ 1), below 2^24 for K < 131072."""
+    if x.device.type != "cpu" or cpu.fast_matmul(torch.int8) or x.shape[1] >= 1 << 17:
+        return torch._int_mm(x, w)
+    return (x.float() @ w.float()).to(torch.int32)
+
+
 def ternary_matmul_torch(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch.Tensor,
                          indices: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -104,7 +113,7 @@ def ternary_matmul_torch(xq: torch.Tensor, weight: TernaryWeight, row_scale: tor
         raise ValueError("the torch ternary path needs the int8 or rows layout (TernaryWeight.from_ternary)")
     x = _dense_rows(xq, indices, weight.in_features)
     w = weight.int8.t() if weight.int8 is not None else weight.rows
-    return finish(torch._int_mm(x, w), row_scale, bias, out_dtype)
+    return finish(int_mm(x, w), row_scale, bias, out_dtype)
 
 
 def ternary_matmul_cpu(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch.Tensor,
@@ -119,7 +128,7 @@ def ternary_matmul_cpu(xq: torch.Tensor, weight: TernaryWeight, row_scale: torch
         w = weight.packed if weight.packed is not None else weight.rows
         acc = cpu.gather_gemv(xq.float(), indices, w)[:, :weight.out_features]
     else:
-        acc = torch._int_mm(_dense_rows(xq, indices, weight.in_features), weight.rows)
+        acc = int_mm(_dense_rows(xq, indices, weight.in_features), weight.rows)
     return finish(acc, row_scale, bias, out_dtype)
 
 

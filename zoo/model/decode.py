@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from zoo.contracts import InferenceForm, Weights
+from zoo.errors import ZooError
 from zoo.model.projection import Projection
 
 if TYPE_CHECKING:
@@ -109,8 +110,9 @@ class CompiledLayers:
     Each graph Inductor compiles is kept with the places its inputs came from (`Graph`): a decoder calls it
     directly once its steps ran (`direct`), without the guards torch.compile evaluates at every call."""
 
-    def __init__(self, index: int, kind: str):
+    def __init__(self, index: int, kind: str, wrapper: str = "cpp"):
         code = run_layers.__code__.replace(co_name=f"run_layers_{index}")
+        self.wrapper = wrapper  # Inductor's wrapper code around the graph's kernels: "cpp" or "python"
         self.fn = torch.compile(types.FunctionType(code, run_layers.__globals__, code.co_name), dynamic=True,
                                 fullgraph=True, backend=self.inductor)
         self.kind, self.eager = kind, False
@@ -120,7 +122,10 @@ class CompiledLayers:
         """torch.compile's backend: Inductor's compiled graph, noted with where its inputs come from."""
         from torch._inductor.compile_fx import compile_fx
 
-        fn = compile_fx(gm, example_inputs)
+        from torch._inductor import config
+
+        with config.patch(cpp_wrapper=self.wrapper == "cpp"):
+            fn = compile_fx(gm, example_inputs)
         self.graphs.append(Graph.of(gm, fn))
         return fn
 
@@ -254,12 +259,21 @@ def layer_groups(blocks: list[nn.Module], most: int = LAYERS_PER_CALL) -> list[t
         while end < len(blocks) and keys[end] == keys[i]:
             end += 1
         for n in run_lengths(end - i, most):
-            if (keys[i], n) not in _COMPILED:
+            key = (keys[i], n, wrapper())
+            if key not in _COMPILED:
                 kind = f"{type(blocks[i].attn).__name__} + {type(blocks[i].ffn).__name__}"
-                _COMPILED[keys[i], n] = CompiledLayers(len(_COMPILED), kind)
-            out.append((i, i + n, _COMPILED[keys[i], n]))
+                _COMPILED[key] = CompiledLayers(len(_COMPILED), kind, key[2])
+            out.append((i, i + n, _COMPILED[key]))
             i += n
     return out
+
+
+def wrapper() -> str:
+    """The compiled steps' wrapper code: ZOO_DECODE_WRAPPER, "cpp" (default) or "python"."""
+    value = os.environ.get("ZOO_DECODE_WRAPPER", "cpp")
+    if value not in ("cpp", "python"):
+        raise ZooError(f"ZOO_DECODE_WRAPPER must be 'cpp' or 'python', got {value!r}")
+    return value
 
 
 def run_lengths(n: int, most: int) -> list[int]:
