@@ -120,9 +120,8 @@ class CompiledLayers:
 
     def inductor(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
         """torch.compile's backend: Inductor's compiled graph, noted with where its inputs come from."""
-        from torch._inductor.compile_fx import compile_fx
-
         from torch._inductor import config
+        from torch._inductor.compile_fx import compile_fx
 
         with config.patch(cpp_wrapper=self.wrapper == "cpp"):
             fn = compile_fx(gm, example_inputs)
