@@ -214,8 +214,8 @@ def fast_matmul(dtype: torch.dtype) -> bool:
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 2-D bf16/fp16 operands; on a CPU without a fast half-precision GEMM (`fast_matmul`) the
-    product is computed in fp32 and rounded back once (torch's own half GEMM also sums in fp32)."""
+    """a @ b (2-D); bf16/fp16 operands on a CPU without a fast half-precision GEMM (`fast_matmul`) are
+    multiplied in fp32 and the product rounded back once (torch's own half GEMM also sums in fp32)."""
     if a.device.type != "cpu" or fast_matmul(a.dtype):
         return a @ b
     return (a.float() @ b.float()).to(a.dtype)

@@ -570,7 +570,7 @@ void ternary_gemv(const at::Tensor& x, int64_t k, const at::Tensor& w, const at:
 // One key/value head and the G query heads that share it (grouped-query): each key row is read once for the G
 // scores, each value row once for the G weighted sums; at::vec vectors (AVX-512 or AVX2, as compiled) with
 // the scores' exp from ATen's vectorized exp (1 ulp). q: G rows of D at stride qh; k, v: L rows of D at strides
-// ks, vs (fp32; a bf16/fp16 cache is widened into `kf`/`vf` tiles first); y: G rows of D at stride yh;
+// ks, vs (a bf16/fp16 cache is widened KEY_TILE rows at a time into `tile`); y: G rows of D at stride yh;
 // s: scratch of G·L floats.
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t KEY_TILE = 64;  // keys widened per step for a half-precision cache
